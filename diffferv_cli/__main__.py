@@ -1,0 +1,3 @@
+from diffferv_cli.cli import main
+
+main()

@@ -1,0 +1,383 @@
+"""The only module that builds or loads models.
+
+Three sources of weights, one result type (`Components`):
+
+* a Hugging Face hub id (default `stable-diffusion-v1-5/stable-diffusion-v1-5`), through the normal
+  Hugging Face cache: the cache is tried first, the network only when it misses;
+* a local diffusers folder (`model_index.json` with `unet/`, `vae/`, `text_encoder/`, `tokenizer/`);
+* one `.safetensors` checkpoint in the original Stable Diffusion layout;
+
+plus `tiny-random`: an SD-shaped model with random weights built offline in a fraction of a second, for
+tests and the demo. Its output is noise and is always labelled as such.
+
+Algorithms never load anything: they take the modules of a `Components`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from diffferv_cli.errors import UserError
+
+DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+TINY_RANDOM = "tiny-random"
+
+# SD1.5's noise schedule; every model here is sampled with it.
+SD15_SCHEDULER = dict(
+    num_train_timesteps=1000,
+    beta_start=0.00085,
+    beta_end=0.012,
+    beta_schedule="scaled_linear",
+    clip_sample=False,
+    set_alpha_to_one=False,
+    steps_offset=1,
+)
+
+
+@dataclass
+class Components:
+    """The modules of a Stable Diffusion 1.x model, frozen for inference unless training."""
+
+    unet: Any  # diffusers.UNet2DConditionModel
+    vae: Any  # diffusers.AutoencoderKL
+    text_encoder: Any  # transformers.CLIPTextModel
+    tokenizer: Any  # transformers.CLIPTokenizer
+    scheduler_config: dict
+    model_id: str
+    fingerprint: str  # identifies the weights; part of every cache key
+    is_random: bool = False
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.unet.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.unet.parameters()).dtype
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @property
+    def label(self) -> str:
+        if self.is_random:
+            return f"{self.model_id} (RANDOM WEIGHTS: output is noise, not a meaningful edit)"
+        return self.model_id
+
+    def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> Components:
+        for module in (self.unet, self.vae, self.text_encoder):
+            module.to(device=device, dtype=dtype)
+        return self
+
+
+def pick_device(requested: str | None = None) -> torch.device:
+    """`requested` if given, else cuda > mps > cpu."""
+    if requested and requested != "auto":
+        if requested.startswith("cuda") and not torch.cuda.is_available():
+            raise UserError(f"--device {requested} was asked for but CUDA is not available on this machine.")
+        return torch.device(requested)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def pick_dtype(device: torch.device, requested: str | None = None) -> torch.dtype:
+    """fp16 on GPUs, fp32 on CPU, unless asked otherwise."""
+    names = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16,
+             "float16": torch.float16, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
+    if requested and requested != "auto":
+        if requested not in names:
+            raise UserError(f"Unknown dtype {requested!r}; use one of fp32, fp16, bf16.")
+        return names[requested]
+    return torch.float16 if device.type in ("cuda", "mps") else torch.float32
+
+
+# --------------------------------------------------------------------------------------------------
+# tiny-random: real diffusers/transformers classes at toy size, built offline
+# --------------------------------------------------------------------------------------------------
+
+def _byte_vocab() -> dict[str, int]:
+    """CLIP's byte-to-unicode alphabet, each character alone and as a word end: every text tokenizes."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
+    printable += list(range(ord("®"), ord("ÿ") + 1))
+    codes, extra = printable[:], 0
+    for byte in range(256):
+        if byte not in printable:
+            codes.append(256 + extra)
+            extra += 1
+    alphabet = [chr(c) for c in codes]
+    vocab: dict[str, int] = {}
+    for suffix in ("", "</w>"):
+        for char in alphabet:
+            vocab[char + suffix] = len(vocab)
+    vocab["<|startoftext|>"] = len(vocab)
+    vocab["<|endoftext|>"] = len(vocab)
+    return vocab
+
+
+def build_tiny_tokenizer():
+    from transformers import CLIPTokenizer
+
+    return CLIPTokenizer(vocab=_byte_vocab(), merges=[], model_max_length=77)
+
+
+def build_tiny_random(seed: int = 0) -> Components:
+    """An SD1.5-shaped model with random weights (UNet (32, 64) channels, 2 attention grids; VAE /8;
+    CLIP text hidden 32). Deterministic for a seed; builds in well under a second."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    tokenizer = build_tiny_tokenizer()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        unet = UNet2DConditionModel(
+            sample_size=8,
+            in_channels=4,
+            out_channels=4,
+            layers_per_block=1,
+            block_out_channels=(32, 64),
+            down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+            cross_attention_dim=32,
+            attention_head_dim=8,
+            norm_num_groups=8,
+        )
+        vae = AutoencoderKL(
+            in_channels=3,
+            out_channels=3,
+            down_block_types=("DownEncoderBlock2D",) * 4,
+            up_block_types=("UpDecoderBlock2D",) * 4,
+            block_out_channels=(8, 16, 16, 16),
+            layers_per_block=1,
+            latent_channels=4,
+            norm_num_groups=8,
+            sample_size=64,
+        )
+        text_encoder = CLIPTextModel(
+            CLIPTextConfig(
+                vocab_size=len(tokenizer),
+                hidden_size=32,
+                intermediate_size=37,
+                num_attention_heads=4,
+                num_hidden_layers=2,
+                max_position_embeddings=77,
+                bos_token_id=tokenizer.bos_token_id,
+                eos_token_id=tokenizer.eos_token_id,
+                pad_token_id=tokenizer.pad_token_id,
+            )
+        )
+    for module in (unet, vae, text_encoder):
+        module.eval().requires_grad_(False)
+    return Components(
+        unet=unet,
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        scheduler_config=dict(SD15_SCHEDULER),
+        model_id=TINY_RANDOM,
+        fingerprint=f"{TINY_RANDOM}-v1-seed{seed}",
+        is_random=True,
+    )
+
+
+def build_full_size_random(seed: int = 0) -> Components:
+    """Full-size SD1.5 architecture with random weights (for benchmarks: real cost, no download).
+    Uses the real CLIP tokenizer shape only through the tiny byte tokenizer."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    tokenizer = build_tiny_tokenizer()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        unet = UNet2DConditionModel(
+            sample_size=64,
+            cross_attention_dim=768,
+            attention_head_dim=8,
+            block_out_channels=(320, 640, 1280, 1280),
+        )
+        vae = AutoencoderKL(
+            block_out_channels=(128, 256, 512, 512),
+            down_block_types=("DownEncoderBlock2D",) * 4,
+            up_block_types=("UpDecoderBlock2D",) * 4,
+            layers_per_block=2,
+            latent_channels=4,
+            sample_size=512,
+        )
+        text_encoder = CLIPTextModel(
+            CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=768, intermediate_size=3072,
+                           num_attention_heads=12, num_hidden_layers=12, max_position_embeddings=77)
+        )
+    for module in (unet, vae, text_encoder):
+        module.eval().requires_grad_(False)
+    return Components(unet, vae, text_encoder, tokenizer, dict(SD15_SCHEDULER),
+                      model_id="sd15-shaped-random", fingerprint=f"sd15-shaped-random-seed{seed}",
+                      is_random=True)
+
+
+# --------------------------------------------------------------------------------------------------
+# real weights
+# --------------------------------------------------------------------------------------------------
+
+def _not_available(model: str, reason: str) -> UserError:
+    return UserError(
+        f"Model {model!r} is not available ({reason}); pass --model with a local diffusers folder or a "
+        f".safetensors checkpoint, or download it once with network access (default: {DEFAULT_MODEL})."
+    )
+
+
+def _folder_fingerprint(folder: Path) -> str:
+    """Configs by content, weight files by name, size and mtime (hashing gigabytes would take minutes)."""
+    digest = hashlib.sha256()
+    for path in sorted(folder.rglob("*")):
+        if not path.is_file():
+            continue
+        rel = path.relative_to(folder).as_posix()
+        if path.suffix in (".json", ".txt"):
+            digest.update(rel.encode() + path.read_bytes())
+        else:
+            stat = path.stat()
+            digest.update(f"{rel}:{stat.st_size}:{int(stat.st_mtime)}".encode())
+    return digest.hexdigest()[:16]
+
+
+def _load_from_pretrained(source: str, local_only: bool, revision: str | None, dtype: torch.dtype) -> tuple:
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    common: dict[str, Any] = dict(local_files_only=local_only)
+    if revision:
+        common["revision"] = revision
+    tokenizer = CLIPTokenizer.from_pretrained(source, subfolder="tokenizer", **common)
+    text_encoder = CLIPTextModel.from_pretrained(source, subfolder="text_encoder", torch_dtype=dtype, **common)
+    vae = AutoencoderKL.from_pretrained(source, subfolder="vae", torch_dtype=dtype, **common)
+    unet = UNet2DConditionModel.from_pretrained(source, subfolder="unet", torch_dtype=dtype, **common)
+    return unet, vae, text_encoder, tokenizer
+
+
+def load_components(
+    model: str = DEFAULT_MODEL,
+    device: str | None = None,
+    dtype: str | None = None,
+    revision: str | None = None,
+) -> Components:
+    """Load `model` (hub id, folder, `.safetensors` file or `tiny-random`) onto a device.
+
+    Raises `UserError` with one sentence when the model cannot be had."""
+    torch_device = pick_device(device)
+    torch_dtype = pick_dtype(torch_device, dtype)
+    if model == TINY_RANDOM:
+        return build_tiny_random().to(torch_device, torch.float32 if dtype in (None, "auto") else torch_dtype)
+
+    path = Path(model).expanduser()
+    if path.suffix == ".safetensors" or path.is_file():
+        if not path.is_file():
+            raise _not_available(model, "no such file")
+        comps = _load_single_file(path, torch_dtype)
+    elif path.is_dir():
+        if not (path / "unet").is_dir():
+            raise _not_available(model, "the folder has no unet/ subfolder, so it is not a diffusers model")
+        try:
+            parts = _load_from_pretrained(str(path), True, None, torch_dtype)
+        except (OSError, ValueError) as err:
+            raise _not_available(model, f"the folder could not be read: {str(err).splitlines()[0]}") from err
+        comps = Components(*parts, scheduler_config=dict(SD15_SCHEDULER), model_id=str(path.resolve()),
+                           fingerprint="folder-" + _folder_fingerprint(path))
+    else:
+        if model.count("/") != 1 or model.startswith((".", "/", "~")):
+            raise _not_available(model, "it is neither a file, a folder nor a hub id like owner/name")
+        comps = _load_hub(model, revision, torch_dtype)
+    for module in (comps.unet, comps.vae, comps.text_encoder):
+        module.eval().requires_grad_(False)
+    return comps.to(torch_device)
+
+
+def _load_hub(model: str, revision: str | None, dtype: torch.dtype) -> Components:
+    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
+    parts = None
+    for local_only in (True, False):
+        if not local_only and offline:
+            break
+        try:
+            parts = _load_from_pretrained(model, local_only, revision, dtype)
+            break
+        except (OSError, ValueError) as err:
+            last_error = err
+    if parts is None:
+        reason = "not in the Hugging Face cache and the hub cannot be reached"
+        if offline:
+            reason = "not in the Hugging Face cache and HF_HUB_OFFLINE is set"
+        raise _not_available(model, reason) from last_error
+    commit = _hub_commit(model, revision)
+    return Components(*parts, scheduler_config=dict(SD15_SCHEDULER), model_id=model,
+                      fingerprint=f"hub-{model}@{commit or revision or 'main'}")
+
+
+def _hub_commit(model: str, revision: str | None) -> str | None:
+    """The commit hash the cached snapshot resolves to, when the cache knows it."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        cached = try_to_load_from_cache(model, "model_index.json", revision=revision)
+        if isinstance(cached, str):
+            return Path(cached).parent.name
+    except Exception:  # noqa: BLE001 - only a label for the cache key
+        return None
+    return None
+
+
+def _load_single_file(path: Path, dtype: torch.dtype) -> Components:
+    from diffusers import StableDiffusionPipeline
+
+    try:
+        pipe = StableDiffusionPipeline.from_single_file(str(path), torch_dtype=dtype, safety_checker=None,
+                                                        load_safety_checker=False)
+    except Exception as err:  # noqa: BLE001 - diffusers raises many types here; all mean "cannot load"
+        raise _not_available(str(path), f"the checkpoint could not be loaded: {str(err).splitlines()[0]}") from err
+    stat = path.stat()
+    return Components(pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer, dict(SD15_SCHEDULER),
+                      model_id=str(path.resolve()),
+                      fingerprint=f"file-{path.name}-{stat.st_size}-{int(stat.st_mtime)}")
+
+
+def default_model_cached(model: str = DEFAULT_MODEL) -> bool:
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        return isinstance(try_to_load_from_cache(model, "unet/config.json"), str)
+    except Exception:  # noqa: BLE001 - doctor only reports
+        return False
+
+
+def save_components(comps: Components, folder: Path) -> None:
+    """Write a diffusers-layout folder that `load_components(folder)` reads back."""
+    folder.mkdir(parents=True, exist_ok=True)
+    comps.unet.save_pretrained(folder / "unet")
+    comps.vae.save_pretrained(folder / "vae")
+    comps.text_encoder.save_pretrained(folder / "text_encoder")
+    comps.tokenizer.save_pretrained(folder / "tokenizer")
+    from diffusers import DDIMScheduler
+
+    DDIMScheduler(**comps.scheduler_config).save_pretrained(folder / "scheduler")
+    index = {
+        "_class_name": "StableDiffusionPipeline",
+        "_diffusers_version": "0.31.0",
+        "unet": ["diffusers", "UNet2DConditionModel"],
+        "vae": ["diffusers", "AutoencoderKL"],
+        "text_encoder": ["transformers", "CLIPTextModel"],
+        "tokenizer": ["transformers", "CLIPTokenizer"],
+        "scheduler": ["diffusers", "DDIMScheduler"],
+        "safety_checker": [None, None],
+        "feature_extractor": [None, None],
+        "requires_safety_checker": False,
+    }
+    (folder / "model_index.json").write_text(json.dumps(index, indent=2))

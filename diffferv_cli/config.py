@@ -1,0 +1,64 @@
+"""Typed, frozen configuration objects. The CLI builds them; the library only reads them."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+DEFAULT_SOURCE_PROMPT = "a photo of a person"
+
+
+class Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class ClipSpec(Frozen):
+    """Which frames of a video to work on, and at what size.
+
+    The working size keeps the aspect ratio: the short side becomes `short_side`, then each side is
+    rounded to a multiple of `multiple` (the UNet needs /64 at SD1.5 resolution) by a small center crop
+    or pad, which is recorded and undone on output."""
+
+    start: int = Field(0, ge=0, description="first frame (0-based, in decoded frame order)")
+    frames: int | None = Field(None, ge=1, description="how many frames; all remaining when None")
+    stride: int = Field(1, ge=1, description="take every n-th frame")
+    short_side: int = Field(512, ge=16, le=2048)
+    multiple: int = Field(64, ge=8)
+
+    @model_validator(mode="after")
+    def _short_side_fits(self) -> ClipSpec:
+        if self.short_side % self.multiple:
+            raise ValueError(f"short side {self.short_side} must be a multiple of {self.multiple}")
+        return self
+
+
+class TemporalConfig(Frozen):
+    """Paper section 3.3: SWCFA window and the two switches of the Table 5 ablation."""
+
+    window: int = Field(3, ge=1, description="SWCFA window length w (frames), eq. 6")
+    swcfa: bool = True
+    tta: bool = True
+
+
+class InversionConfig(Frozen):
+    """Paper section 3.4, inversion with preservation-feature caching."""
+
+    prompt: str = DEFAULT_SOURCE_PROMPT
+    steps: int = Field(50, ge=1, le=1000, description="DDIM steps T")
+    feature_mode: Literal["recompute", "disk"] = "recompute"
+    temporal: TemporalConfig = TemporalConfig()
+    flow_preset: Literal["ultrafast", "fast", "medium"] = "medium"
+
+
+class EditConfig(Frozen):
+    """Paper section 3.4, sampling with preservation-feature injection."""
+
+    prompt_edit: str
+    tau_app: float = Field(0.9, ge=0.0, le=1.0, description="inject SWCFA Q,K while t > (1-tau_app)*T")
+    tau_motion: float = Field(1.0, ge=0.0, le=1.0, description="inject TTA Q,K while t > (1-tau_motion)*T")
+    tau_cross: float = Field(1.0, ge=0.0, le=1.0, description="replace shared-word cross-attention maps while t > (1-tau_cross)*T")
+    guidance: float = Field(5.0, ge=0.0, description="g in noise = neg + g*(pos - neg)")
+    seed: int = 0
+    inject: bool = True
+    exact: bool = False  # correct the edit path with the cached inversion path (reconstruction is then exact)

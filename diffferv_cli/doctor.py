@@ -1,0 +1,44 @@
+"""`diffferv doctor`: what works on this machine, what is missing, and how to get it."""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Check:
+    name: str
+    ok: bool
+    detail: str
+    optional: bool = False
+
+
+def run_checks() -> list[Check]:
+    import torch
+
+    from diffferv_cli.components import DEFAULT_MODEL, default_model_cached, pick_device
+
+    checks: list[Check] = []
+    try:
+        from diffferv_cli.video import ffmpeg_version
+
+        checks.append(Check("ffmpeg", True, ffmpeg_version()))
+    except Exception as err:  # noqa: BLE001 - doctor reports every failure
+        checks.append(Check("ffmpeg", False, str(err)))
+    device = pick_device(None)
+    detail = f"torch {torch.__version__}, device {device}"
+    if device.type == "cuda":
+        detail += f" ({torch.cuda.get_device_name(device)})"
+    checks.append(Check("torch", True, detail))
+    cached = default_model_cached()
+    checks.append(Check("default model", cached,
+                        f"{DEFAULT_MODEL} {'is' if cached else 'is not'} in the Hugging Face cache"
+                        + ("" if cached else " (downloaded on first use, or pass --model)"), optional=True))
+    for package, purpose in (("dlib", "identity metrics (pip install dlib-bin face-recognition-models)"),
+                             ("face_recognition_models", "dlib's face models"),
+                             ("face_alignment", "optional landmark backend (downloads weights at run time)"),
+                             ("lpips", "LPIPS metric")):
+        found = importlib.util.find_spec(package) is not None
+        checks.append(Check(package, found, purpose, optional=True))
+    return checks

@@ -1,0 +1,28 @@
+"""Shared test fixtures: tiny SD-shaped models built offline, generated clips. Nothing touches a hub."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+@pytest.fixture(scope="session")
+def tiny():
+    """The tiny random-weight SD-shaped model (float32, CPU). Shared: tests must not modify it."""
+    from diffferv_cli.components import build_tiny_random
+
+    return build_tiny_random(seed=0)
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path, monkeypatch):
+    """Every test gets its own diffferv cache folder."""
+    monkeypatch.setenv("DIFFFERV_CACHE", str(tmp_path / "diffferv-cache"))
