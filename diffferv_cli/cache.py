@@ -1,0 +1,232 @@
+"""Content-addressed inversion cache ("cached DDIM inversion stored to disk").
+
+One folder per (source video content, frame selection, working size, model, inversion settings):
+
+    <root>/<key>/
+        manifest.json                  format, request, sizes, timesteps, finished steps, file hashes
+        trajectories.safetensors       per token grid: trajectory index (int32) and lengths
+        latents/step-000.safetensors   z_0 = VAE latent mean of the frames (float32, (m, 4, h, w))
+        latents/step-001.safetensors   z_1 ... z_T: the latent fed to the UNet at inversion step i is z_i
+        features/step-000.safetensors  disk feature mode only: Q,K of SWCFA and TTA, cross-attention maps
+
+`<root>` is `--cache-dir`, else `$DIFFFERV_CACHE`, else `$XDG_CACHE_HOME/diffferv` (~/.cache/diffferv).
+
+Every write goes to a temporary file in the same folder and is renamed into place, and the manifest is
+rewritten after each finished step, so an interrupted inversion resumes from its last finished step. A
+folder whose manifest does not describe the request, or whose files fail their hash, is never used
+silently: the user gets one sentence and `--force` recomputes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save
+
+from diffferv_cli.errors import UserError
+
+FORMAT_VERSION = 1
+ENV_VAR = "DIFFFERV_CACHE"
+
+
+def cache_root(cache_dir: Path | str | None = None) -> Path:
+    if cache_dir:
+        return Path(cache_dir).expanduser()
+    if os.environ.get(ENV_VAR):
+        return Path(os.environ[ENV_VAR]).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "diffferv"
+
+
+def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def request_key(request: dict[str, Any]) -> str:
+    """Stable hash of everything that determines the inversion's result."""
+    canonical = json.dumps({"format": FORMAT_VERSION, **request}, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()[:24]
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(handle, "wb") as out:
+            out.write(data)
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(temp_name, path)
+    except BaseException:
+        Path(temp_name).unlink(missing_ok=True)
+        raise
+
+
+@dataclass
+class CacheEntry:
+    """One inversion's folder. `manifest` mirrors manifest.json."""
+
+    folder: Path
+    manifest: dict[str, Any] = field(default_factory=dict)
+
+    # -- manifest ----------------------------------------------------------------------------------
+    @property
+    def manifest_path(self) -> Path:
+        return self.folder / "manifest.json"
+
+    @property
+    def steps(self) -> int:
+        return int(self.manifest["request"]["steps"])
+
+    @property
+    def finished_steps(self) -> int:
+        """Number of inversion steps whose output latent (and features, in disk mode) are on disk."""
+        return int(self.manifest.get("finished_steps", -1))
+
+    @property
+    def complete(self) -> bool:
+        return self.manifest.get("encoded", False) and self.finished_steps >= self.steps
+
+    @property
+    def has_features(self) -> bool:
+        return bool(self.manifest.get("features_stored", False))
+
+    def save_manifest(self) -> None:
+        self.manifest["updated"] = time.strftime("%Y-%m-%dT%H:%M:%S")
+        atomic_write_bytes(self.manifest_path, json.dumps(self.manifest, indent=2, sort_keys=True).encode())
+
+    # -- tensors -----------------------------------------------------------------------------------
+    def _write_tensors(self, relative: str, tensors: dict[str, torch.Tensor]) -> None:
+        data = save({name: tensor.detach().contiguous().cpu() for name, tensor in tensors.items()})
+        atomic_write_bytes(self.folder / relative, data)
+        self.manifest.setdefault("files", {})[relative] = hashlib.sha256(data).hexdigest()
+
+    def _read_tensors(self, relative: str) -> dict[str, torch.Tensor]:
+        path = self.folder / relative
+        expected = self.manifest.get("files", {}).get(relative)
+        if expected is None or not path.is_file():
+            raise UserError(f"The cache at {self.folder} is missing {relative}; rerun with --force to recompute it.")
+        data = path.read_bytes()
+        if hashlib.sha256(data).hexdigest() != expected:
+            raise UserError(f"The cache file {path} is corrupted (hash mismatch); rerun with --force to recompute it.")
+        try:
+            from safetensors.torch import load
+
+            return load(data)
+        except (SafetensorError, ValueError, RuntimeError) as err:
+            raise UserError(f"The cache file {path} cannot be read ({err}); rerun with --force.") from err
+
+    def latent_name(self, index: int) -> str:
+        return f"latents/step-{index:03d}.safetensors"
+
+    def feature_name(self, step: int) -> str:
+        return f"features/step-{step:03d}.safetensors"
+
+    def write_latent(self, index: int, latent: torch.Tensor) -> None:
+        self._write_tensors(self.latent_name(index), {"latent": latent.float()})
+
+    def read_latent(self, index: int) -> torch.Tensor:
+        return self._read_tensors(self.latent_name(index))["latent"]
+
+    def write_features(self, step: int, features: dict[str, torch.Tensor]) -> None:
+        self._write_tensors(self.feature_name(step), features)
+
+    def read_features(self, step: int) -> dict[str, torch.Tensor]:
+        return self._read_tensors(self.feature_name(step))
+
+    def write_trajectories(self, tensors: dict[str, torch.Tensor]) -> None:
+        self._write_tensors("trajectories.safetensors", tensors)
+
+    def read_trajectories(self) -> dict[str, torch.Tensor]:
+        return self._read_tensors("trajectories.safetensors")
+
+    def disk_bytes(self) -> int:
+        return sum(path.stat().st_size for path in self.folder.rglob("*") if path.is_file())
+
+
+def open_entry(root: Path, request: dict[str, Any], *, force: bool = False) -> CacheEntry:
+    """The cache folder for `request`: existing and matching, or new (also when `force`)."""
+    key = request_key(request)
+    folder = root / key
+    entry = CacheEntry(folder)
+    if force and folder.exists():
+        shutil.rmtree(folder)
+    if entry.manifest_path.is_file():
+        try:
+            manifest = json.loads(entry.manifest_path.read_text())
+        except (OSError, ValueError) as err:
+            raise UserError(f"The cache manifest {entry.manifest_path} is broken ({err.__class__.__name__}); "
+                            "rerun with --force to recompute.") from err
+        if manifest.get("format") != FORMAT_VERSION or manifest.get("request") != _jsonable(request):
+            raise UserError(f"The cache at {folder} does not match this request; rerun with --force to recompute.")
+        entry.manifest = manifest
+        return entry
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise UserError(f"Cannot create the cache folder {folder} ({err.strerror}); pass --cache-dir.") from err
+    if not os.access(folder, os.W_OK):
+        raise UserError(f"The cache folder {folder} is not writable; pass --cache-dir.")
+    entry.manifest = {"format": FORMAT_VERSION, "key": key, "request": _jsonable(request),
+                      "created": time.strftime("%Y-%m-%dT%H:%M:%S"), "finished_steps": -1, "files": {}}
+    entry.save_manifest()
+    return entry
+
+
+def find_entry(root: Path, request: dict[str, Any]) -> CacheEntry | None:
+    """The complete cache entry for `request`, if one exists (raises on a broken one)."""
+    folder = root / request_key(request)
+    if not (folder / "manifest.json").is_file():
+        return None
+    entry = open_entry(root, request)
+    return entry if entry.complete else None
+
+
+def _jsonable(value: Any) -> Any:
+    return json.loads(json.dumps(value, sort_keys=True))
+
+
+def trajectories_to_tensors(trajectory_set) -> dict[str, torch.Tensor]:
+    tensors = {}
+    for (height, width), grid in trajectory_set.grids.items():
+        tensors[f"{height}x{width}.index"] = grid.index.to(torch.int32)
+        tensors[f"{height}x{width}.lengths"] = grid.lengths.to(torch.int32)
+    return tensors
+
+
+def trajectories_from_tensors(tensors: dict[str, torch.Tensor], frames: int):
+    from diffferv_cli.trajectories import TrajectoryGrid, TrajectorySet
+
+    grids = {}
+    for name, index in tensors.items():
+        if not name.endswith(".index"):
+            continue
+        height, width = (int(part) for part in name.removesuffix(".index").split("x"))
+        lengths = tensors[f"{height}x{width}.lengths"]
+        grids[(height, width)] = TrajectoryGrid(height, width, frames, index.long(), lengths.long())
+    return TrajectorySet(grids)
+
+
+ProgressFn = Callable[[str, int, int], None]
+
+
+def load_file_checked(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(path)
+    except (SafetensorError, OSError) as err:
+        raise UserError(f"Cannot read {path} ({err}).") from err

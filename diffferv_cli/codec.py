@@ -1,0 +1,40 @@
+"""Frames <-> VAE latents, in slices of a few frames so long clips fit in memory."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import torch
+
+Progress = Callable[[int, int], None] | None
+
+
+def encode_frames(vae, frames: np.ndarray, batch: int = 4, progress: Progress = None) -> torch.Tensor:
+    """uint8 RGB (m, H, W, 3) -> latents (m, 4, H/8, W/8) float32: the latent MEAN times the VAE scale."""
+    device, dtype = next(vae.parameters()).device, next(vae.parameters()).dtype
+    latents = []
+    with torch.inference_mode():
+        for start in range(0, len(frames), batch):
+            chunk = torch.from_numpy(frames[start:start + batch]).to(device)
+            pixels = chunk.permute(0, 3, 1, 2).to(dtype) / 127.5 - 1.0  # (b, 3, H, W) in [-1, 1]
+            mean = vae.encode(pixels).latent_dist.mean
+            latents.append(mean.float() * vae.config.scaling_factor)
+            if progress:
+                progress(min(start + batch, len(frames)), len(frames))
+    return torch.cat(latents).cpu()
+
+
+def decode_latents(vae, latents: torch.Tensor, batch: int = 4, progress: Progress = None) -> np.ndarray:
+    """latents (m, 4, h, w) -> uint8 RGB (m, 8h, 8w, 3)."""
+    device, dtype = next(vae.parameters()).device, next(vae.parameters()).dtype
+    frames = []
+    with torch.inference_mode():
+        for start in range(0, len(latents), batch):
+            chunk = latents[start:start + batch].to(device=device, dtype=dtype) / vae.config.scaling_factor
+            pixels = vae.decode(chunk).sample.float()  # (b, 3, H, W) in about [-1, 1]
+            images = ((pixels.clamp(-1, 1) + 1.0) * 127.5).round().to(torch.uint8)
+            frames.append(images.permute(0, 2, 3, 1).cpu().numpy())
+            if progress:
+                progress(min(start + batch, len(latents)), len(latents))
+    return np.concatenate(frames)

@@ -1,0 +1,120 @@
+"""Edit sampling with preservation-feature injection (paper 3.4, "Sampling with Preservation Feature
+Injection"), one batched UNet call per step.
+
+Branches of the batch (each `frames` rows, see attention/context.py):
+
+    source    recompute mode only: fed z_{T-1-k}, the latent the inversion fed to the UNet at this very
+              timestep, with the source prompt; its SWCFA/TTA Q,K and cross-attention maps are therefore
+              the inversion's preservation features, regenerated instead of read from disk
+    anchor    --exact only: fed the inversion latent z_{T-k} with the source prompt, features injected
+    negative  the edit latent x with the source prompt (the paper's negative-prompt scheme), injected
+    positive  the edit latent x with the edit prompt, injected (left out when both prompts are equal)
+
+    step k (timestep t, T - k in the paper's units):
+        eps    = eps_neg + g * (eps_pos - eps_neg)
+        x     <- DDIM(eps, t, x)
+        exact:  x <- x + (z_{T-1-k} - DDIM(eps_anchor, t, z_{T-k}))
+
+In disk mode the source branch is absent and its features come from the cache's feature files. The
+exact correction adds, per step, the error the source prompt's injected prediction makes along the cached
+inversion path; with the edit prompt equal to the source prompt the edit path then lands on z_0 exactly.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from diffusers import DDIMScheduler
+
+from diffferv_cli.attention.install import temporal_attention
+from diffferv_cli.cache import CacheEntry
+from diffferv_cli.codec import decode_latents
+from diffferv_cli.config import EditConfig
+from diffferv_cli.errors import UserError
+from diffferv_cli.features import FeatureInjector, InjectionSchedule
+from diffferv_cli.inversion import base_context
+from diffferv_cli.prompts import encode_prompts, token_alignment
+
+Progress = Callable[[str, int, int], None] | None
+
+
+@dataclass
+class EditResult:
+    latents: torch.Tensor  # (m, 4, h, w) float32, the final x_0
+    frames: np.ndarray  # (m, H, W, 3) uint8 at working size
+    branches: tuple[str, ...]
+
+
+def branch_layout(config: EditConfig, source_prompt: str, feature_mode: str) -> tuple[str, ...]:
+    branches: list[str] = []
+    if config.inject and feature_mode == "recompute":
+        branches.append("source")
+    if config.exact:
+        branches.append("anchor")
+    branches.append("negative")
+    if config.prompt_edit != source_prompt:
+        branches.append("positive")
+    return tuple(branches)
+
+
+def edit(components, entry: CacheEntry, config: EditConfig, *, feature_mode: str = "recompute",
+         progress: Progress = None) -> EditResult:
+    """Sample the edit from the cached inversion in `entry` and decode it to frames."""
+    report = progress or (lambda stage, done, total: None)
+    request = entry.manifest["request"]
+    source_prompt, steps = request["prompt"], int(request["steps"])
+    if not entry.complete:
+        raise UserError(f"The inversion in {entry.folder} is unfinished; run `diffferv invert` again to resume it.")
+    if feature_mode == "disk" and config.inject and not entry.has_features:
+        raise UserError("This inversion was cached without features; run `diffferv invert --features disk` first.")
+    frames = int(entry.manifest["frames"])
+    branches = branch_layout(config, source_prompt, feature_mode)
+    prompts = {"source": source_prompt, "anchor": source_prompt, "negative": source_prompt,
+               "positive": config.prompt_edit}
+    embeddings = encode_prompts(components, [prompts[name] for name in branches])  # (branches, 77, hidden)
+    text = embeddings.repeat_interleave(frames, dim=0)  # (branches*frames, 77, hidden)
+
+    injector = None
+    if config.inject:
+        schedule = InjectionSchedule(steps, config.tau_app, config.tau_motion, config.tau_cross)
+        targets = tuple(name for name in branches if name != "source")
+        token_maps = {name: token_alignment(components.tokenizer, source_prompt, prompts[name]) for name in targets}
+        injector = FeatureInjector(schedule, targets, token_maps,
+                                   source_branch="source" if feature_mode == "recompute" else None)
+
+    scheduler = DDIMScheduler.from_config(components.scheduler_config)
+    scheduler.set_timesteps(steps)
+    inversion_timesteps = entry.manifest["timesteps"]
+    if [int(t) for t in scheduler.timesteps] != inversion_timesteps[::-1]:
+        raise UserError(f"The cache at {entry.folder} was inverted with other timesteps; rerun with --force.")
+    context = base_context(entry, components, frames, branches, "edit")
+    torch.manual_seed(config.seed)
+    x = entry.read_latent(steps)  # z_T, float32 (m, 4, h, w)
+    with temporal_attention(components.unet), torch.inference_mode():
+        for k, timestep in enumerate(scheduler.timesteps):
+            inversion_step = steps - 1 - k  # the inversion step that ran at this timestep
+            inputs = {"source": lambda: entry.read_latent(inversion_step),
+                      "anchor": lambda: entry.read_latent(inversion_step + 1),
+                      "negative": lambda: x, "positive": lambda: x}
+            latents_in = {name: inputs[name]() for name in branches}
+            if injector is not None and feature_mode == "disk":
+                injector.set_stored(entry.read_features(inversion_step))
+            batch = torch.cat([latents_in[name] for name in branches])  # (branches*frames, 4, h, w)
+            ctx = context.at_step(k, timestep, control=injector)
+            noise = components.unet(batch.to(components.device, components.dtype), timestep,
+                                    encoder_hidden_states=text, cross_attention_kwargs={"ctx": ctx}).sample
+            eps = dict(zip(branches, noise.float().cpu().chunk(len(branches)), strict=True))
+            guided = eps["negative"]
+            if "positive" in eps:
+                guided = eps["negative"] + config.guidance * (eps["positive"] - eps["negative"])  # CFG
+            x_next = scheduler.step(guided, timestep, x).prev_sample
+            if config.exact:
+                on_path = scheduler.step(eps["anchor"], timestep, latents_in["anchor"]).prev_sample
+                x_next = x_next + (entry.read_latent(inversion_step) - on_path)
+            x = x_next
+            report("edit", k + 1, steps)
+    frames_out = decode_latents(components.vae, x, progress=lambda d, t: report("decode", d, t))
+    return EditResult(latents=x, frames=frames_out, branches=branches)
