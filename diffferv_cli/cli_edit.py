@@ -1,0 +1,199 @@
+"""`diffferv invert | edit | reconstruct`: the main job."""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+from diffferv_cli.cli import DeviceOpt, DtypeOpt, ModelOpt, console, err_console
+from diffferv_cli.config import DEFAULT_SOURCE_PROMPT, ClipSpec, EditConfig, InversionConfig, TemporalConfig
+from diffferv_cli.errors import UserError
+
+ClipArg = Annotated[Path, typer.Argument(help="Input video.", show_default=False)]
+StartOpt = Annotated[int, typer.Option("--start", help="First frame (0-based).")]
+FramesOpt = Annotated[int | None, typer.Option("--frames", help="Number of frames (default: all).")]
+StrideOpt = Annotated[int, typer.Option("--stride", help="Take every n-th frame.")]
+SizeOpt = Annotated[int, typer.Option("--size", help="Short side of the working size (multiple of 64).")]
+PromptOpt = Annotated[str | None, typer.Option("--prompt", help=f"Source prompt (default: {DEFAULT_SOURCE_PROMPT!r}).")]
+StepsOpt = Annotated[int, typer.Option("--steps", help="DDIM steps T.")]
+WindowOpt = Annotated[int, typer.Option("--window", help="SWCFA window w (frames).")]
+NoSwcfaOpt = Annotated[bool, typer.Option("--no-swcfa", help="Per-frame self-attention instead of SWCFA (ablation).")]
+NoTtaOpt = Annotated[bool, typer.Option("--no-tta", help="No trajectory attention (ablation).")]
+FeaturesOpt = Annotated[str, typer.Option("--features", help="recompute (only latents on disk) or disk (features on disk).")]
+CacheOpt = Annotated[Path | None, typer.Option("--cache-dir", envvar="DIFFFERV_CACHE", help="Cache folder.")]
+ForceOpt = Annotated[bool, typer.Option("--force", help="Recompute the inversion even if cached.")]
+FlowOpt = Annotated[str, typer.Option("--flow-preset", help="OpenCV DIS preset: ultrafast, fast, medium.")]
+
+
+def _spec(start: int, frames: int | None, stride: int, size: int, model: str) -> ClipSpec:
+    multiple = 16 if model == "tiny-random" else 64
+    try:
+        return ClipSpec(start=start, frames=frames, stride=stride, short_side=size, multiple=multiple)
+    except ValueError as err:
+        raise UserError(f"Invalid frame selection or size: {err.errors()[0]['msg']}.") from None
+
+
+def _inversion(prompt: str | None, steps: int, window: int, no_swcfa: bool, no_tta: bool, features: str,
+               flow_preset: str) -> InversionConfig:
+    if features not in ("recompute", "disk"):
+        raise UserError(f"--features must be recompute or disk, not {features!r}.")
+    if flow_preset not in ("ultrafast", "fast", "medium"):
+        raise UserError(f"--flow-preset must be ultrafast, fast or medium, not {flow_preset!r}.")
+    try:
+        return InversionConfig(prompt=prompt or DEFAULT_SOURCE_PROMPT, steps=steps, feature_mode=features,
+                               temporal=TemporalConfig(window=window, swcfa=not no_swcfa, tta=not no_tta),
+                               flow_preset=flow_preset)
+    except ValueError as err:
+        raise UserError(f"Invalid inversion setting: {err.errors()[0]['loc'][-1]}: {err.errors()[0]['msg']}.") from None
+
+
+@contextmanager
+def _progress():
+    """A rich progress bar per stage, fed by the library's (stage, done, total) callbacks."""
+    columns = (TextColumn("{task.description:>8}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+               TimeRemainingColumn())
+    with Progress(*columns, console=err_console, transient=False) as bars:
+        tasks: dict[str, int] = {}
+
+        def report(stage: str, done: int, total: int) -> None:
+            if stage not in tasks or (done <= 1 and bars.tasks[tasks[stage]].finished):
+                tasks[stage] = bars.add_task(stage, total=total)
+            bars.update(tasks[stage], completed=done, total=total)
+
+        yield report
+
+
+def _load(clip_path: Path, spec: ClipSpec, model: str, device: str, dtype: str, report):
+    from diffferv_cli.components import load_components
+    from diffferv_cli.video import read_clip
+
+    clip = read_clip(clip_path, spec, progress=lambda d, t: report("decode", d, t))
+    components = load_components(model, device=device, dtype=dtype)
+    if components.is_random:
+        err_console.print(f"[yellow]Model: {components.label}[/yellow]")
+    return clip, components
+
+
+def invert_cmd(
+    clip: ClipArg, prompt: PromptOpt = None, model: ModelOpt = "stable-diffusion-v1-5/stable-diffusion-v1-5",
+    start: StartOpt = 0, frames: FramesOpt = None, stride: StrideOpt = 1, size: SizeOpt = 512,
+    steps: StepsOpt = 50, window: WindowOpt = 3, no_swcfa: NoSwcfaOpt = False, no_tta: NoTtaOpt = False,
+    features: FeaturesOpt = "recompute", flow_preset: FlowOpt = "medium", cache_dir: CacheOpt = None,
+    force: ForceOpt = False, device: DeviceOpt = "auto", dtype: DtypeOpt = "auto",
+) -> None:
+    """Invert a clip (DDIM, temporal UNet) into the cache; later edits reuse it. Resumes if interrupted."""
+    config = _inversion(prompt, steps, window, no_swcfa, no_tta, features, flow_preset)
+    if prompt is None:
+        err_console.print(f"Source prompt: {config.prompt!r} (the default; set it with --prompt)")
+    spec = _spec(start, frames, stride, size, model)
+    with _progress() as report:
+        video, components = _load(clip, spec, model, device, dtype, report)
+        from diffferv_cli.workflow import run_inversion
+
+        outcome = run_inversion(components, video, config, cache_dir=cache_dir, force=force, progress=report)
+    state = "reused (already cached)" if outcome.steps_run == 0 else f"{outcome.steps_run} steps run"
+    console.print(f"Inversion {state}: {outcome.entry.folder} ({outcome.entry.disk_bytes() / 1e6:.1f} MB)")
+
+
+def edit_cmd(
+    clip: ClipArg,
+    preset: Annotated[list[str] | None, typer.Option("--preset", "-p", help="Preset name or .toml file; repeat for several edits from one inversion.")] = None,
+    prompt_edit: Annotated[str | None, typer.Option("--prompt-edit", help="Edit prompt (instead of a preset).")] = None,
+    subject: Annotated[str, typer.Option("--subject", help="Fills {subject} in preset prompts.")] = "person",
+    tau_app: Annotated[float | None, typer.Option("--tau-app", help="Inject appearance while t > (1-tau)T (preset default).")] = None,
+    tau_motion: Annotated[float, typer.Option("--tau-motion", help="Same for motion features.")] = 1.0,
+    tau_cross: Annotated[float, typer.Option("--tau-cross", help="Same for cross-attention maps.")] = 1.0,
+    guidance: Annotated[float | None, typer.Option("--guidance", "-g", help="Guidance g (preset default, else 5).")] = None,
+    seed: Annotated[int, typer.Option("--seed")] = 0,
+    no_inject: Annotated[bool, typer.Option("--no-inject", help="Plain DDIM editing without preservation features.")] = False,
+    exact: Annotated[bool, typer.Option("--exact", help="Correct the edit path with the cached inversion path.")] = False,
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="Output file (one edit) or folder.")] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing output file.")] = False,
+    side_by_side: Annotated[bool, typer.Option("--side-by-side", help="Also write original|edited.")] = False,
+    prompt: PromptOpt = None, model: ModelOpt = "stable-diffusion-v1-5/stable-diffusion-v1-5",
+    start: StartOpt = 0, frames: FramesOpt = None, stride: StrideOpt = 1, size: SizeOpt = 512,
+    steps: StepsOpt = 50, window: WindowOpt = 3, no_swcfa: NoSwcfaOpt = False, no_tta: NoTtaOpt = False,
+    features: FeaturesOpt = "recompute", flow_preset: FlowOpt = "medium", cache_dir: CacheOpt = None,
+    force: ForceOpt = False, device: DeviceOpt = "auto", dtype: DtypeOpt = "auto",
+) -> None:
+    """Edit a clip with presets or a prompt (inverts first when the cache has no inversion)."""
+    from diffferv_cli.presets import load_preset
+
+    if not preset and not prompt_edit:
+        raise UserError("Say what to edit: --preset NAME (see `diffferv presets`) or --prompt-edit TEXT.")
+    edits: list[tuple[str, str, float, float]] = []  # label, edit prompt, tau_app, guidance
+    source_prompts = set()
+    for name in preset or []:
+        loaded = load_preset(name)
+        source, edited = loaded.prompts(subject)
+        source_prompts.add(source)
+        edits.append((loaded.name, edited, tau_app if tau_app is not None else loaded.tau_app,
+                      guidance if guidance is not None else loaded.guidance))
+    if prompt_edit:
+        edits.append(("edit", prompt_edit, tau_app if tau_app is not None else 0.9,
+                      guidance if guidance is not None else 5.0))
+    if prompt is None and len(source_prompts) == 1:
+        prompt = source_prompts.pop()
+    inversion = _inversion(prompt, steps, window, no_swcfa, no_tta, features, flow_preset)
+    try:
+        configs = [(label, EditConfig(prompt_edit=text, tau_app=tau, tau_motion=tau_motion, tau_cross=tau_cross,
+                                      guidance=g, seed=seed, inject=not no_inject, exact=exact))
+                   for label, text, tau, g in edits]
+    except ValueError as err:
+        raise UserError(f"Invalid edit setting: {err.errors()[0]['loc'][-1]}: {err.errors()[0]['msg']}.") from None
+    spec = _spec(start, frames, stride, size, model)
+    from diffferv_cli.workflow import run_edits
+
+    with _progress() as report:
+        video, components = _load(clip, spec, model, device, dtype, report)
+        outcome, written = run_edits(components, video, inversion, configs, cache_dir=cache_dir, force=force,
+                                     out=out, overwrite=overwrite, side_by_side=side_by_side, progress=report)
+    if outcome.steps_run == 0:
+        console.print(f"Used the cached inversion {outcome.entry.folder}")
+    for path in written:
+        console.print(f"Wrote {path}")
+
+
+def reconstruct_cmd(
+    clip: ClipArg,
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="Output video.")] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite")] = False,
+    plain: Annotated[bool, typer.Option("--plain", help="Plain DDIM reconstruction (no injection, no correction).")] = False,
+    no_exact: Annotated[bool, typer.Option("--no-exact", help="Injection without the exact correction.")] = False,
+    prompt: PromptOpt = None, model: ModelOpt = "stable-diffusion-v1-5/stable-diffusion-v1-5",
+    start: StartOpt = 0, frames: FramesOpt = None, stride: StrideOpt = 1, size: SizeOpt = 512,
+    steps: StepsOpt = 50, window: WindowOpt = 3, no_swcfa: NoSwcfaOpt = False, no_tta: NoTtaOpt = False,
+    features: FeaturesOpt = "recompute", flow_preset: FlowOpt = "medium", cache_dir: CacheOpt = None,
+    force: ForceOpt = False, device: DeviceOpt = "auto", dtype: DtypeOpt = "auto",
+) -> None:
+    """Reconstruct a clip from its cached inversion and print MSE / PSNR / SSIM against the input."""
+    from diffferv_cli.workflow import check_writable, output_path, run_reconstruction, write_result
+
+    inversion = _inversion(prompt, steps, window, no_swcfa, no_tta, features, flow_preset)
+    config = EditConfig(prompt_edit=inversion.prompt, inject=not plain, exact=not (plain or no_exact))
+    spec = _spec(start, frames, stride, size, model)
+    target = output_path(clip, "reconstruct", out, 1)
+    check_writable(target, [clip], overwrite)
+    with _progress() as report:
+        video, components = _load(clip, spec, model, device, dtype, report)
+        _, reconstruction = run_reconstruction(components, video, inversion, config, cache_dir=cache_dir,
+                                               force=force, progress=report)
+        write_result(video, reconstruction.result.frames, target, progress=report)
+    table = Table("path", "MSE", "PSNR (dB)", "SSIM", "latent MSE", title="Reconstruction vs input (working size)")
+    for label, values in reconstruction.metrics.items():
+        latent = values.get("latent_mse")
+        table.add_row(label, f"{values['mse']:.6f}", f"{values['psnr']:.2f}", f"{values['ssim']:.4f}",
+                      "-" if latent is None else f"{latent:.2e}")
+    console.print(table)
+    console.print(f"Wrote {target}")
+
+
+def register(app: typer.Typer) -> None:
+    app.command("invert")(invert_cmd)
+    app.command("edit")(edit_cmd)
+    app.command("reconstruct")(reconstruct_cmd)

@@ -1,0 +1,112 @@
+"""The main job end to end: clip -> (cached) inversion -> edits -> videos. The CLI calls these."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from diffferv_cli.codec import decode_latents
+from diffferv_cli.config import EditConfig, InversionConfig
+from diffferv_cli.editing import EditResult, edit
+from diffferv_cli.errors import UserError
+from diffferv_cli.inversion import InversionOutcome, invert
+
+Progress = Callable[[str, int, int], None] | None
+
+
+@dataclass
+class Reconstruction:
+    metrics: dict[str, dict[str, float]]  # label -> {"mse", "psnr", "ssim", "latent_mse"}
+    result: EditResult
+
+
+def output_path(clip_path: Path, label: str, out: Path | None, count: int) -> Path:
+    """`out` itself for one output (a folder gets `<stem>.<label>.mp4`), else beside the input."""
+    if out is not None and (out.is_dir() or (count > 1 and out.suffix == "")):
+        return out / f"{clip_path.stem}.{label}.mp4"
+    if out is not None:
+        if count > 1:
+            raise UserError("Several edits need -o to be a folder, not a file.")
+        return out
+    return clip_path.with_name(f"{clip_path.stem}.{label}.mp4")
+
+
+def check_writable(path: Path, inputs: list[Path], overwrite: bool) -> None:
+    """Fail before any work: never over an input, never over an existing file unless asked."""
+    for source in inputs:
+        if path.resolve() == source.resolve():
+            raise UserError(f"The output {path} is the input video; choose another -o.")
+    if path.exists() and not overwrite:
+        raise UserError(f"{path} already exists; pass --overwrite or another -o.")
+    if not path.parent.is_dir():
+        raise UserError(f"The output folder {path.parent} does not exist.")
+
+
+def write_result(clip, frames: np.ndarray, path: Path, *, side_by_side: bool = False,
+                 progress: Progress = None) -> list[Path]:
+    """The edited frames at source resolution with the source's audio; optionally an original|edited
+    comparison at working size beside it (`<name>.side-by-side.mp4`)."""
+    from diffferv_cli.video import write_video
+
+    report = progress or (lambda stage, done, total: None)
+    audio_start = clip.frame_indices[0] / clip.info.fps
+    audio_duration = len(clip.frame_indices) * clip.spec.stride / clip.info.fps
+    common = dict(audio_from=clip.info.path, audio_start=audio_start, audio_duration=audio_duration,
+                  input_paths=[clip.info.path], progress=lambda d, t: report("write", d, t))
+    written = [write_video(frames, path, clip.fps, geometry=clip.geometry, **common)]
+    if side_by_side:
+        pair = np.concatenate([clip.frames, frames], axis=2)  # (m, H, 2W, 3)
+        written.append(write_video(pair, path.with_suffix(".side-by-side.mp4"), clip.fps, **common))
+    return written
+
+
+def run_inversion(components, clip, config: InversionConfig, *, cache_dir=None, force=False,
+                  progress: Progress = None) -> InversionOutcome:
+    return invert(components, clip, config, cache_dir=cache_dir, force=force, progress=progress)
+
+
+def run_edits(components, clip, inversion: InversionConfig, edits: list[tuple[str, EditConfig]], *,
+              cache_dir=None, force=False, out: Path | None = None, overwrite=False, side_by_side=False,
+              progress: Progress = None) -> tuple[InversionOutcome, list[Path]]:
+    """Invert once (or reuse the cache), then sample and write every edit."""
+    targets = [output_path(clip.info.path, label, out, len(edits)) for label, _ in edits]
+    for target in targets:
+        check_writable(target, [clip.info.path], overwrite)
+    outcome = run_inversion(components, clip, inversion, cache_dir=cache_dir, force=force, progress=progress)
+    written: list[Path] = []
+    for (_, config), target in zip(edits, targets, strict=True):
+        result = edit(components, outcome.entry, config, feature_mode=inversion.feature_mode, progress=progress)
+        written += write_result(clip, result.frames, target, side_by_side=side_by_side, progress=progress)
+    return outcome, written
+
+
+def frame_metrics(reference: np.ndarray, frames: np.ndarray) -> dict[str, float]:
+    from diffferv_cli.metrics import mse, psnr, ssim
+
+    return {"mse": float(mse(reference, frames)), "psnr": float(psnr(reference, frames)),
+            "ssim": float(ssim(reference, frames))}
+
+
+def run_reconstruction(components, clip, inversion: InversionConfig, config: EditConfig, *, cache_dir=None,
+                       force=False, compare_plain=True, progress: Progress = None) -> tuple[InversionOutcome, Reconstruction]:
+    """Reconstruction path (edit prompt = source prompt) from the cache, with metrics against the input
+    frames at working size: the VAE round trip alone (the floor), the chosen path, and plain DDIM
+    (no injection, no correction) for comparison."""
+    outcome = run_inversion(components, clip, inversion, cache_dir=cache_dir, force=force, progress=progress)
+    entry = outcome.entry
+    z0 = entry.read_latent(0)
+    floor = decode_latents(components.vae, z0)
+    metrics = {"vae round trip": frame_metrics(clip.frames, floor)}
+    result = edit(components, entry, config, feature_mode=inversion.feature_mode, progress=progress)
+    label = "exact" if config.exact else ("injected" if config.inject else "plain DDIM")
+    metrics[label] = {**frame_metrics(clip.frames, result.frames),
+                      "latent_mse": float(((result.latents - z0) ** 2).mean())}
+    if compare_plain and (config.exact or config.inject):
+        plain = edit(components, entry, config.model_copy(update={"exact": False, "inject": False}),
+                     feature_mode=inversion.feature_mode, progress=progress)
+        metrics["plain DDIM"] = {**frame_metrics(clip.frames, plain.frames),
+                                 "latent_mse": float(((plain.latents - z0) ** 2).mean())}
+    return outcome, Reconstruction(metrics, result)

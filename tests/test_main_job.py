@@ -1,0 +1,227 @@
+"""The main job on the tiny model: inversion cache, edit sampling, feature modes, exact reconstruction."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from diffferv_cli.config import ClipSpec, EditConfig, InversionConfig
+from diffferv_cli.editing import edit
+from diffferv_cli.errors import UserError
+from diffferv_cli.inversion import invert
+
+STEPS = 4
+SPEC = ClipSpec(short_side=64, multiple=16, frames=4)
+
+
+@pytest.fixture(scope="module")
+def clip_path(tmp_path_factory):
+    from diffferv_cli.video import make_test_clip
+
+    return make_test_clip(tmp_path_factory.mktemp("clip") / "clip.mp4", width=96, height=64, frames=6, fps=24,
+                          audio=True)
+
+
+@pytest.fixture(scope="module")
+def clip(clip_path):
+    from diffferv_cli.video import read_clip
+
+    return read_clip(clip_path, SPEC)
+
+
+def _inversion(**changes) -> InversionConfig:
+    return InversionConfig(steps=STEPS, flow_preset="ultrafast", **changes)
+
+
+def test_invert_then_edit_is_deterministic_and_reuses_the_cache(tiny, clip, tmp_path):
+    outcome = invert(tiny, clip, _inversion(), cache_dir=tmp_path)
+    assert outcome.steps_run == STEPS and outcome.entry.complete
+    again = invert(tiny, clip, _inversion(), cache_dir=tmp_path)
+    assert again.steps_run == 0 and again.entry.folder == outcome.entry.folder  # no inversion pass ran
+    config = EditConfig(prompt_edit="a photo of an old person", tau_app=0.5, seed=3)
+    first = edit(tiny, outcome.entry, config)
+    second = edit(tiny, again.entry, config)
+    assert first.frames.shape == (4, 64, 96, 3)
+    assert first.frames.tobytes() == second.frames.tobytes()
+    assert first.branches == ("source", "negative", "positive")
+
+
+def test_recompute_and_disk_modes_give_the_same_frames(tiny, clip, tmp_path):
+    config = EditConfig(prompt_edit="a photo of a smiling person", tau_app=0.7)
+    recompute = invert(tiny, clip, _inversion(), cache_dir=tmp_path)
+    from_recompute = edit(tiny, recompute.entry, config, feature_mode="recompute")
+    disk = invert(tiny, clip, _inversion(feature_mode="disk"), cache_dir=tmp_path)
+    assert disk.entry.folder == recompute.entry.folder and disk.entry.has_features
+    from_disk = edit(tiny, disk.entry, config, feature_mode="disk")
+    assert "source" not in from_disk.branches
+    diff = (from_recompute.latents - from_disk.latents).abs().max().item()
+    print(f"recompute vs disk: max |latent diff| = {diff:.2e}")
+    assert diff <= 1e-5
+
+
+def test_exact_reconstruction_beats_plain_ddim(tiny, clip, tmp_path):
+    entry = invert(tiny, clip, _inversion(), cache_dir=tmp_path).entry
+    z0 = entry.read_latent(0)
+    source = entry.manifest["request"]["prompt"]
+    exact = edit(tiny, entry, EditConfig(prompt_edit=source, exact=True))
+    plain = edit(tiny, entry, EditConfig(prompt_edit=source, inject=False))
+    exact_error = (exact.latents - z0).abs().max().item()
+    plain_error = (plain.latents - z0).abs().max().item()
+    print(f"latent max error: exact {exact_error:.2e}, plain DDIM {plain_error:.2e}")
+    assert exact_error <= 1e-5
+    assert plain_error > 100 * max(exact_error, 1e-7)
+
+
+def test_injection_brings_reconstruction_closer(tiny, clip, tmp_path):
+    entry = invert(tiny, clip, _inversion(), cache_dir=tmp_path).entry
+    z0 = entry.read_latent(0)
+    source = entry.manifest["request"]["prompt"]
+    injected = edit(tiny, entry, EditConfig(prompt_edit=source, tau_app=1.0))
+    plain = edit(tiny, entry, EditConfig(prompt_edit=source, inject=False))
+    injected_mse = ((injected.latents - z0) ** 2).mean().item()
+    plain_mse = ((plain.latents - z0) ** 2).mean().item()
+    print(f"reconstruction latent MSE: injected {injected_mse:.4e}, plain {plain_mse:.4e}")
+    assert injected_mse < plain_mse
+
+
+def test_changed_inputs_make_new_cache_entries(tiny, clip, clip_path, tmp_path):
+    from diffferv_cli.components import build_tiny_random
+    from diffferv_cli.video import make_test_clip, read_clip
+
+    base = invert(tiny, clip, _inversion(), cache_dir=tmp_path).entry.folder
+    folders = {base}
+    folders.add(invert(tiny, clip, _inversion(prompt="a photo of a woman"), cache_dir=tmp_path).entry.folder)
+    folders.add(invert(tiny, clip, InversionConfig(steps=STEPS + 1, flow_preset="ultrafast"), cache_dir=tmp_path).entry.folder)
+    folders.add(invert(build_tiny_random(seed=1), clip, _inversion(), cache_dir=tmp_path).entry.folder)
+    other = make_test_clip(tmp_path / "other.mp4", width=96, height=64, frames=6, fps=24, pattern="testsrc")
+    folders.add(invert(tiny, read_clip(other, SPEC), _inversion(), cache_dir=tmp_path).entry.folder)
+    assert len(folders) == 5
+
+
+def test_corrupted_latent_file_is_a_clear_error(tiny, clip, tmp_path):
+    entry = invert(tiny, clip, _inversion(), cache_dir=tmp_path).entry
+    latent_file = entry.folder / entry.latent_name(STEPS)
+    latent_file.write_bytes(latent_file.read_bytes()[:100])  # truncated
+    with pytest.raises(UserError, match="corrupted"):
+        edit(tiny, entry, EditConfig(prompt_edit="a photo of an old person"))
+
+
+def test_broken_manifest_is_a_clear_error(tiny, clip, tmp_path):
+    entry = invert(tiny, clip, _inversion(), cache_dir=tmp_path).entry
+    entry.manifest_path.write_text("{not json")
+    with pytest.raises(UserError, match="--force"):
+        invert(tiny, clip, _inversion(), cache_dir=tmp_path)
+    fresh = invert(tiny, clip, _inversion(), cache_dir=tmp_path, force=True)
+    assert fresh.steps_run == STEPS and json.loads(fresh.entry.manifest_path.read_text())["finished_steps"] == STEPS
+
+
+def test_interrupted_inversion_resumes_to_the_same_result(tiny, clip, tmp_path):
+    reference = invert(tiny, clip, _inversion(), cache_dir=tmp_path / "a").entry
+
+    def interrupt_at_step_2(stage, done, total):
+        if stage == "invert" and done == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        invert(tiny, clip, _inversion(), cache_dir=tmp_path / "b", progress=interrupt_at_step_2)
+    resumed = invert(tiny, clip, _inversion(), cache_dir=tmp_path / "b")
+    assert resumed.steps_run == STEPS - 2
+    for index in range(STEPS + 1):
+        assert torch.equal(resumed.entry.read_latent(index), reference.read_latent(index))
+
+
+def test_latents_are_float32_and_cache_is_small(tiny, clip, tmp_path):
+    entry = invert(tiny, clip, _inversion(), cache_dir=tmp_path).entry
+    assert entry.read_latent(0).dtype == torch.float32
+    frames = entry.manifest["frames"]
+    per_frame = entry.disk_bytes() / frames
+    latent_bytes = 4 * 4 * 8 * 12 * (STEPS + 1)
+    assert per_frame < latent_bytes + 20_000  # latents plus a little manifest and trajectories
+
+
+def test_edit_prompt_word_alignment(tiny):
+    from diffferv_cli.prompts import token_alignment
+
+    tok = tiny.tokenizer
+    mapping = token_alignment(tok, "a photo of a person", "a photo of an old person")
+    source_ids = tok("a photo of a person", padding="max_length", max_length=77).input_ids
+    edit_ids = tok("a photo of an old person", padding="max_length", max_length=77).input_ids
+    shared = (mapping >= 0).nonzero().squeeze(1).tolist()
+    for position in shared:
+        assert edit_ids[position] == source_ids[mapping[position]]
+    old = tok("old", add_special_tokens=False).input_ids
+    assert any(mapping[p] == -1 for p in range(len(edit_ids)) if edit_ids[p] in old)
+    identity = token_alignment(tok, "a photo of a person", "a photo of a person")
+    assert torch.equal(identity, torch.arange(77))
+
+
+def test_cli_edit_end_to_end(clip_path, tmp_path):
+    from typer.testing import CliRunner
+
+    from diffferv_cli.cli import app
+    from diffferv_cli.video import probe
+
+    out = tmp_path / "edited.mp4"
+    args = ["edit", str(clip_path), "--preset", "age", "--model", "tiny-random", "--size", "64", "--steps", "2",
+            "--frames", "4", "--flow-preset", "ultrafast", "--cache-dir", str(tmp_path / "cache"), "-o", str(out),
+            "--device", "cpu", "--side-by-side"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    source, edited = probe(clip_path), probe(out)
+    assert edited.frame_count == 4
+    assert (edited.width, edited.height) == (source.width, source.height)
+    assert abs(edited.fps - source.fps) < 1e-3
+    assert edited.has_audio
+    assert out.with_suffix(".side-by-side.mp4").is_file()
+    again = CliRunner().invoke(app, args)
+    assert again.exit_code == 2 and "already exists" in again.output
+    rerun = CliRunner().invoke(app, [*args, "--overwrite"])
+    assert rerun.exit_code == 0 and "cached inversion" in rerun.output
+
+
+def test_cli_reconstruct_prints_metrics(clip_path, tmp_path):
+    from typer.testing import CliRunner
+
+    from diffferv_cli.cli import app
+
+    args = ["reconstruct", str(clip_path), "--model", "tiny-random", "--size", "64", "--steps", "2", "--frames",
+            "3", "--flow-preset", "ultrafast", "--cache-dir", str(tmp_path / "cache"), "-o",
+            str(tmp_path / "rec.mp4"), "--device", "cpu"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    for label in ("vae round trip", "exact", "plain DDIM", "PSNR"):
+        assert label in result.output
+    assert (tmp_path / "rec.mp4").is_file()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["edit", "{clip}", "--model", "tiny-random"], "--preset"),
+    (["edit", "{clip}", "--preset", "no-such-preset", "--model", "tiny-random"], "no-such-preset"),
+    (["edit", "{missing}", "--preset", "age", "--model", "tiny-random"], "missing.mp4"),
+    (["edit", "{clip}", "--preset", "age", "--model", "tiny-random", "-o", "{clip}"], "input"),
+    (["invert", "{clip}", "--model", "tiny-random", "--features", "ram"], "--features"),
+])
+def test_cli_bad_input_is_one_line_exit_2(clip_path, tmp_path, args, message):
+    from typer.testing import CliRunner
+
+    from diffferv_cli.cli import app
+
+    filled = [a.format(clip=clip_path, missing=tmp_path / "missing.mp4") for a in args]
+    result = CliRunner().invoke(app, [*filled, "--cache-dir", str(tmp_path / "c"), "--size", "64"])
+    assert result.exit_code == 2, result.output
+    assert message in result.output
+    assert "Traceback" not in result.output
+
+
+def test_model_not_available_is_exit_2(clip_path, tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from diffferv_cli.cli import app
+
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    result = CliRunner().invoke(app, ["invert", str(clip_path), "--model", "nobody/nothing", "--size", "64",
+                                      "--cache-dir", str(tmp_path / "c")])
+    assert result.exit_code == 2 and "--model" in result.output
+
