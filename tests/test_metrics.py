@@ -1,0 +1,173 @@
+"""Metric functions against values computed by hand on small arrays."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from diffferv_cli import metrics
+
+
+def _e(axis: int, length: float) -> np.ndarray:
+    vector = np.zeros(128)
+    vector[axis] = length
+    return vector
+
+
+# Reconstruction -----------------------------------------------------------------------------------
+
+
+def test_mse_and_psnr_on_known_images():
+    black = np.zeros((2, 4, 4, 3), np.uint8)
+    grey = np.full((2, 4, 4, 3), 51, np.uint8)  # 51/255 = 0.2
+    assert metrics.mse(black, grey) == pytest.approx(0.04)  # 0.2^2, in [0, 1] units
+    assert metrics.psnr(black, grey) == pytest.approx(10 * math.log10(25))  # 13.98 dB
+
+    half = black.copy()
+    half[:, :2] = 51  # half of the pixels off by 0.2 -> MSE 0.02
+    assert metrics.mse_per_frame(black, half) == pytest.approx([0.02, 0.02])
+    assert metrics.psnr(black, half) == pytest.approx(10 * math.log10(50))
+
+
+def test_psnr_of_identical_frames_is_capped():
+    frames = np.random.default_rng(0).integers(0, 256, (3, 8, 8, 3), dtype=np.uint8)
+    assert metrics.mse(frames, frames) == 0.0
+    assert metrics.psnr(frames, frames) == metrics.PSNR_CAP_DB == 100.0
+    # per-frame mean: one identical frame at the cap, one at 13.98 dB
+    mixed = frames.copy()
+    mixed[1] = np.clip(mixed[1].astype(int) + 51, 0, 255).astype(np.uint8)
+    assert metrics.psnr_per_frame(frames, mixed)[0] == 100.0
+    assert metrics.psnr_per_frame(frames, mixed)[1] < 100.0
+
+
+def test_ssim_identical_is_one_and_distortion_lowers_it():
+    rng = np.random.default_rng(1)
+    frames = rng.integers(0, 256, (2, 32, 32, 3), dtype=np.uint8)
+    assert metrics.ssim(frames, frames) == pytest.approx(1.0)
+    mild = np.clip(frames + rng.normal(0, 8, frames.shape), 0, 255).astype(np.uint8)
+    strong = np.clip(frames + rng.normal(0, 40, frames.shape), 0, 255).astype(np.uint8)
+    assert 1.0 > metrics.ssim(frames, mild) > metrics.ssim(frames, strong)
+    assert metrics.ssim_per_frame(frames, mild).shape == (2,)
+
+
+def test_pixel_metrics_reject_different_shapes():
+    with pytest.raises(ValueError, match="shapes differ"):
+        metrics.mse(np.zeros((1, 4, 4, 3), np.uint8), np.zeros((1, 4, 5, 3), np.uint8))
+
+
+def test_lpips_is_unavailable_rather_than_faked():
+    status = metrics.lpips_status()
+    if status is not None:  # here: lpips / torchvision do not import
+        frames = np.zeros((1, 8, 8, 3), np.uint8)
+        result = metrics.lpips_per_frame(frames, frames)
+        assert isinstance(result, metrics.Unavailable)
+        assert str(result).startswith("unavailable: ")
+
+
+# Identity -------------------------------------------------------------------------------------------
+
+# Source descriptors along one axis: adjacent distances 0.2, 0.2; all pairs 0.2, 0.4, 0.2.
+SOURCE = np.stack([_e(0, 0.0), _e(0, 0.2), _e(0, 0.4)])
+# Edited: adjacent distances 0.3, 0.4; all pairs 0.3, 0.5, 0.4.
+EDITED = np.stack([_e(0, 0.0), _e(0, 0.3), _e(0, 0.3) + _e(1, 0.4)])
+
+
+def test_similarity_kinds():
+    assert metrics.similarity(_e(0, 1), _e(1, 1)) == pytest.approx(1 - math.sqrt(2))
+    assert metrics.similarity(_e(0, 1), _e(1, 1), "cosine") == pytest.approx(0.0)
+    assert metrics.similarity(_e(0, 2), _e(0, 1), "cosine") == pytest.approx(1.0)
+    with pytest.raises(ValueError):
+        metrics.similarity(_e(0, 1), _e(0, 1), "arcface")
+
+
+def test_idp_tl_id_tg_id_by_hand():
+    # IDP: sims 1 - 0, 1 - 0.1, 1 - sqrt(0.1^2 + 0.4^2)
+    assert metrics.identity_preservation(SOURCE, EDITED) == pytest.approx((1 + 0.9 + 1 - math.sqrt(0.17)) / 3)
+    # TL-ID: edited adjacent mean (0.7 + 0.6) / 2 over source (0.8 + 0.8) / 2
+    assert metrics.temporal_local_identity(SOURCE, EDITED) == pytest.approx(0.65 / 0.8)
+    # TG-ID: edited all-pairs mean (0.7 + 0.5 + 0.6) / 3 over source (0.8 + 0.6 + 0.8) / 3
+    assert metrics.temporal_global_identity(SOURCE, EDITED) == pytest.approx(0.6 / (2.2 / 3))
+    # the source against itself is perfectly consistent by definition
+    assert metrics.temporal_local_identity(SOURCE, SOURCE) == pytest.approx(1.0)
+    assert metrics.temporal_global_identity(SOURCE, SOURCE) == pytest.approx(1.0)
+
+
+def test_identity_metrics_skip_frames_without_a_face():
+    source = [SOURCE[0], None, SOURCE[1], SOURCE[2]]
+    edited = [EDITED[0], EDITED[1], EDITED[1], EDITED[2]]
+    scores = metrics.identity_metrics(source, edited)
+    assert (scores.frames_used, scores.frames_without_face_source, scores.frames_without_face_edited) == (3, 1, 0)
+    # kept frames 0, 2, 3: only (2, 3) are adjacent in the video -> TL-ID uses that pair alone
+    tl_expected = metrics.similarity(EDITED[1], EDITED[2]) / metrics.similarity(SOURCE[1], SOURCE[2])
+    assert scores.tl_id == pytest.approx(tl_expected)
+    kept_source, kept_edited = SOURCE, np.stack([EDITED[0], EDITED[1], EDITED[2]])
+    assert scores.tg_id == pytest.approx(metrics.temporal_global_identity(kept_source, kept_edited))
+    assert scores.idp == pytest.approx(metrics.identity_preservation(kept_source, kept_edited))
+
+
+def test_identity_metrics_without_any_face():
+    scores = metrics.identity_metrics([None] * 4, [None] * 4)
+    assert scores.frames_used == 0
+    for value in (scores.idp, scores.tl_id, scores.tg_id):
+        assert isinstance(value, metrics.Unavailable)
+        assert "no face found in 4 frames" in str(value)
+
+
+# Temporal -------------------------------------------------------------------------------------------
+
+
+def _shifted_clip(dx: int, dy: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Two frames where frame 1 is frame 0 moved by (dx, dy), the exact flow, and its out-of-frame mask."""
+    height, width = 16, 20
+    frame0 = np.random.default_rng(2).integers(0, 256, (height, width, 3), dtype=np.uint8)
+    frame1 = np.roll(frame0, (dy, dx), axis=(0, 1))  # frame1(p + (dx, dy)) = frame0(p); edges wrap
+    forward = np.zeros((1, height, width, 2), np.float32)
+    forward[..., 0], forward[..., 1] = dx, dy
+    yy, xx = np.mgrid[0:height, 0:width]
+    outside = (xx + dx > width - 1) | (yy + dy > height - 1) | (xx + dx < 0) | (yy + dy < 0)
+    return np.stack([frame0, frame1]), forward, outside[None]
+
+
+def test_warping_error_is_zero_for_a_clip_that_follows_its_flow():
+    frames, forward, occlusion = _shifted_clip(dx=3, dy=1)
+    error = metrics.flow_warping_error(frames, forward, occlusion)
+    assert error.mse == 0.0 and error.mae == 0.0
+    assert error.valid_fraction == pytest.approx(1 - occlusion.mean())
+    # the wrong direction (or a frame that does not follow) is penalised
+    reversed_flow = metrics.flow_warping_error(frames, -forward, occlusion)
+    assert reversed_flow.mse > 0.01
+
+
+def test_warping_error_by_hand():
+    frames, forward, occlusion = _shifted_clip(dx=0, dy=0)
+    frames[1] = np.clip(frames[1].astype(int) + 51, 0, 255)  # brighter where not saturated
+    expected = np.square((frames[1].astype(float) - frames[0]) / 255).mean()
+    assert metrics.flow_warping_error(frames, forward, occlusion).mse == pytest.approx(expected)
+
+
+def test_warping_error_rejects_mismatched_flow():
+    frames, forward, occlusion = _shifted_clip(1, 1)
+    with pytest.raises(ValueError, match="do not fit"):
+        metrics.flow_warping_error(frames[:, :8], forward, occlusion)
+
+
+# Attributes and CLIP-IQA ----------------------------------------------------------------------------
+
+
+def test_attribute_rates_by_hand():
+    labels = ["Smiling", "Eyeglasses", "Young"]
+    source = np.array([[0, 0, 1], [0, 1, 1], [1, 0, 1], [0, 0, 0]], bool)
+    edited = np.array([[1, 0, 1], [1, 1, 0], [1, 0, 1], [1, 1, 0]], bool)
+    rates = metrics.attribute_rates(source, edited, labels, "Smiling")
+    assert rates.tacr == pytest.approx(3 / 4)  # frames 0, 1, 3 changed "Smiling"
+    assert rates.napr == pytest.approx(6 / 8)  # (frame 1 Young), (frame 3 Eyeglasses) changed
+    with pytest.raises(ValueError):
+        metrics.attribute_rates(source, edited, labels, "Bald")
+
+
+def test_clip_iqa_softmax():
+    assert metrics.clip_iqa_from_similarities(np.array([0.25]), np.array([0.25])) == pytest.approx([0.5])
+    expected = 1 / (1 + math.exp(-100 * 0.1))
+    assert metrics.clip_iqa_from_similarities(np.array([0.3]), np.array([0.2])) == pytest.approx([expected])
