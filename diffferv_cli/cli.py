@@ -5,10 +5,12 @@ mistakes as one sentence on stderr with exit code 2 (see `errors.UserError`)."""
 
 from __future__ import annotations
 
+import errno
+import functools
 import sys
+from collections.abc import Callable
 from typing import Annotated
 
-import click
 import typer
 from rich.console import Console
 from rich.table import Table
@@ -19,32 +21,40 @@ console = Console()
 err_console = Console(stderr=True)
 
 
-class _FriendlyError(click.ClickException):
-    """A `UserError` on its way out through click: `Error: <sentence>` on stderr, exit code 2."""
+def _report(message: str, code: int) -> typer.Exit:
+    err_console.print(f"Error: {message}", markup=False, highlight=False, soft_wrap=True)
+    return typer.Exit(code)
 
-    exit_code = 2
 
+def friendly(command: Callable) -> Callable:
+    """Run a command so that user mistakes end as one sentence on stderr and exit code 2."""
 
-class _Group(typer.core.TyperGroup):
-    def invoke(self, ctx: click.Context):
+    @functools.wraps(command)
+    def run(*args, **kwargs):
         try:
-            return super().invoke(ctx)
+            return command(*args, **kwargs)
         except UserError as err:
-            raise _FriendlyError(err.message) from None
+            raise _report(err.message, err.exit_code) from None
         except KeyboardInterrupt:
-            interrupted = _FriendlyError(
-                "Interrupted; finished work is kept, run the same command again to resume.")
-            interrupted.exit_code = 130
-            raise interrupted from None
+            raise _report("Interrupted; finished work is kept, run the same command again to resume.", 130) from None
         except OSError as err:
-            if err.errno == 28:  # ENOSPC
-                raise _FriendlyError(f"No space left on the device while writing {err.filename or 'output'}; "
-                                     "free some disk or pass --cache-dir / -o on another disk.") from None
+            if err.errno == errno.ENOSPC:
+                raise _report(f"No space left on the device while writing {err.filename or 'output'}; free some "
+                              "disk or pass --cache-dir / -o on another disk.", 2) from None
             raise
 
+    return run
 
-app = typer.Typer(
-    cls=_Group,
+
+class _App(typer.Typer):
+    """Every command registered on the app, by any module, reports user mistakes the same way."""
+
+    def command(self, *args, **kwargs):
+        register = super().command(*args, **kwargs)
+        return lambda function: register(friendly(function))
+
+
+app = _App(
     help="Edit faces in real videos with a diffusion model (DiffFERV).",
     no_args_is_help=True,
     rich_markup_mode=None,
