@@ -1,0 +1,76 @@
+"""`diffferv presets | probe`: what the edits are, and what diffferv will make of a video."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from diffferv_cli.cli import console
+from diffferv_cli.config import ClipSpec
+from diffferv_cli.errors import UserError
+
+ClipArg = Annotated[Path, typer.Argument(help="Input video.", show_default=False)]
+StartOpt = Annotated[int, typer.Option("--start", help="First frame (0-based).")]
+FramesOpt = Annotated[int | None, typer.Option("--frames", help="Number of frames (default: all).")]
+StrideOpt = Annotated[int, typer.Option("--stride", help="Take every n-th frame.")]
+SizeOpt = Annotated[int, typer.Option("--size", help="Short side of the working size.")]
+MultipleOpt = Annotated[int, typer.Option("--multiple", help="Working sides are multiples of this (64 for SD1.5).")]
+PresetDirOpt = Annotated[Path | None, typer.Option("--dir", help="Also list the presets in this folder.")]
+
+
+def clip_spec(start: int, frames: int | None, stride: int, size: int, multiple: int = 64) -> ClipSpec:
+    """A ClipSpec from CLI options; invalid values are a one-sentence `UserError`."""
+    try:
+        return ClipSpec(start=start, frames=frames, stride=stride, short_side=size, multiple=multiple)
+    except ValueError as err:
+        problem = err.errors()[0]
+        field = problem["loc"][0] if problem["loc"] else "size"
+        message = problem["msg"].removeprefix("Value error, ")
+        raise UserError(f"Invalid --{field}: {message}.".replace("--short_side", "--size")) from None
+
+
+def presets_cmd(folder: PresetDirOpt = None) -> None:
+    """List the edit presets (built-in, plus --dir)."""
+    from diffferv_cli.presets import list_presets
+
+    table = Table("name", "tau_app", "guidance", "edit prompt", "description")
+    for preset in list_presets(folder):
+        table.add_row(preset.name, f"{preset.tau_app:g}", f"{preset.guidance:g}", preset.prompts()[1],
+                      preset.description)
+    console.print(table)
+
+
+def probe_cmd(clip: ClipArg, start: StartOpt = 0, frames: FramesOpt = None, stride: StrideOpt = 1,
+              size: SizeOpt = 512, multiple: MultipleOpt = 64) -> None:
+    """Show a video's properties and the frames and working size diffferv would use."""
+    from diffferv_cli.video import frame_selection, probe, working_geometry
+
+    spec = clip_spec(start, frames, stride, size, multiple)
+    info = probe(clip)
+    indices = frame_selection(info.frame_count, spec, name=clip.name)
+    geometry = working_geometry((info.width, info.height), spec)
+    rate = f"{info.fps:.3f} fps ({info.fps_fraction})" + (", variable: average" if info.variable_fps else "")
+    table = Table("property", "value", title=str(clip), show_header=False)
+    table.add_row("size", f"{info.width}x{info.height}" + (f" (stored rotated {info.rotation}°)" if info.rotation else ""))
+    table.add_row("codec", info.codec)
+    table.add_row("frame rate", rate)
+    table.add_row("frames", f"{info.frame_count} ({info.duration:.3f} s)")
+    table.add_row("audio", "yes" if info.has_audio else "no")
+    shown = ", ".join(map(str, indices)) if len(indices) <= 8 else \
+        f"{', '.join(map(str, indices[:3]))}, ..., {', '.join(map(str, indices[-2:]))}"
+    table.add_row("selected", f"{len(indices)} frames: {shown} (at {info.fps / spec.stride:.3f} fps)")
+    left, top, right, bottom = geometry.crop
+    fit = "none" if geometry.crop == (0, 0, 0, 0) else (
+        f"{'pad' if min(geometry.crop) < 0 else 'crop'} left {abs(left)}, top {abs(top)}, "
+        f"right {abs(right)}, bottom {abs(bottom)}")
+    table.add_row("working size", f"{geometry.working_size[0]}x{geometry.working_size[1]} (scaled to "
+                  f"{geometry.scaled_size[0]}x{geometry.scaled_size[1]}, {fit})")
+    console.print(table)
+
+
+def register(app: typer.Typer) -> None:
+    app.command("presets")(presets_cmd)
+    app.command("probe")(probe_cmd)

@@ -1,0 +1,155 @@
+"""Edit presets: `presets/*.toml`, one file per edit, validated into a frozen `Preset`.
+
+A preset file (its name is the file stem, e.g. `age.toml` -> `age`):
+
+    description = "Older: wrinkles, grey hair, aged skin."   # one line
+    source_prompt = "a photo of a {subject}"                  # optional, this is the default
+    edit_prompt = "a photo of an old {subject}"
+    tau_app = 0.9                                             # optional, default 0.9
+    guidance = 5.0                                            # optional, default 5.0
+    subject = "person"                                        # optional, default "person"
+
+`{subject}` is the only placeholder; the CLI's `--subject woman` fills it. Edit prompts repeat the
+source prompt's words and add or swap one or two (prompt-to-prompt word alignment keeps the
+cross-attention maps of the shared words).
+
+`tau_app` (appearance injection while t > (1 - tau_app) T) follows the paper: 0.9 for *texture* edits
+that keep the face's shape (age, young, blond, lipstick), 0.7 for *shape* edits that must move
+contours (man, woman, smiling, bangs, glasses, beard).
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from diffferv_cli.errors import UserError
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib
+
+SUBJECT = "{subject}"
+DEFAULT_SOURCE_TEMPLATE = "a photo of a {subject}"
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+class Preset(BaseModel):
+    """One edit: a source/edit prompt pair plus the injection and guidance settings."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    name: str = Field(description="the file stem")
+    description: str
+    source_prompt: str = DEFAULT_SOURCE_TEMPLATE
+    edit_prompt: str
+    tau_app: float = Field(0.9, ge=0.0, le=1.0)
+    guidance: float = Field(5.0, ge=0.0, le=50.0)
+    subject: str = Field("person", min_length=1)
+
+    @field_validator("name")
+    @classmethod
+    def _valid_name(cls, value: str) -> str:
+        if not _NAME.match(value):
+            raise ValueError(f"{value!r} is not a valid preset name (letters, digits, _ . -)")
+        return value
+
+    @field_validator("description")
+    @classmethod
+    def _one_line(cls, value: str) -> str:
+        if not value.strip() or "\n" in value.strip():
+            raise ValueError("must be one non-empty line")
+        return value.strip()
+
+    @field_validator("source_prompt", "edit_prompt")
+    @classmethod
+    def _template(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("must not be empty")
+        if "{" in value.replace(SUBJECT, "") or "}" in value.replace(SUBJECT, ""):
+            raise ValueError("the only placeholder allowed is {subject}")
+        return value.strip()
+
+    @model_validator(mode="after")
+    def _edit_differs(self) -> Preset:
+        if self.source_prompt == self.edit_prompt:
+            raise ValueError("edit_prompt is the same as source_prompt")
+        return self
+
+    def prompts(self, subject: str | None = None) -> tuple[str, str]:
+        """(source prompt, edit prompt) with {subject} filled (default: the preset's subject)."""
+        filler = (subject or self.subject).strip()
+        return self.source_prompt.replace(SUBJECT, filler), self.edit_prompt.replace(SUBJECT, filler)
+
+
+def builtin_dir() -> Path:
+    """The presets shipped with diffferv (`<repo>/presets`)."""
+    return Path(__file__).resolve().parent.parent / "presets"
+
+
+def _read(path: Path) -> Preset:
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise UserError(f"Preset file {path} does not exist.") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise UserError(f"Cannot read preset file {path}: {err}.") from None
+    except tomllib.TOMLDecodeError as err:
+        raise UserError(f"Preset file {path.name} is not valid TOML: {err}.") from None
+    if "name" in data and data["name"] != path.stem:
+        raise UserError(f"Preset file {path.name}: name {data['name']!r} does not match the file name "
+                        f"(leave it out; the name is the file stem).")
+    try:
+        return Preset(**{**data, "name": path.stem})
+    except ValidationError as err:
+        raise UserError(f"Preset file {path.name}: {_first_problem(err)}.") from None
+
+
+def _first_problem(err: ValidationError) -> str:
+    problem = err.errors()[0]
+    field = ".".join(str(part) for part in problem["loc"])
+    if problem["type"] == "missing":
+        return f"missing field {field!r}"
+    if problem["type"] == "extra_forbidden":
+        known = ", ".join(name for name in Preset.model_fields if name != "name")
+        return f"unknown field {field!r} (fields: {known})"
+    message = problem["msg"].removeprefix("Value error, ")
+    return f"{field}: {message}" if field else message
+
+
+def _folder(extra: Path | None) -> list[Path]:
+    folders = [builtin_dir()]
+    if extra is not None:
+        extra = Path(extra)
+        if not extra.is_dir():
+            raise UserError(f"The preset folder {extra} does not exist.")
+        folders.append(extra)
+    return folders
+
+
+def list_presets(extra: Path | None = None) -> list[Preset]:
+    """Built-in presets plus those in `extra` (which win on equal names), sorted by name."""
+    found: dict[str, Preset] = {}
+    for folder in _folder(extra):
+        for path in sorted(folder.glob("*.toml")):
+            found[path.stem] = _read(path)
+    return [found[name] for name in sorted(found)]
+
+
+def load_preset(name_or_path: str, extra_dir: Path | None = None) -> Preset:
+    """A preset by name (looked up in `extra_dir` first, then the built-ins) or by `.toml` path."""
+    text = str(name_or_path)
+    if text.endswith(".toml") or "/" in text or "\\" in text:
+        path = Path(text).expanduser()
+        if path.is_dir():
+            raise UserError(f"Preset {path} is a folder, not a .toml file.")
+        return _read(path)
+    for folder in reversed(_folder(extra_dir)):
+        candidate = folder / f"{text}.toml"
+        if _NAME.match(text) and candidate.is_file():
+            return _read(candidate)
+    available = sorted({path.stem for folder in _folder(extra_dir) for path in folder.glob("*.toml")})
+    raise UserError(f"Unknown preset {text!r}; available: {', '.join(available) or 'none'}.")
