@@ -13,7 +13,7 @@ Branches of the batch (each `frames` rows, see attention/context.py):
     step k (timestep t, T - k in the paper's units):
         eps    = eps_neg + g * (eps_pos - eps_neg)
         x     <- DDIM(eps, t, x)
-        exact:  x <- x + (z_{T-1-k} - DDIM(eps_anchor, t, z_{T-k}))
+        exact:  x <- z_{T-1-k} + (DDIM(eps, t, x) - DDIM(eps_anchor, t, z_{T-k}))
 
 In disk mode the source branch is absent and its features come from the cache's feature files. The
 exact correction adds, per step, the error the source prompt's injected prediction makes along the cached
@@ -113,7 +113,9 @@ def edit(components, entry: CacheEntry, config: EditConfig, *, feature_mode: str
             x_next = scheduler.step(guided, timestep, x).prev_sample
             if config.exact:
                 on_path = scheduler.step(eps["anchor"], timestep, latents_in["anchor"]).prev_sample
-                x_next = x_next + (entry.read_latent(inversion_step) - on_path)
+                # z + (edit step - anchor step): when the edit path is on the inversion path the bracket
+                # is exactly zero, so reconstruction lands on the cached latents bit for bit
+                x_next = entry.read_latent(inversion_step) + (x_next - on_path)
             x = x_next
             report("edit", k + 1, steps)
     frames_out = decode_latents(components.vae, x, progress=lambda d, t: report("decode", d, t))

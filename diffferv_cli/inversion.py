@@ -127,8 +127,13 @@ def invert(components, clip, config: InversionConfig, *, cache_dir=None, force: 
             ctx = context.at_step(step, timestep, control=recorder)
             noise = components.unet(latent.to(components.device, components.dtype), timestep,
                                     encoder_hidden_states=text, cross_attention_kwargs={"ctx": ctx}).sample
-            latent = scheduler.step(noise.float().cpu(), timestep, latent).prev_sample  # z_{step+1}
-            entry.write_latent(step + 1, latent)
+            if step + 1 <= entry.finished_steps:
+                # features added to a finished inversion: keep the cached path, whose latents are the ones
+                # recompute mode feeds, so that both modes see the same features
+                latent = entry.read_latent(step + 1)
+            else:
+                latent = scheduler.step(noise.float().cpu(), timestep, latent).prev_sample  # z_{step+1}
+                entry.write_latent(step + 1, latent)
             if recorder:
                 entry.write_features(step, recorder.features)
                 manifest["feature_steps"] = step + 1

@@ -8,13 +8,18 @@ import torch
 
 
 def encode_prompts(components, prompts: list[str]) -> torch.Tensor:
-    """CLIP embeddings, (len(prompts), 77, hidden), in the UNet's dtype."""
+    """CLIP embeddings, (len(prompts), 77, hidden), in the UNet's dtype.
+
+    Each distinct prompt is encoded once, so equal prompts get bit-identical embeddings (a batched text
+    encoder does not guarantee that across rows; exact reconstruction relies on it)."""
     tokenizer = components.tokenizer
-    ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+    unique = list(dict.fromkeys(prompts))
+    ids = tokenizer(unique, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
                     return_tensors="pt").input_ids
     with torch.inference_mode():
         embeddings = components.text_encoder(ids.to(components.text_encoder.device))[0]
-    return embeddings.to(components.dtype)
+    rows = torch.tensor([unique.index(prompt) for prompt in prompts], device=embeddings.device)
+    return embeddings[rows].to(components.dtype)
 
 
 def _word_tokens(tokenizer, prompt: str) -> list[tuple[str, list[int]]]:

@@ -74,16 +74,29 @@ def test_exact_reconstruction_beats_plain_ddim(tiny, clip, tmp_path):
     assert plain_error > 100 * max(exact_error, 1e-7)
 
 
-def test_injection_brings_reconstruction_closer(tiny, clip, tmp_path):
-    entry = invert(tiny, clip, _inversion(), cache_dir=tmp_path).entry
+def test_injection_brings_reconstruction_closer(clip, tmp_path):
+    """Reconstruction (edit prompt = source prompt) with preservation features is closer to the input than
+    plain DDIM. Random weights give near-uniform attention, which no feature can steer, so this uses the
+    tiny model with its query/key projections scaled up: attention as peaked as a trained model's."""
+    from diffusers.models.attention_processor import Attention
+
+    from diffferv_cli.components import build_tiny_random
+
+    peaked = build_tiny_random(seed=0)
+    for module in peaked.unet.modules():
+        if isinstance(module, Attention):
+            module.to_q.weight.data *= 4.0
+            module.to_k.weight.data *= 4.0
+    peaked.fingerprint += "-peaked"
+    entry = invert(peaked, clip, _inversion(), cache_dir=tmp_path).entry
     z0 = entry.read_latent(0)
     source = entry.manifest["request"]["prompt"]
-    injected = edit(tiny, entry, EditConfig(prompt_edit=source, tau_app=1.0))
-    plain = edit(tiny, entry, EditConfig(prompt_edit=source, inject=False))
+    injected = edit(peaked, entry, EditConfig(prompt_edit=source, tau_app=1.0))
+    plain = edit(peaked, entry, EditConfig(prompt_edit=source, inject=False))
     injected_mse = ((injected.latents - z0) ** 2).mean().item()
     plain_mse = ((plain.latents - z0) ** 2).mean().item()
-    print(f"reconstruction latent MSE: injected {injected_mse:.4e}, plain {plain_mse:.4e}")
-    assert injected_mse < plain_mse
+    print(f"reconstruction latent MSE: injected {injected_mse:.4e}, plain DDIM {plain_mse:.4e}")
+    assert injected_mse < 0.8 * plain_mse
 
 
 def test_changed_inputs_make_new_cache_entries(tiny, clip, clip_path, tmp_path):
