@@ -43,15 +43,9 @@ def eval_command(
     clip_model: Annotated[Path | None, typer.Option("--clip-model", help="Local CLIP model folder (for CLIP-IQA).")] = None,
 ) -> None:
     """Compare an edited video with its original: reconstruction, identity, temporal metrics."""
-    try:
-        _run(original, edited, json_out, start=start, frames=frames, stride=stride, size=size,
-             similarity=similarity, temporal=not no_temporal, attribute_model=attribute_model,
-             target_attribute=target_attribute, clip_model=clip_model)
-    except UserError as err:
-        # Reported here and not only through cli._Group: with typer >= 0.20 (which vendors click) the
-        # group's click.ClickException is not recognised and would end as a traceback with exit code 1.
-        err_console.print(f"Error: {err.message}", highlight=False, soft_wrap=True)
-        raise typer.Exit(err.exit_code) from None
+    _run(original, edited, json_out, start=start, frames=frames, stride=stride, size=size,
+         similarity=similarity, temporal=not no_temporal, attribute_model=attribute_model,
+         target_attribute=target_attribute, clip_model=clip_model)
 
 
 def _run(original: Path, edited: Path, json_out: Path | None, **options) -> None:
