@@ -1,0 +1,427 @@
+"""The temporal attention processors (paper 3.3) and the hooks for preservation features (paper 3.4).
+
+Installed on a stock diffusers `UNet2DConditionModel` by `install.temporal_attention`; frames travel in
+the batch dimension (`row = branch * frames + frame`) and the per-call facts in an `AttentionContext`
+passed as `cross_attention_kwargs={"ctx": ctx}`.
+
+* `TemporalSelfAttention` (every `attn1`): SWCFA (eq. 6) followed by TTA (eq. 8), both training-free.
+* `CrossAttention` (every `attn2`): stock attention, or explicit maps when a `FeatureControl` asks for them.
+
+Without a context both behave exactly like diffusers' `AttnProcessor2_0` (each batch row on its own).
+Attention never mixes branches, and the processors keep no state between calls: the only attribute is
+the layer name they were installed under.
+
+Layouts. Inside this module Q, K, V are kept "token major", the layout `to_q` produces:
+
+    (branches, frames, tokens, heads, head_dim)
+
+so that consecutive frames are consecutive memory and a window of frames is a view, not a copy. The
+`FeatureControl` sees the contract layout `(branches, frames, heads, tokens, head_dim)` (a transposed
+view of the same memory).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+
+from diffferv_cli.attention.context import AttentionContext, FeatureKind
+
+if TYPE_CHECKING:
+    from diffferv_cli.trajectories import TrajectoryGrid
+
+# Explicit cross-attention maps are computed this many score elements at a time (256 MB in float32).
+CROSS_SCORES_CHUNK = 1 << 26
+
+
+# --------------------------------------------------------------------------------------------------
+# attention kernels on token-major tensors
+# --------------------------------------------------------------------------------------------------
+
+def attend(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float, mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Softmax attention on token-major tensors `(..., tokens, heads, head_dim)`; same layout out.
+
+    `mask` (boolean, True = attend) broadcasts against `(..., heads, query_tokens, key_tokens)`."""
+    output = F.scaled_dot_product_attention(
+        query.transpose(-3, -2), key.transpose(-3, -2), value.transpose(-3, -2), attn_mask=mask, scale=scale
+    )  # (..., heads, tokens, head_dim)
+    return output.transpose(-3, -2)
+
+
+def window_bounds(frame: int, frames: int, window: int) -> tuple[int, int]:
+    """First and last frame (inclusive) that frame `frame` attends to in SWCFA (eq. 6).
+
+    Frames max(i - w//2, 0) .. min(i + w//2, m - 1): `window // 2` frames on each side, so an even
+    `window` reads eq. 6 literally and spans `window + 1` frames (w=2 behaves like w=3); `window=1` is
+    per-frame self-attention (eq. 5). At the ends of the clip the window is clamped: those frames attend
+    to FEWER frames, never to a repeated one."""
+    radius = window // 2
+    return max(frame - radius, 0), min(frame + radius, frames - 1)
+
+
+def sliding_window_attention(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, window: int, scale: float
+) -> torch.Tensor:
+    """SWCFA (eq. 6): each frame's queries attend to the keys/values of the frames in its window.
+
+    query, key, value: (branches, frames, tokens, heads, head_dim); returns the same shape.
+
+    Interior frames (full window) are done in one attention call per branch, their windows being views
+    of the key/value memory (no copy); the `2 * (window // 2)` edge frames, whose clamped windows are
+    shorter, get one call each. Memory stays O(frames * window * tokens) for the scores' blocks."""
+    branches, frames, tokens, heads, head_dim = query.shape
+    radius = window // 2
+    if radius == 0 or frames == 1:  # eq. 5: per-frame self-attention
+        flat = (branches * frames, tokens, heads, head_dim)
+        return attend(query.reshape(flat), key.reshape(flat), value.reshape(flat), scale).reshape(query.shape)
+
+    span = 2 * radius + 1
+    output = query.new_empty(query.shape)
+    first, last = radius, frames - radius  # interior frames: first .. last-1
+    if last > first:
+        for branch in range(branches):
+            keys_window = _frame_windows(key[branch], span)  # (interior, span*tokens, heads, head_dim)
+            values_window = _frame_windows(value[branch], span)
+            output[branch, first:last] = attend(query[branch, first:last], keys_window, values_window, scale)
+    for frame in [*range(0, min(first, frames)), *range(max(last, first), frames)]:
+        low, high = window_bounds(frame, frames, window)
+        keys_window = key[:, low : high + 1].reshape(branches, -1, heads, head_dim)  # (branches, n*tokens, ...)
+        values_window = value[:, low : high + 1].reshape(branches, -1, heads, head_dim)
+        output[:, frame] = attend(query[:, frame], keys_window, values_window, scale)
+    return output
+
+
+def _frame_windows(per_frame: torch.Tensor, span: int) -> torch.Tensor:
+    """All runs of `span` consecutive frames as a view: (frames, tokens, heads, head_dim) ->
+    (frames - span + 1, span * tokens, heads, head_dim). Run j holds frames j .. j+span-1."""
+    frames, tokens, heads, head_dim = per_frame.shape
+    flat = per_frame.contiguous().view(frames * tokens, heads, head_dim)
+    runs = flat.unfold(0, span * tokens, tokens)  # (runs, heads, head_dim, span*tokens)
+    return runs.permute(0, 3, 1, 2)
+
+
+def trajectory_attention(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, grid: TrajectoryGrid, scale: float
+) -> torch.Tensor:
+    """TTA (eq. 8): every token attends to all tokens of its trajectory (same branch).
+
+    query, key, value: (branches, frames*tokens, heads, head_dim), tokens numbered frame*tokens + p as
+    in `TrajectoryGrid.index`; returns the same shape.
+
+    Trajectories are gathered with index tensors in a few length buckets (rows are sorted longest first;
+    a bucket holds the rows longer than half its longest row, so padding at most doubles the work;
+    padded keys are masked). Singleton trajectories attend only to themselves: their output is their
+    own value, no attention needed."""
+    branches, _, heads, head_dim = value.shape
+    index = grid.index.to(query.device)
+    lengths = grid.lengths.to(query.device)
+    output = value.new_empty(value.shape)
+    with_company = int((lengths > 1).sum())  # rows with at least 2 tokens come first
+    start = 0
+    while start < with_company:
+        longest = int(lengths[start])
+        end = int((lengths > longest // 2).sum())  # rows of length longest//2+1 .. longest
+        rows = index[start:end, :longest]  # (rows, longest), -1 padded
+        slots = rows.clamp(min=0).reshape(-1)  # (rows*longest,)
+        # (branches*rows, longest, heads, head_dim): one sequence per trajectory and branch
+        query_rows, key_rows, value_rows = (
+            x.index_select(1, slots).view(branches * (end - start), longest, heads, head_dim)
+            for x in (query, key, value)
+        )
+        valid = rows >= 0
+        full = int(lengths[end - 1]) == longest
+        mask = None if full else valid.repeat(branches, 1)[:, None, None, :]  # (branches*rows, 1, 1, slots)
+        attended = attend(query_rows, key_rows, value_rows, scale, mask)
+        attended = attended.reshape(branches, -1, heads, head_dim)  # (branches, rows*longest, heads, d)
+        if full:
+            output.index_copy_(1, slots, attended)
+        else:
+            keep = valid.reshape(-1).nonzero().squeeze(1)
+            output.index_copy_(1, slots[keep], attended.index_select(1, keep))
+        start = end
+    singletons = index[with_company:, 0]
+    output.index_copy_(1, singletons, value.index_select(1, singletons))
+    return output
+
+
+def check_partition(grid: TrajectoryGrid, frames: int, tokens: int) -> None:
+    """Raise ValueError unless `grid` partitions the frames*tokens tokens of this call (the TTA contract)."""
+    if grid.frames != frames or grid.tokens != tokens:
+        raise ValueError(
+            f"trajectories are for {grid.frames} frames of a {grid.height}x{grid.width} grid, but the UNet "
+            f"call has {frames} frames of {tokens} tokens"
+        )
+    index, lengths = grid.index, grid.lengths
+    if lengths.numel() > 1 and bool((lengths[1:] > lengths[:-1]).any()):
+        raise ValueError("trajectory rows must be sorted longest first")
+    slots = torch.arange(index.shape[1], device=index.device)
+    if not torch.equal(index >= 0, slots[None, :] < lengths[:, None]):
+        raise ValueError("trajectory rows must be left-aligned, -1 padded, and match their lengths")
+    members = index[index >= 0]
+    counts = torch.bincount(members, minlength=frames * tokens) if members.numel() else members
+    if members.numel() != frames * tokens or counts.numel() != frames * tokens or bool((counts != 1).any()):
+        raise ValueError("trajectories must hold every token of every frame exactly once")
+
+
+# --------------------------------------------------------------------------------------------------
+# the stock AttnProcessor2_0 structure, shared by both processors
+# --------------------------------------------------------------------------------------------------
+
+def _enter(attn, hidden_states: torch.Tensor, temb: torch.Tensor | None):
+    """Spatial norm, (batch, channels, height, width) -> (batch, tokens, channels), group norm.
+    Returns the tokens and the spatial shape to restore (None for 3-D input)."""
+    if attn.spatial_norm is not None:
+        hidden_states = attn.spatial_norm(hidden_states, temb)
+    spatial_shape = None
+    if hidden_states.ndim == 4:
+        batch, channels, height, width = hidden_states.shape
+        spatial_shape = (channels, height, width)
+        hidden_states = hidden_states.view(batch, channels, height * width).transpose(1, 2)  # (batch, tokens, C)
+    if attn.group_norm is not None:
+        hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+    return hidden_states, spatial_shape
+
+
+def _leave(attn, hidden_states: torch.Tensor, residual: torch.Tensor, spatial_shape) -> torch.Tensor:
+    """Output projection and dropout, back to 4-D if needed, residual, rescale."""
+    hidden_states = attn.to_out[0](hidden_states)
+    hidden_states = attn.to_out[1](hidden_states)
+    if spatial_shape is not None:
+        hidden_states = hidden_states.transpose(-1, -2).reshape(hidden_states.shape[0], *spatial_shape)
+    if attn.residual_connection:
+        hidden_states = hidden_states + residual
+    return hidden_states / attn.rescale_output_factor
+
+
+def _prepare_mask(attn, attention_mask, key_tokens: int, batch: int) -> torch.Tensor | None:
+    """diffusers' mask preparation; result (batch, heads, 1 or query tokens, key tokens)."""
+    if attention_mask is None:
+        return None
+    attention_mask = attn.prepare_attention_mask(attention_mask, key_tokens, batch)
+    return attention_mask.view(batch, attn.heads, -1, attention_mask.shape[-1])
+
+
+def _context_tokens(attn, hidden_states, encoder_hidden_states):
+    if encoder_hidden_states is None:
+        return hidden_states
+    if attn.norm_cross:
+        return attn.norm_encoder_hidden_states(encoder_hidden_states)
+    return encoder_hidden_states
+
+
+def _split_heads(projected: torch.Tensor, leading: tuple[int, ...], heads: int) -> torch.Tensor:
+    """(batch, tokens, heads*head_dim) -> (*leading, tokens, heads, head_dim), a view."""
+    return projected.view(*leading, projected.shape[1], heads, projected.shape[-1] // heads)
+
+
+def _norm_query_key(attn, query: torch.Tensor, key: torch.Tensor):
+    """attn.norm_q / norm_k act on head_dim, so the token-major layout is fine."""
+    if attn.norm_q is not None:
+        query = attn.norm_q(query)
+    if attn.norm_k is not None:
+        key = attn.norm_k(key)
+    return query, key
+
+
+def _stock_attention(attn, hidden_states, encoder_hidden_states, attention_mask) -> torch.Tensor:
+    """AttnProcessor2_0 between the preamble and `to_out`: each batch row attends on its own.
+    (batch, tokens, channels) -> (batch, tokens, heads*head_dim)."""
+    batch = hidden_states.shape[0]
+    context = _context_tokens(attn, hidden_states, encoder_hidden_states)
+    mask = _prepare_mask(attn, attention_mask, context.shape[1], batch)
+    query = _split_heads(attn.to_q(hidden_states), (batch,), attn.heads)  # (batch, tokens, heads, head_dim)
+    key = _split_heads(attn.to_k(context), (batch,), attn.heads)
+    value = _split_heads(attn.to_v(context), (batch,), attn.heads)
+    query, key = _norm_query_key(attn, query, key)
+    attended = attend(query, key, value, attn.scale, mask)  # (batch, tokens, heads, head_dim)
+    return attended.reshape(batch, -1, attended.shape[-2] * attended.shape[-1]).to(query.dtype)
+
+
+def _check_batch(ctx: AttentionContext, batch: int, layer: str) -> None:
+    if batch != ctx.batch:
+        raise ValueError(
+            f"{layer}: the UNet batch has {batch} rows but the context says {len(ctx.branches)} branch(es) x "
+            f"{ctx.frames} frame(s) = {ctx.batch}"
+        )
+
+
+def _checked(returned: torch.Tensor, expected: torch.Tensor, what: str) -> torch.Tensor:
+    if returned.shape != expected.shape:
+        raise ValueError(f"FeatureControl returned {what} of shape {tuple(returned.shape)}, "
+                         f"expected {tuple(expected.shape)}")
+    return returned
+
+
+# --------------------------------------------------------------------------------------------------
+# processors
+# --------------------------------------------------------------------------------------------------
+
+class TemporalSelfAttention:
+    """`attn1` processor: SWCFA (eq. 6), then TTA (eq. 8) added before `to_out`.
+
+    Per call, with B branches x m frames in the batch and N tokens on a grid (h, w):
+
+    1. query, key, value = to_q(x), to_k(x), to_v(x). A `FeatureControl` sees / replaces query and key
+       as the appearance features (`kind="app"`, the SWCFA Q,K of paper 3.4).
+    2. SWCFA (eq. 6, `ctx.swcfa`): frame i's queries attend to the keys/values of frames
+       max(i - w//2, 0) .. min(i + w//2, m - 1) of the same branch (see `window_bounds` for the ends and
+       even w). With `ctx.swcfa` False: per-frame self-attention (eq. 5). Result h: (B*m, N, C).
+    3. TTA (eq. 8, `ctx.tta` and trajectories for this grid): training-free, the block's own
+       projections applied to the SWCFA output: Q_TTA = to_q(h), K_TTA = to_k(h), V_TTA = to_v(h).
+       A control sees / replaces Q_TTA, K_TTA as the motion features (`kind="motion"`). Each token
+       attends to every token of its trajectory (same branch); the result is added to h.
+    4. to_out(h + TTA(h)), then the stock residual / rescale.
+
+    Values are never handed to a control. Without a context: exactly diffusers' AttnProcessor2_0.
+    """
+
+    def __init__(self, layer: str):
+        self.layer = layer
+
+    def __call__(
+        self,
+        attn,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        temb: torch.Tensor | None = None,
+        ctx: AttentionContext | None = None,
+        **kwargs,
+    ) -> torch.Tensor:
+        residual = hidden_states
+        hidden_states, spatial_shape = _enter(attn, hidden_states, temb)
+        if ctx is None:
+            hidden_states = _stock_attention(attn, hidden_states, encoder_hidden_states, attention_mask)
+            return _leave(attn, hidden_states, residual, spatial_shape)
+        if encoder_hidden_states is not None or attention_mask is not None:
+            raise ValueError(f"{self.layer}: temporal self-attention takes no encoder states and no mask")
+
+        batch, tokens, _ = hidden_states.shape
+        _check_batch(ctx, batch, self.layer)
+        leading = (len(ctx.branches), ctx.frames)
+
+        # 1. projections (eq. 6): (branches, frames, tokens, heads, head_dim)
+        query = _split_heads(attn.to_q(hidden_states), leading, attn.heads)
+        key = _split_heads(attn.to_k(hidden_states), leading, attn.heads)
+        value = _split_heads(attn.to_v(hidden_states), leading, attn.heads)
+        query, key = _norm_query_key(attn, query, key)
+        query, key = self._control(ctx, "app", query, key)
+
+        # 2. SWCFA (eq. 6), or per-frame self-attention (eq. 5)
+        window = ctx.window if ctx.swcfa else 1
+        attended = sliding_window_attention(query, key, value, window, attn.scale)
+        hidden_states = attended.reshape(batch, tokens, -1).to(query.dtype)  # (batch, tokens, heads*head_dim)
+
+        # 3. TTA (eq. 8) on the SWCFA output, added to it
+        grid = self._trajectory_grid(ctx, tokens, spatial_shape)
+        if grid is not None:
+            hidden_states = hidden_states + self._trajectory_attention(attn, ctx, hidden_states, grid)
+
+        # 4. output projection
+        return _leave(attn, hidden_states, residual, spatial_shape)
+
+    def _control(self, ctx: AttentionContext, kind: FeatureKind, query: torch.Tensor, key: torch.Tensor):
+        """Hand Q,K to the control as (branches, frames, heads, tokens, head_dim); take them back."""
+        if ctx.control is None:
+            return query, key
+        query_heads, key_heads = query.transpose(2, 3), key.transpose(2, 3)
+        new_query, new_key = ctx.control.self_attention(ctx, self.layer, kind, query_heads, key_heads)
+        new_query = _checked(new_query, query_heads, f"{kind} query").transpose(2, 3)
+        new_key = _checked(new_key, key_heads, f"{kind} key").transpose(2, 3)
+        return new_query, new_key
+
+    def _trajectory_grid(self, ctx: AttentionContext, tokens: int, spatial_shape) -> TrajectoryGrid | None:
+        """The trajectories of this layer's grid, or None when TTA is off or the grid has none."""
+        if not ctx.tta or ctx.trajectories is None:
+            return None
+        height, width = spatial_shape[1:] if spatial_shape is not None else ctx.grid_for(tokens)
+        grid = ctx.trajectories.grids.get((height, width))
+        if grid is not None:
+            check_partition(grid, ctx.frames, tokens)
+        return grid
+
+    def _trajectory_attention(self, attn, ctx: AttentionContext, hidden_states, grid) -> torch.Tensor:
+        """TTA (eq. 8) with Q_TTA = to_q(h), K_TTA = to_k(h), V_TTA = to_v(h), h the SWCFA output.
+        (batch, tokens, C) -> (batch, tokens, heads*head_dim)."""
+        batch, tokens, channels = hidden_states.shape
+        if channels != attn.to_q.in_features:
+            raise ValueError(f"{self.layer}: TTA applies to_q/to_k/to_v to the SWCFA output, which needs "
+                             f"heads*head_dim ({channels}) == query_dim ({attn.to_q.in_features})")
+        leading = (len(ctx.branches), ctx.frames)
+        query = _split_heads(attn.to_q(hidden_states), leading, attn.heads)  # (B, m, N, heads, head_dim)
+        key = _split_heads(attn.to_k(hidden_states), leading, attn.heads)
+        value = _split_heads(attn.to_v(hidden_states), leading, attn.heads)
+        query, key = _norm_query_key(attn, query, key)
+        query, key = self._control(ctx, "motion", query, key)
+        clip = (leading[0], ctx.frames * tokens, attn.heads, -1)  # (B, m*N, heads, head_dim)
+        attended = trajectory_attention(
+            query.reshape(clip), key.reshape(clip), value.reshape(clip), grid, attn.scale
+        )
+        return attended.reshape(batch, tokens, -1).to(hidden_states.dtype)
+
+
+class CrossAttention:
+    """`attn2` processor: stock attention, or explicit maps for a `FeatureControl` (semantic features).
+
+    When `ctx.control.wants_cross_maps(ctx, layer)`: probs = softmax(Q K^T * scale) as
+    (branches, frames, heads, tokens, text_tokens), handed to `ctx.control.cross_attention`, whose
+    result multiplies the values. Values are never touched. The scores are computed a few frames at a
+    time (`CROSS_SCORES_CHUNK` elements), so the peak memory is the maps themselves plus one chunk.
+    Otherwise (no context, no control, or the control does not want this layer): AttnProcessor2_0."""
+
+    def __init__(self, layer: str):
+        self.layer = layer
+
+    def __call__(
+        self,
+        attn,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        temb: torch.Tensor | None = None,
+        ctx: AttentionContext | None = None,
+        **kwargs,
+    ) -> torch.Tensor:
+        residual = hidden_states
+        hidden_states, spatial_shape = _enter(attn, hidden_states, temb)
+        if ctx is None or ctx.control is None or not ctx.control.wants_cross_maps(ctx, self.layer):
+            hidden_states = _stock_attention(attn, hidden_states, encoder_hidden_states, attention_mask)
+            return _leave(attn, hidden_states, residual, spatial_shape)
+
+        batch, tokens, _ = hidden_states.shape
+        _check_batch(ctx, batch, self.layer)
+        context = _context_tokens(attn, hidden_states, encoder_hidden_states)
+        mask = _prepare_mask(attn, attention_mask, context.shape[1], batch)
+        # (batch, heads, tokens, head_dim) and (batch, heads, text_tokens, head_dim)
+        query = _split_heads(attn.to_q(hidden_states), (batch,), attn.heads).transpose(1, 2)
+        key = _split_heads(attn.to_k(context), (batch,), attn.heads).transpose(1, 2)
+        value = _split_heads(attn.to_v(context), (batch,), attn.heads).transpose(1, 2)
+        query, key = _norm_query_key(attn, query, key)
+
+        probs = self._maps(query, key, mask, attn.scale)  # (batch, heads, tokens, text_tokens)
+        maps = probs.view(len(ctx.branches), ctx.frames, *probs.shape[1:])
+        maps = _checked(ctx.control.cross_attention(ctx, self.layer, maps), maps, "cross-attention maps")
+        attended = torch.matmul(maps.reshape(probs.shape).to(value.dtype), value)  # (batch, heads, tokens, d)
+        hidden_states = attended.transpose(1, 2).reshape(batch, tokens, -1).to(query.dtype)
+        return _leave(attn, hidden_states, residual, spatial_shape)
+
+    @staticmethod
+    def _maps(query, key, mask, scale: float) -> torch.Tensor:
+        """softmax(Q K^T * scale (+ mask)), a few batch rows at a time; softmax accumulated in float32."""
+        batch, heads, tokens, _ = query.shape
+        probs = query.new_empty(batch, heads, tokens, key.shape[2])
+        rows = max(1, CROSS_SCORES_CHUNK // probs[0].numel())
+        for start in range(0, batch, rows):
+            scores = torch.matmul(query[start : start + rows], key[start : start + rows].transpose(-1, -2)) * scale
+            if mask is not None:
+                chunk_mask = mask[start : start + rows]
+                if chunk_mask.dtype == torch.bool:
+                    scores = scores.masked_fill(~chunk_mask, float("-inf"))
+                else:
+                    scores = scores + chunk_mask
+            probs[start : start + rows] = scores.softmax(dim=-1, dtype=torch.float32)
+        return probs

@@ -1,0 +1,385 @@
+"""Temporal attention processors: equality with slow references, stock behaviour, isolation, controls."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+from diffusers.models.attention_processor import Attention, AttnProcessor2_0
+
+from diffferv_cli.attention import (
+    AttentionContext,
+    CrossAttention,
+    TemporalSelfAttention,
+    attention_layers,
+    sliding_window_attention,
+    temporal_attention,
+    trajectory_attention,
+)
+from diffferv_cli.attention.reference import (
+    ReferenceCrossAttention,
+    ReferenceSelfAttention,
+    grid_from_trajectories,
+    naive_full_cross_frame,
+    naive_swcfa,
+    naive_tta,
+    random_partition,
+    static_partition,
+    trajectory_set,
+    translating_partition,
+)
+from diffferv_cli.trajectories import TrajectoryGrid, TrajectorySet
+
+LATENT = (8, 12)  # non-square: token grids (8, 12) and (4, 6) in the tiny UNet
+TOL = dict(atol=1e-5, rtol=1e-5)
+
+
+def _token_major(x):
+    """(branches, frames, heads, tokens, d) -> (branches, frames, tokens, heads, d), the processors' layout."""
+    return x.transpose(2, 3)
+
+
+def _random_qkv(branches=2, frames=4, heads=2, tokens=12, head_dim=4, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    return [torch.randn(branches, frames, heads, tokens, head_dim, generator=generator) for _ in range(3)]
+
+
+def _inputs(frames: int, branches: int = 2, seed: int = 0, latent=LATENT):
+    generator = torch.Generator().manual_seed(seed)
+    latents = torch.randn(branches * frames, 4, *latent, generator=generator)
+    text = torch.randn(branches * frames, 7, 32, generator=generator)
+    return latents, text
+
+
+def _context(frames: int, branches: int = 2, seed: int = 0, **changes) -> AttentionContext:
+    generator = torch.Generator().manual_seed(seed)
+    trajectories = trajectory_set(LATENT, 2, frames, lambda h, w, f: random_partition(h, w, f, generator))
+    names = ("source", "negative", "positive")[:branches]
+    return AttentionContext(frames=frames, branches=names, latent_size=LATENT, trajectories=trajectories, **changes)
+
+
+@torch.no_grad()
+def _unet(unet, latents, text, ctx=None, **kwargs):
+    kwargs = {"cross_attention_kwargs": {"ctx": ctx}} if ctx is not None else {}
+    return unet(latents, 10, text, **kwargs).sample
+
+
+@torch.no_grad()
+def _temporal_unet(unet, latents, text, ctx):
+    with temporal_attention(unet):
+        return _unet(unet, latents, text, ctx)
+
+
+@torch.no_grad()
+def _reference_unet(unet, latents, text, ctx):
+    originals = dict(unet.attn_processors)
+    reference = {
+        path: (ReferenceSelfAttention if kind == "self" else ReferenceCrossAttention)(path.removesuffix(".processor"))
+        for path, kind in attention_layers(unet).items()
+    }
+    unet.set_attn_processor(reference)
+    try:
+        return _unet(unet, latents, text, ctx)
+    finally:
+        unet.set_attn_processor(originals)
+
+
+# --------------------------------------------------------------------------------------------------
+# kernels against the naive references
+# --------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize(
+    "frames, window", [(1, 3), (2, 3), (4, 1), (4, 2), (5, 3), (5, 4), (6, 5), (3, 7), (8, 3)]
+)
+def test_sliding_window_equals_naive(frames, window):
+    query, key, value = _random_qkv(frames=frames)
+    fast = sliding_window_attention(*map(_token_major, (query, key, value)), window, 0.5)
+    torch.testing.assert_close(_token_major(fast), naive_swcfa(query, key, value, window, 0.5), **TOL)
+
+
+@pytest.mark.parametrize("frames", [1, 3, 5])
+def test_wide_window_is_full_cross_frame_attention(frames):
+    query, key, value = _random_qkv(frames=frames)
+    fast = sliding_window_attention(*map(_token_major, (query, key, value)), 2 * frames, 0.5)
+    torch.testing.assert_close(_token_major(fast), naive_full_cross_frame(query, key, value, 0.5), **TOL)
+
+
+@pytest.mark.parametrize("grid_shape", [(8, 12), (4, 6), (3, 5)])
+@pytest.mark.parametrize("frames, link_probability", [(1, 0.7), (4, 0.0), (4, 0.6), (6, 1.0)])
+def test_trajectory_attention_equals_naive(grid_shape, frames, link_probability):
+    height, width = grid_shape
+    grid = random_partition(height, width, frames, torch.Generator().manual_seed(frames), link_probability)
+    query, key, value = _random_qkv(frames=frames, tokens=height * width)
+    clip = lambda x: _token_major(x).reshape(2, frames * height * width, 2, 4)  # noqa: E731
+    fast = trajectory_attention(clip(query), clip(key), clip(value), grid, 0.5)
+    expected = naive_tta(query, key, value, grid, 0.5)
+    torch.testing.assert_close(fast, clip(expected), **TOL)
+
+
+def test_trajectory_partitions_are_varied():
+    """The random partitions used above really hold singletons, short and full-length rows."""
+    lengths = random_partition(8, 12, 6, torch.Generator().manual_seed(6), 0.6).lengths
+    assert lengths.max() == 6 and (lengths == 1).any() and ((lengths > 1) & (lengths < 6)).any()
+
+
+def test_trajectory_attention_on_static_and_translating_partitions():
+    for grid in (static_partition(4, 6, 5), translating_partition(4, 6, 5, (0.5, -0.75))):
+        query, key, value = _random_qkv(frames=5, tokens=24)
+        clip = lambda x: _token_major(x).reshape(2, 5 * 24, 2, 4)  # noqa: E731
+        fast = trajectory_attention(clip(query), clip(key), clip(value), grid, 0.5)
+        torch.testing.assert_close(fast, clip(naive_tta(query, key, value, grid, 0.5)), **TOL)
+
+
+# --------------------------------------------------------------------------------------------------
+# whole tiny UNet
+# --------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize(
+    "frames, changes",
+    [(3, dict(window=3)), (4, dict(window=2)), (4, dict(window=3, swcfa=False)), (3, dict(window=5, tta=False)),
+     (1, dict(window=3))],
+)
+def test_unet_equals_reference(tiny, frames, changes):
+    latents, text = _inputs(frames)
+    ctx = _context(frames, **changes)
+    torch.testing.assert_close(
+        _temporal_unet(tiny.unet, latents, text, ctx), _reference_unet(tiny.unet, latents, text, ctx), **TOL
+    )
+
+
+def test_window_one_without_tta_is_the_stock_unet(tiny):
+    latents, text = _inputs(3)
+    stock = _unet(tiny.unet, latents, text)
+    per_frame = _temporal_unet(tiny.unet, latents, text, _context(3, window=1, tta=False))
+    torch.testing.assert_close(per_frame, stock, **TOL)
+    with temporal_attention(tiny.unet):
+        no_context = _unet(tiny.unet, latents, text)
+    torch.testing.assert_close(no_context, stock, **TOL)
+
+
+def test_temporal_attention_changes_the_output(tiny):
+    latents, text = _inputs(3)
+    stock = _unet(tiny.unet, latents, text)
+    swcfa = _temporal_unet(tiny.unet, latents, text, _context(3, tta=False))
+    both = _temporal_unet(tiny.unet, latents, text, _context(3))
+    assert not torch.allclose(swcfa, stock, atol=1e-4) and not torch.allclose(both, swcfa, atol=1e-4)
+
+
+def test_single_frame_and_single_branch(tiny):
+    latents, text = _inputs(1, branches=1)
+    output = _temporal_unet(tiny.unet, latents, text, _context(1, branches=1))
+    assert output.shape == latents.shape and torch.isfinite(output).all()
+
+
+def test_grid_without_trajectories_skips_tta(tiny):
+    latents, text = _inputs(3)
+    ctx = _context(3)
+    only_fine = TrajectorySet({LATENT: ctx.trajectories.for_grid(*LATENT)})
+    partial = _temporal_unet(tiny.unet, latents, text, ctx.at_step(0, 0, trajectories=only_fine))
+    torch.testing.assert_close(partial, _reference_unet(tiny.unet, latents, text, ctx.at_step(0, 0, trajectories=only_fine)), **TOL)
+
+
+def test_branches_never_mix(tiny):
+    ctx = _context(3, control=_MapsControl(override=False))
+    latents, text = _inputs(3)
+    other_latents, other_text = latents.clone(), text.clone()
+    other_latents[3:] = torch.randn_like(other_latents[3:])  # branch 1 = rows 3..5
+    other_text[3:] = torch.randn_like(other_text[3:])
+    first = _temporal_unet(tiny.unet, latents, text, ctx)
+    second = _temporal_unet(tiny.unet, other_latents, other_text, ctx)
+    assert torch.equal(first[:3], second[:3])
+    assert not torch.allclose(first[3:], second[3:])
+
+
+# --------------------------------------------------------------------------------------------------
+# feature controls
+# --------------------------------------------------------------------------------------------------
+
+class _Recorder:
+    def __init__(self):
+        self.calls = []
+
+    def self_attention(self, ctx, layer, kind, query, key):
+        self.calls.append((layer, kind, tuple(query.shape), tuple(key.shape)))
+        return query, key
+
+    def wants_cross_maps(self, ctx, layer):
+        return True
+
+    def cross_attention(self, ctx, layer, probs):
+        self.calls.append((layer, "cross", tuple(probs.shape), None))
+        torch.testing.assert_close(probs.sum(-1), torch.ones(probs.shape[:-1]))
+        return probs
+
+
+class _BranchZeroQueryKey:
+    """Every branch gets branch 0's Q,K of the given kind (values untouched)."""
+
+    def __init__(self, kind):
+        self.kind = kind
+
+    def self_attention(self, ctx, layer, kind, query, key):
+        if kind != self.kind:
+            return query, key
+        return query[:1].expand_as(query).clone(), key[:1].expand_as(key).clone()
+
+    def wants_cross_maps(self, ctx, layer):
+        return False
+
+    def cross_attention(self, ctx, layer, probs):
+        raise AssertionError("not asked for")
+
+
+class _MapsControl:
+    """Explicit cross-attention maps; with `override`, branch 0's maps replace branch 1's."""
+
+    def __init__(self, override):
+        self.override = override
+
+    def self_attention(self, ctx, layer, kind, query, key):
+        return query, key
+
+    def wants_cross_maps(self, ctx, layer):
+        return True
+
+    def cross_attention(self, ctx, layer, probs):
+        return probs[:1].expand_as(probs).clone() if self.override else probs
+
+
+def test_recording_control_sees_documented_shapes(tiny, caplog):
+    frames, recorder = 3, _Recorder()
+    latents, text = _inputs(frames)
+    with caplog.at_level(logging.WARNING):
+        _temporal_unet(tiny.unet, latents, text, _context(frames, control=recorder))
+    assert "not expected" not in caplog.text  # diffusers passed ctx to every processor
+    expected = []
+    for path, kind in attention_layers(tiny.unet).items():
+        layer = path.removesuffix(".processor")
+        attn = tiny.unet.get_submodule(layer)
+        tokens = 96 if layer.startswith(("down_blocks.0", "up_blocks.1")) else 24
+        head_dim = attn.to_q.out_features // attn.heads
+        qk = (2, frames, attn.heads, tokens, head_dim)
+        if kind == "self":
+            expected += [(layer, "app", qk, qk), (layer, "motion", qk, qk)]
+        else:
+            expected += [(layer, "cross", (2, frames, attn.heads, tokens, 7), None)]
+    assert sorted(recorder.calls) == sorted(expected)
+
+
+@pytest.mark.parametrize("kind", ["app", "motion"])
+def test_overriding_query_key_changes_only_other_branches(tiny, kind):
+    latents, text = _inputs(3)
+    plain = _temporal_unet(tiny.unet, latents, text, _context(3))
+    overridden = _temporal_unet(tiny.unet, latents, text, _context(3, control=_BranchZeroQueryKey(kind)))
+    assert torch.equal(overridden[:3], plain[:3])
+    assert (overridden[3:] - plain[3:]).abs().max() > 1e-6  # TTA's share of the output is small
+    reference = _reference_unet(tiny.unet, latents, text, _context(3, control=_BranchZeroQueryKey(kind)))
+    torch.testing.assert_close(overridden, reference, **TOL)
+
+
+def test_pass_through_controls_change_nothing(tiny):
+    latents, text = _inputs(3)
+    plain = _temporal_unet(tiny.unet, latents, text, _context(3))
+    recorded = _temporal_unet(tiny.unet, latents, text, _context(3, control=_BranchZeroQueryKey("none")))
+    assert torch.equal(recorded, plain)
+    explicit_maps = _temporal_unet(tiny.unet, latents, text, _context(3, control=_MapsControl(override=False)))
+    torch.testing.assert_close(explicit_maps, plain, **TOL)
+
+
+def test_overriding_cross_maps_changes_only_other_branches(tiny):
+    latents, text = _inputs(3)
+    text[3:] = torch.randn_like(text[3:])
+    plain = _temporal_unet(tiny.unet, latents, text, _context(3))
+    ctx = _context(3, control=_MapsControl(override=True))
+    overridden = _temporal_unet(tiny.unet, latents, text, ctx)
+    torch.testing.assert_close(overridden[:3], plain[:3], **TOL)
+    assert not torch.allclose(overridden[3:], plain[3:], atol=1e-4)
+    torch.testing.assert_close(overridden, _reference_unet(tiny.unet, latents, text, ctx), **TOL)
+
+
+def test_explicit_cross_maps_respect_the_text_mask(tiny):
+    latents, text = _inputs(2)
+    mask = torch.ones(4, 7)
+    mask[:, 5:] = 0
+    kwargs = dict(encoder_attention_mask=mask)
+    with torch.no_grad(), temporal_attention(tiny.unet):
+        ctx = _context(2, tta=False, window=1)
+        stock = tiny.unet(latents, 10, text, **kwargs).sample
+        explicit = tiny.unet(latents, 10, text, cross_attention_kwargs={"ctx": ctx.at_step(0, 0, control=_MapsControl(False))}, **kwargs).sample
+    torch.testing.assert_close(explicit, stock, **TOL)
+
+
+# --------------------------------------------------------------------------------------------------
+# stock structure, installation, contract checks
+# --------------------------------------------------------------------------------------------------
+
+def _attention_with_everything(seed=0):
+    """An Attention using group norm, residual connection, output rescale and spatial norm."""
+    torch.manual_seed(seed)
+    return Attention(32, heads=2, dim_head=16, norm_num_groups=4, residual_connection=True,
+                     rescale_output_factor=2.0, spatial_norm_dim=3, bias=True).eval()
+
+
+@torch.no_grad()
+def test_stock_structure_for_four_dimensional_input():
+    attn = _attention_with_everything()
+    frames, height, width = 3, 4, 6
+    hidden = torch.randn(2 * frames, 32, height, width)
+    temb = torch.randn(2 * frames, 3, height, width)
+    stock = AttnProcessor2_0()(attn, hidden, temb=temb)
+    for processor in (TemporalSelfAttention("x"), CrossAttention("x")):
+        torch.testing.assert_close(processor(attn, hidden, temb=temb), stock, **TOL)
+    ctx = AttentionContext(frames=frames, branches=("a", "b"), window=1, tta=False)
+    torch.testing.assert_close(TemporalSelfAttention("x")(attn, hidden, temb=temb, ctx=ctx), stock, **TOL)
+    # TTA on 4-D input takes its grid from the input, not from the latent size
+    grid = static_partition(height, width, frames)
+    ctx = AttentionContext(frames=frames, branches=("a", "b"), trajectories=TrajectorySet({(height, width): grid}))
+    out = TemporalSelfAttention("x")(attn, hidden, temb=temb, ctx=ctx)
+    assert out.shape == hidden.shape and not torch.allclose(out, stock, atol=1e-4)
+
+
+def test_install_names_and_restore(tiny):
+    unet = tiny.unet
+    before = dict(unet.attn_processors)
+    layers = attention_layers(unet)
+    assert len(layers) == 14 and sorted(set(layers.values())) == ["cross", "self"]
+    with temporal_attention(unet):
+        for path, processor in unet.attn_processors.items():
+            expected = TemporalSelfAttention if layers[path] == "self" else CrossAttention
+            assert isinstance(processor, expected) and processor.layer == path.removesuffix(".processor")
+            assert processor.layer.endswith("attn1" if layers[path] == "self" else "attn2")
+    assert unet.attn_processors == before
+    with pytest.raises(RuntimeError, match="inside"), temporal_attention(unet):
+        raise RuntimeError("inside")
+    assert unet.attn_processors == before
+
+
+def test_processors_keep_no_state(tiny):
+    latents, text = _inputs(2)
+    modules_before = {name: set(vars(module)) for name, module in tiny.unet.named_modules()}
+    with temporal_attention(tiny.unet):
+        processors = list(tiny.unet.attn_processors.values())
+        first = _unet(tiny.unet, latents, text, _context(2, control=_Recorder()))
+        second = _unet(tiny.unet, latents, text, _context(2, control=_Recorder()))
+        assert all(set(vars(processor)) == {"layer"} for processor in processors)
+    assert torch.equal(first, second)
+    assert {name: set(vars(module)) for name, module in tiny.unet.named_modules()} == modules_before
+
+
+def test_contract_violations_are_reported(tiny):
+    latents, text = _inputs(2)
+    with pytest.raises(ValueError, match="batch has 4 rows"):
+        _temporal_unet(tiny.unet, latents, text, _context(3, branches=1))
+    ctx = _context(2)
+    fine = ctx.trajectories.for_grid(*LATENT)
+    rows = [[int(t) for t in row if t >= 0] for row in fine.index]
+    rows[0] = rows[0] + [rows[1][0]]  # a token in two trajectories
+    broken = grid_from_trajectories(rows, *LATENT, 2)
+    with pytest.raises(ValueError, match="exactly once"):
+        _temporal_unet(tiny.unet, latents, text, ctx.at_step(0, 0, trajectories=TrajectorySet({LATENT: broken})))
+    unsorted = TrajectoryGrid(*LATENT, 2, fine.index.flip(0), fine.lengths.flip(0))
+    with pytest.raises(ValueError, match="longest first"):
+        _temporal_unet(tiny.unet, latents, text, ctx.at_step(0, 0, trajectories=TrajectorySet({LATENT: unsorted})))
+    with pytest.raises(ValueError, match="3 frames"):
+        _temporal_unet(tiny.unet, latents, text, _context(3, branches=1).at_step(0, 0, frames=4, branches=("a",)))
