@@ -62,3 +62,46 @@ class EditConfig(Frozen):
     seed: int = 0
     inject: bool = True
     exact: bool = False  # correct the edit path with the cached inversion path (reconstruction is then exact)
+
+
+# --------------------------------------------------------------------------------------------------
+# Specialization stage (diffferv train)
+# --------------------------------------------------------------------------------------------------
+from pathlib import Path  # noqa: E402 - appended section; the rest of the file needs no Path
+
+
+class TrainConfig(Frozen):
+    """Paper sections 3.2 and 4.1: fine-tune the UNet on captioned faces mixed with general image-text pairs.
+
+    Defaults are the paper's where it gives them (Adam, lr 2.5e-6, batch 8, 10 % prior pairs); the rest
+    (steps, augmentation ranges, checkpointing) are this tool's choices, described in `training.py`."""
+
+    faces: Path
+    out: Path
+    prior: Path | None = None
+    prior_ratio: float = Field(0.1, ge=0.0, lt=1.0, description="share of samples drawn from `prior`")
+    captions: Path | None = Field(None, description="JSONL or CSV manifest (file,text) for the face images")
+    steps: int = Field(10_000, ge=1, description="optimizer steps")
+    batch_size: int = Field(8, ge=1, description="samples per process per micro-batch")
+    grad_accum: int = Field(1, ge=1)
+    lr: float = Field(2.5e-6, gt=0.0)
+    lr_warmup_steps: int = Field(0, ge=0)
+    max_grad_norm: float | None = Field(1.0, gt=0.0)
+    resolution: int = Field(512, ge=8, multiple_of=8)
+    center_crop: bool = False
+    max_zoom: float = Field(1.3, ge=1.0, le=4.0, description="face zoom-in drawn from [1, max_zoom]")
+    max_rotation: float = Field(15.0, ge=0.0, le=45.0, description="face rotation in degrees, +-")
+    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    gradient_checkpointing: bool = False
+    use_8bit_adam: bool = False
+    ema: bool = False
+    ema_decay: float = Field(0.9999, gt=0.0, lt=1.0)
+    checkpoint_every: int = Field(1000, ge=0, description="0: no checkpoints")
+    keep_checkpoints: int = Field(3, ge=0, description="most recent checkpoints kept; 0 keeps all")
+    resume: str | None = Field(None, description="'latest' or a checkpoint folder")
+    validate_every: int = Field(0, ge=0, description="0: no validation images")
+    validation_prompts: tuple[str, ...] = ()
+    validation_steps: int = Field(25, ge=1, description="DDIM steps of a validation image")
+    validation_guidance: float = Field(7.5, ge=0.0)
+    seed: int = Field(0, ge=0)
+    workers: int = Field(2, ge=0, description="data-loading processes")
