@@ -25,14 +25,13 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save
+from safetensors.torch import save
 
 from diffferv_cli.errors import UserError
 
@@ -220,13 +219,3 @@ def trajectories_from_tensors(tensors: dict[str, torch.Tensor], frames: int):
         lengths = tensors[f"{height}x{width}.lengths"]
         grids[(height, width)] = TrajectoryGrid(height, width, frames, index.long(), lengths.long())
     return TrajectorySet(grids)
-
-
-ProgressFn = Callable[[str, int, int], None]
-
-
-def load_file_checked(path: Path) -> dict[str, torch.Tensor]:
-    try:
-        return load_file(path)
-    except (SafetensorError, OSError) as err:
-        raise UserError(f"Cannot read {path} ({err}).") from err
