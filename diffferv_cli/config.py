@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -64,12 +65,6 @@ class EditConfig(Frozen):
     exact: bool = False  # correct the edit path with the cached inversion path (reconstruction is then exact)
 
 
-# --------------------------------------------------------------------------------------------------
-# Specialization stage (diffferv train)
-# --------------------------------------------------------------------------------------------------
-from pathlib import Path  # noqa: E402 - appended section; the rest of the file needs no Path
-
-
 class TrainConfig(Frozen):
     """Paper sections 3.2 and 4.1: fine-tune the UNet on captioned faces mixed with general image-text pairs.
 
@@ -81,6 +76,7 @@ class TrainConfig(Frozen):
     prior: Path | None = None
     prior_ratio: float = Field(0.1, ge=0.0, lt=1.0, description="share of samples drawn from `prior`")
     captions: Path | None = Field(None, description="JSONL or CSV manifest (file,text) for the face images")
+    prior_captions: Path | None = Field(None, description="JSONL or CSV manifest for the prior images")
     steps: int = Field(10_000, ge=1, description="optimizer steps")
     batch_size: int = Field(8, ge=1, description="samples per process per micro-batch")
     grad_accum: int = Field(1, ge=1)

@@ -96,10 +96,8 @@ def edit(components, entry: CacheEntry, config: EditConfig, *, feature_mode: str
     with temporal_attention(components.unet), torch.inference_mode():
         for k, timestep in enumerate(scheduler.timesteps):
             inversion_step = steps - 1 - k  # the inversion step that ran at this timestep
-            inputs = {"source": lambda: entry.read_latent(inversion_step),
-                      "anchor": lambda: entry.read_latent(inversion_step + 1),
-                      "negative": lambda: x, "positive": lambda: x}
-            latents_in = {name: inputs[name]() for name in branches}
+            cached = {"source": inversion_step, "anchor": inversion_step + 1}  # branches fed from the cache
+            latents_in = {name: entry.read_latent(cached[name]) if name in cached else x for name in branches}
             if injector is not None and feature_mode == "disk":
                 injector.set_stored(entry.read_features(inversion_step))
             batch = torch.cat([latents_in[name] for name in branches])  # (branches*frames, 4, h, w)

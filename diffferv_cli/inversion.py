@@ -22,8 +22,14 @@ from diffusers import DDIMInverseScheduler
 
 from diffferv_cli.attention.context import AttentionContext
 from diffferv_cli.attention.install import temporal_attention
-from diffferv_cli.cache import (CacheEntry, cache_root, file_sha256, open_entry, trajectories_from_tensors,
-                                trajectories_to_tensors)
+from diffferv_cli.cache import (
+    CacheEntry,
+    cache_root,
+    file_sha256,
+    open_entry,
+    trajectories_from_tensors,
+    trajectories_to_tensors,
+)
 from diffferv_cli.codec import encode_frames
 from diffferv_cli.config import InversionConfig
 from diffferv_cli.features import FeatureRecorder

@@ -1,0 +1,137 @@
+"""`diffferv train` (specialization fine-tuning) and `diffferv caption` (sidecar captions)."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+
+from diffferv_cli.cli import ModelOpt, console, err_console
+from diffferv_cli.errors import UserError
+
+
+def register(app: typer.Typer) -> None:
+    app.command("train")(train_cmd)
+    app.command("caption")(caption_cmd)
+
+
+def _is_main_process() -> bool:
+    return os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0")) == "0"
+
+
+def train_cmd(
+    faces: Annotated[Path, typer.Option("--faces", help="Face images: folder (sidecar .txt captions) or .tar shards.", show_default=False)],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder: the trained diffusers model, checkpoints, validation images.", show_default=False)],
+    model: ModelOpt = "stable-diffusion-v1-5/stable-diffusion-v1-5",
+    prior: Annotated[Path | None, typer.Option("--prior", help="General image-text pairs that keep the original prior.")] = None,
+    prior_ratio: Annotated[float, typer.Option("--prior-ratio", help="Share of samples drawn from --prior.")] = 0.1,
+    captions: Annotated[Path | None, typer.Option("--captions", help="JSONL/CSV manifest (file,text) for --faces instead of sidecar .txt.")] = None,
+    prior_captions: Annotated[Path | None, typer.Option("--prior-captions", help="Same for --prior.")] = None,
+    steps: Annotated[int, typer.Option("--steps", help="Optimizer steps.")] = 10_000,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Samples per process per micro-batch.")] = 8,
+    grad_accum: Annotated[int, typer.Option("--grad-accum", help="Micro-batches per optimizer step.")] = 1,
+    lr: Annotated[float, typer.Option("--lr", help="Adam learning rate.")] = 2.5e-6,
+    warmup: Annotated[int, typer.Option("--warmup", help="Linear LR warm-up steps.")] = 0,
+    resolution: Annotated[int, typer.Option("--resolution", help="Training image size (square crops).")] = 512,
+    center_crop: Annotated[bool, typer.Option("--center-crop", help="Centre crops instead of random crops.")] = False,
+    max_zoom: Annotated[float, typer.Option("--max-zoom", help="Face zoom-in drawn from [1, max].")] = 1.3,
+    max_rotation: Annotated[float, typer.Option("--max-rotation", help="Face rotation drawn from +-max degrees.")] = 15.0,
+    mixed_precision: Annotated[str, typer.Option("--mixed-precision", help="no, fp16 or bf16.")] = "no",
+    gradient_checkpointing: Annotated[bool, typer.Option("--gradient-checkpointing", help="Trade compute for memory.")] = False,
+    adam_8bit: Annotated[bool, typer.Option("--8bit-adam", help="bitsandbytes 8-bit Adam.")] = False,
+    ema: Annotated[bool, typer.Option("--ema", help="Keep an EMA of the weights and export it.")] = False,
+    checkpoint_every: Annotated[int, typer.Option("--checkpoint-every", help="Checkpoint every N steps (0: never).")] = 1000,
+    keep_checkpoints: Annotated[int, typer.Option("--keep-checkpoints", help="Newest checkpoints kept (0: all).")] = 3,
+    resume: Annotated[str | None, typer.Option("--resume", help="'latest' or a checkpoint folder.")] = None,
+    validate_every: Annotated[int, typer.Option("--validate-every", help="Sample the validation prompts every N steps.")] = 0,
+    validation_prompt: Annotated[list[str] | None, typer.Option("--validation-prompt", help="Repeat for several.")] = None,
+    seed: Annotated[int, typer.Option("--seed")] = 0,
+    workers: Annotated[int, typer.Option("--workers", help="Data-loading processes.")] = 2,
+    cpu: Annotated[bool, typer.Option("--cpu", help="Train on the CPU even when a GPU is present.")] = False,
+) -> None:
+    """Fine-tune the UNet on captioned faces (paper section 3.2); the result loads with --model OUT."""
+    from diffferv_cli.components import load_components
+    from diffferv_cli.config import TrainConfig
+    from diffferv_cli.training import train
+
+    if mixed_precision not in ("no", "fp16", "bf16"):
+        raise UserError(f"--mixed-precision must be no, fp16 or bf16, not {mixed_precision!r}.")
+    try:
+        cfg = TrainConfig(
+            faces=faces, out=out, prior=prior, prior_ratio=prior_ratio, captions=captions,
+            prior_captions=prior_captions, steps=steps, batch_size=batch_size, grad_accum=grad_accum, lr=lr,
+            lr_warmup_steps=warmup, resolution=resolution, center_crop=center_crop, max_zoom=max_zoom,
+            max_rotation=max_rotation, mixed_precision=mixed_precision, gradient_checkpointing=gradient_checkpointing,
+            use_8bit_adam=adam_8bit, ema=ema, checkpoint_every=checkpoint_every, keep_checkpoints=keep_checkpoints,
+            resume=resume, validate_every=validate_every, validation_prompts=tuple(validation_prompt or ()),
+            seed=seed, workers=workers)
+    except ValueError as err:
+        first = err.errors()[0]
+        raise UserError(f"Invalid training setting --{str(first['loc'][-1]).replace('_', '-')}: {first['msg']}.") from None
+    components = load_components(model, device="cpu", dtype="fp32")
+    if components.is_random:
+        err_console.print(f"[yellow]Model: {components.label}[/yellow]")
+
+    columns = (TextColumn("train"), BarColumn(), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]}"),
+               TextColumn("{task.fields[rate]} step/s"), TimeElapsedColumn(), TimeRemainingColumn())
+    with Progress(*columns, console=err_console, disable=not _is_main_process()) as bars:
+        task = bars.add_task("train", total=steps, loss="-", rate="-")
+        started, first = time.perf_counter(), None
+
+        def report(progress) -> None:
+            nonlocal first
+            first = progress.step - 1 if first is None else first
+            elapsed = time.perf_counter() - started
+            rate = (progress.step - first) / elapsed if elapsed > 0 else 0.0
+            bars.update(task, completed=progress.step, loss=f"{progress.loss:.4f}", rate=f"{rate:.2f}")
+
+        result = train(components, cfg, cpu=cpu, progress=report)
+    if not _is_main_process():
+        return
+    if result.skipped:
+        err_console.print(f"Skipped {len(result.skipped)} unreadable image(s): {', '.join(result.skipped[:5])}"
+                          + (" ..." if len(result.skipped) > 5 else ""), markup=False)
+    last = f", last loss {result.losses[-1]:.4f}" if result.losses else ""
+    console.print(f"Trained {result.steps} steps{last}. Model: {out} (use it with --model {out})", markup=False)
+
+
+def caption_cmd(
+    folder: Annotated[Path, typer.Argument(help="Folder of images; writes <image>.txt beside each.", show_default=False)],
+    model: Annotated[str, typer.Option("--model", "-m", help="image-text-to-text model: hub id or local folder (e.g. mistral-community/pixtral-12b).", show_default=False)],
+    instruction: Annotated[str | None, typer.Option("--instruction", help="What chat models are asked.")] = None,
+    prefix: Annotated[str | None, typer.Option("--prefix", help="Text that plain captioners continue.")] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace existing .txt captions.")] = False,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Images per model call.")] = 4,
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens")] = 60,
+    device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda, cuda:1.")] = "auto",
+) -> None:
+    """Write a caption beside every image of FOLDER with a vision-language model."""
+    from diffferv_cli.captioning import DEFAULT_INSTRUCTION, DEFAULT_PREFIX, caption_folder, load_captioner
+
+    if not folder.is_dir():
+        raise UserError(f"{folder} is not a folder of images.")
+    if batch_size < 1:
+        raise UserError("--batch-size must be at least 1.")
+    pipe = load_captioner(model, device)
+    with Progress(TextColumn("caption"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                  console=err_console) as bars:
+        task = bars.add_task("caption", total=None)
+        result = caption_folder(folder, pipe, overwrite=overwrite, batch_size=batch_size,
+                                instruction=instruction or DEFAULT_INSTRUCTION, prefix=prefix or DEFAULT_PREFIX,
+                                max_new_tokens=max_new_tokens,
+                                progress=lambda done, total: bars.update(task, completed=done, total=total))
+    if result.unreadable:
+        err_console.print(f"Skipped {len(result.unreadable)} unreadable image(s): "
+                          + ", ".join(p.name for p in result.unreadable[:5]), markup=False)
+    console.print(f"Captions written: {len(result.written)}; kept (already captioned): {len(result.kept)}.")

@@ -1,0 +1,386 @@
+"""Specialization stage (paper sections 3.2 and 4.1): fine-tune the UNet on captioned faces.
+
+The loss is the latent diffusion loss (eq. 4), E ||eps - eps_theta(z_t, t, c)||^2 (or the velocity
+target for v-prediction models), on face image-caption pairs mixed with a share of general image-text
+pairs that keep the original prior. VAE and text encoder stay frozen. Everything device-related goes
+through accelerate, so the same code runs on a CPU, one GPU or many (`accelerate launch diffferv train
+...`, torchrun, multi-node), with mixed precision, gradient accumulation and gradient checkpointing.
+
+Determinism and resume: which image the n-th sample shows, and its augmentation, are pure functions of n
+(`train_data.SamplePlan`); the noise, timesteps and VAE sample of micro-batch m on process p come from a
+generator seeded with (seed, m, p). A checkpoint (`OUT/checkpoints/step-NNNNNNN/`: accelerate state with
+the UNet in safetensors, optimizer, LR scheduler, RNG, EMA, plus `train_state.json`) therefore holds all
+that a resumed run needs to give the same weights as an uninterrupted one.
+
+Output folder (`--out`):
+    model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/   a diffusers model: --model OUT
+    train_info.json        base model, settings, steps, last loss, unreadable images skipped
+    checkpoints/step-NNNNNNN/   resumable state (the newest `keep_checkpoints` are kept)
+    validation/step-NNNNNNN/    sample images of the validation prompts
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from diffferv_cli.config import TrainConfig
+from diffferv_cli.errors import UserError
+from diffferv_cli.train_data import ImageSet, TrainSamples, collate, scan_images
+
+STATE_FILE = "train_state.json"
+CHECKPOINTS = "checkpoints"
+STATE_FORMAT = 1
+# Settings a resumed run must share with its checkpoint (they decide which sample is which).
+RESUME_KEYS = ("batch_size", "grad_accum", "prior_ratio", "seed", "resolution", "num_processes")
+
+
+class TrainingInterrupted(UserError):
+    """Ctrl-C during training: the last finished step was saved as a checkpoint."""
+
+    exit_code = 130
+
+
+@dataclass
+class TrainProgress:
+    step: int
+    total: int
+    loss: float
+    lr: float
+    samples: int  # samples seen so far, all processes
+    skipped: int  # distinct unreadable images so far
+
+
+@dataclass
+class TrainResult:
+    out: Path
+    steps: int
+    losses: list[float] = field(default_factory=list)  # mean loss of each optimizer step of this run
+    skipped: list[str] = field(default_factory=list)
+    checkpoints: list[Path] = field(default_factory=list)
+    resumed_from: int = 0
+
+
+ProgressFn = Callable[[TrainProgress], None]
+
+
+def prepare_data(cfg: TrainConfig) -> tuple[ImageSet, ImageSet | None]:
+    faces = scan_images(cfg.faces, cfg.captions, option="--captions")
+    prior = scan_images(cfg.prior, cfg.prior_captions, option="--prior-captions") if cfg.prior else None
+    return faces, prior
+
+
+def train(components, cfg: TrainConfig, *, cpu: bool = False, progress: ProgressFn | None = None,
+          on_step: Callable[[int], None] | None = None) -> TrainResult:
+    """Fine-tune `components.unet` per `cfg` and write a diffusers model folder to `cfg.out`.
+
+    `components` is a float32 Components as loaded by `components.load_components` (or built for tests);
+    its UNet is trained in place. `on_step(step)` runs after each optimizer step (tests use it to
+    interrupt a run)."""
+    from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration
+    from diffusers import DDPMScheduler
+    from diffusers.optimization import get_scheduler
+
+    out = Path(cfg.out)
+    faces, prior = prepare_data(cfg)
+    resume_dir = _resume_folder(out, cfg.resume)
+
+    try:
+        accelerator = Accelerator(mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.grad_accum,
+                                  cpu=cpu, project_config=ProjectConfiguration(project_dir=str(out)))
+    except ValueError as err:  # e.g. fp16 on a machine without a GPU
+        raise UserError(f"Cannot train with --mixed-precision {cfg.mixed_precision} here ({err}).") from None
+    if accelerator.is_main_process:  # the other processes would see the folder the main one just made
+        _check_out_folder(out, resuming=resume_dir is not None)
+    accelerator.wait_for_everyone()
+    device = accelerator.device
+    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+
+    unet, vae, text_encoder, tokenizer = components.unet, components.vae, components.text_encoder, components.tokenizer
+    vae.requires_grad_(False).eval().to(device, dtype=weight_dtype)
+    text_encoder.requires_grad_(False).eval().to(device, dtype=weight_dtype)
+    unet.requires_grad_(True).train()
+    if cfg.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+    noise_scheduler = DDPMScheduler.from_config(components.scheduler_config)
+    scaling = float(getattr(vae.config, "scaling_factor", 0.18215))
+
+    optimizer = _optimizer(cfg, unet.parameters())
+    lr_scheduler = get_scheduler("constant_with_warmup", optimizer,
+                                 num_warmup_steps=cfg.lr_warmup_steps * accelerator.num_processes,
+                                 num_training_steps=cfg.steps * accelerator.num_processes)
+    samples_per_step = cfg.batch_size * cfg.grad_accum * accelerator.num_processes
+    dataset = TrainSamples(faces, prior, length=cfg.steps * samples_per_step, resolution=cfg.resolution,
+                           prior_ratio=cfg.prior_ratio, seed=cfg.seed, max_zoom=cfg.max_zoom,
+                           max_rotation=cfg.max_rotation, center_crop=cfg.center_crop)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=cfg.batch_size, shuffle=False, collate_fn=collate,
+                                         num_workers=cfg.workers, persistent_workers=False,
+                                         generator=torch.Generator().manual_seed(cfg.seed))
+    unet, optimizer, loader, lr_scheduler = accelerator.prepare(unet, optimizer, loader, lr_scheduler)
+    ema = None
+    if cfg.ema:
+        from diffusers.training_utils import EMAModel
+
+        ema = EMAModel(accelerator.unwrap_model(unet).parameters(), decay=cfg.ema_decay)
+        ema.to(device)
+        accelerator.register_for_checkpointing(ema)
+
+    state = _run_state(cfg, components, accelerator.num_processes)
+    start_step = 0
+    if resume_dir is not None:
+        start_step = _load_checkpoint(accelerator, resume_dir, state)
+        loader = accelerator.skip_first_batches(loader, start_step * cfg.grad_accum)
+
+    result = TrainResult(out=out, steps=start_step, resumed_from=start_step)
+    skipped: set[str] = set()
+    step, micro = start_step, start_step * cfg.grad_accum
+    step_losses: list[float] = []
+    saved_at = start_step
+    try:
+        for batch in loader:
+            if step >= cfg.steps:
+                break
+            skipped.update(batch["skipped"])
+            generator = _micro_generator(cfg.seed, micro, accelerator.process_index)
+            with accelerator.accumulate(unet):
+                loss = _diffusion_loss(batch, unet, vae, text_encoder, tokenizer, noise_scheduler, scaling,
+                                       weight_dtype, device, generator)
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and cfg.max_grad_norm:
+                    accelerator.clip_grad_norm_(unet.parameters(), cfg.max_grad_norm)
+                optimizer.step()
+                lr_scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+            micro += 1
+            step_losses.append(accelerator.gather(loss.detach()[None]).mean().item())
+            if not accelerator.sync_gradients:
+                continue
+            # one optimizer step done
+            step += 1
+            if ema is not None:
+                ema.step(accelerator.unwrap_model(unet).parameters())
+            result.losses.append(sum(step_losses) / len(step_losses))
+            step_losses = []
+            result.steps = step
+            if progress is not None and accelerator.is_main_process:
+                progress(TrainProgress(step, cfg.steps, result.losses[-1], lr_scheduler.get_last_lr()[0],
+                                       step * samples_per_step, len(skipped)))
+            if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < cfg.steps:
+                result.checkpoints.append(_save_checkpoint(accelerator, out, step, state, cfg.keep_checkpoints))
+                saved_at = step
+            if cfg.validate_every and cfg.validation_prompts and step % cfg.validate_every == 0:
+                _validate(accelerator, components, unet, cfg, out / "validation" / f"step-{step:07d}", ema)
+            if on_step is not None:
+                on_step(step)
+    except KeyboardInterrupt:
+        if step > saved_at:
+            _save_checkpoint(accelerator, out, step, state, cfg.keep_checkpoints)
+        raise TrainingInterrupted(
+            f"Interrupted after step {step} of {cfg.steps}; its checkpoint is in {out / CHECKPOINTS}, "
+            "continue with the same command and --resume latest.") from None
+
+    accelerator.wait_for_everyone()
+    result.skipped = sorted(skipped)
+    if accelerator.is_main_process:
+        trained = accelerator.unwrap_model(unet)
+        if ema is not None:
+            ema.copy_to(trained.parameters())
+        _export(components, trained, out, cfg, result)
+    accelerator.end_training()
+    return result
+
+
+# ---------------------------------------------------------------------------------------- the loss
+
+
+def _diffusion_loss(batch, unet, vae, text_encoder, tokenizer, noise_scheduler, scaling, weight_dtype, device,
+                    generator) -> torch.Tensor:
+    """Eq. 4 on one micro-batch. All random draws come from `generator` (CPU) for exact resume."""
+    pixels = batch["pixels"].to(device, dtype=weight_dtype)
+    with torch.no_grad():
+        posterior = vae.encode(pixels).latent_dist
+        latents = _sample_posterior(posterior, generator) * scaling  # (batch, 4, R/8, R/8)
+        ids = tokenizer(batch["captions"], padding="max_length", max_length=tokenizer.model_max_length,
+                        truncation=True, return_tensors="pt").input_ids.to(device)
+        text = text_encoder(ids)[0]  # (batch, 77, hidden)
+    latents = latents.float()
+    noise = torch.randn(latents.shape, generator=generator).to(device)
+    timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],),
+                              generator=generator).to(device)
+    noisy = noise_scheduler.add_noise(latents, noise, timesteps)
+    if noise_scheduler.config.prediction_type == "v_prediction":
+        target = noise_scheduler.get_velocity(latents, noise, timesteps)
+    else:
+        target = noise
+    prediction = unet(noisy, timesteps, text).sample  # mixed precision: accelerate's autocast wraps the UNet
+    return F.mse_loss(prediction.float(), target.float())
+
+
+def _sample_posterior(posterior, generator: torch.Generator) -> torch.Tensor:
+    eps = torch.randn(posterior.mean.shape, generator=generator).to(posterior.mean.device, posterior.mean.dtype)
+    return posterior.mean + posterior.std * eps
+
+
+def _micro_generator(seed: int, micro: int, process: int) -> torch.Generator:
+    state = np.random.SeedSequence([seed, micro, process]).generate_state(2, dtype=np.uint32)
+    return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
+
+
+def _optimizer(cfg: TrainConfig, parameters):
+    """Adam (paper section 4.1); bitsandbytes' 8-bit Adam when asked for."""
+    if cfg.use_8bit_adam:
+        try:
+            import bitsandbytes as bnb
+        except ImportError:
+            raise UserError("--8bit-adam needs the bitsandbytes package (pip install bitsandbytes).") from None
+        return bnb.optim.Adam8bit(parameters, lr=cfg.lr)
+    return torch.optim.Adam(parameters, lr=cfg.lr)
+
+
+# ------------------------------------------------------------------------------- out folder, resume
+
+
+def _check_out_folder(out: Path, resuming: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file; give a folder.")
+    if out.is_dir() and any(out.iterdir()) and not resuming:
+        raise UserError(f"--out {out} is not empty; continue its run with --resume latest, or choose a new folder.")
+    try:
+        (out / CHECKPOINTS).mkdir(parents=True, exist_ok=True)
+        probe = out / ".write-test"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as err:
+        raise UserError(f"Cannot write to --out {out} ({err.strerror or err}).") from None
+
+
+def _run_state(cfg: TrainConfig, components, num_processes: int) -> dict:
+    return {"format": STATE_FORMAT, "base_model": components.model_id, "fingerprint": components.fingerprint,
+            "batch_size": cfg.batch_size, "grad_accum": cfg.grad_accum, "prior_ratio": cfg.prior_ratio,
+            "seed": cfg.seed, "resolution": cfg.resolution, "num_processes": num_processes, "step": 0}
+
+
+def _checkpoints(out: Path) -> list[Path]:
+    """Finished checkpoints, oldest first."""
+    folder = out / CHECKPOINTS
+    if not folder.is_dir():
+        return []
+    found = [p for p in folder.glob("step-*") if p.is_dir() and (p / STATE_FILE).is_file()]
+    return sorted(found, key=lambda p: p.name)
+
+
+def _resume_folder(out: Path, resume: str | None) -> Path | None:
+    if resume is None:
+        return None
+    if resume == "latest":
+        found = _checkpoints(out)
+        if not found:
+            raise UserError(f"--resume latest: no checkpoint in {out / CHECKPOINTS}.")
+        return found[-1]
+    folder = Path(resume)
+    if not (folder / STATE_FILE).is_file():
+        raise UserError(f"--resume {folder}: not a checkpoint folder (no {STATE_FILE}).")
+    return folder
+
+
+def _load_checkpoint(accelerator, folder: Path, state: dict) -> int:
+    try:
+        saved = json.loads((folder / STATE_FILE).read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise UserError(f"Checkpoint {folder} is unreadable ({err}).") from None
+    if saved.get("fingerprint") != state["fingerprint"]:
+        raise UserError(f"Checkpoint {folder} was trained from model {saved.get('base_model')!r}, not "
+                        f"{state['base_model']!r}; pass the same --model or start a new --out.")
+    changed = [key for key in RESUME_KEYS if saved.get(key) != state[key]]
+    if changed:
+        detail = ", ".join(f"{key} {saved.get(key)} -> {state[key]}" for key in changed)
+        raise UserError(f"Checkpoint {folder} was made with other settings ({detail}); resume with the same ones.")
+    try:
+        accelerator.load_state(str(folder))
+    except (OSError, RuntimeError, KeyError, ValueError) as err:
+        raise UserError(f"Checkpoint {folder} cannot be loaded ({str(err).splitlines()[0]}).") from None
+    return int(saved["step"])
+
+
+def _save_checkpoint(accelerator, out: Path, step: int, state: dict, keep: int) -> Path:
+    """Write to step-N.partial, then rename: a checkpoint folder exists only when complete."""
+    final = out / CHECKPOINTS / f"step-{step:07d}"
+    partial = final.with_name(final.name + ".partial")
+    if accelerator.is_main_process and partial.exists():
+        shutil.rmtree(partial)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(partial), safe_serialization=True)
+    if accelerator.is_main_process:
+        (partial / STATE_FILE).write_text(json.dumps({**state, "step": step}, indent=2))
+        if final.exists():
+            shutil.rmtree(final)
+        partial.rename(final)
+        if keep:
+            for old in _checkpoints(out)[:-keep]:
+                shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def _export(components, trained_unet, out: Path, cfg: TrainConfig, result: TrainResult) -> None:
+    """The trained model as a diffusers folder (loadable with --model OUT), plus train_info.json."""
+    from dataclasses import replace
+
+    from diffferv_cli.components import save_components
+
+    trained_unet = trained_unet.to("cpu", dtype=torch.float32).eval()
+    exported = replace(components, unet=trained_unet, vae=components.vae.to("cpu", dtype=torch.float32),
+                       text_encoder=components.text_encoder.to("cpu", dtype=torch.float32))
+    save_components(exported, out)
+    info = {"base_model": components.model_id, "base_fingerprint": components.fingerprint, "steps": result.steps,
+            "last_loss": result.losses[-1] if result.losses else None, "skipped_images": result.skipped,
+            "settings": json.loads(cfg.model_dump_json())}
+    (out / "train_info.json").write_text(json.dumps(info, indent=2))
+
+
+def _validate(accelerator, components, unet, cfg: TrainConfig, folder: Path, ema) -> None:
+    """Sample each validation prompt (seeded) into `folder` as PNG; main process only."""
+    if not accelerator.is_main_process:
+        accelerator.wait_for_everyone()
+        return
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    model = accelerator.unwrap_model(unet)
+    if ema is not None:
+        ema.store(model.parameters())
+        ema.copy_to(model.parameters())
+    model.eval()
+    pipe = StableDiffusionPipeline(vae=components.vae, text_encoder=components.text_encoder,
+                                   tokenizer=components.tokenizer, unet=model,
+                                   scheduler=DDIMScheduler.from_config(components.scheduler_config),
+                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    folder.mkdir(parents=True, exist_ok=True)
+    for index, prompt in enumerate(cfg.validation_prompts):
+        generator = torch.Generator().manual_seed(cfg.seed + index)
+        with torch.no_grad(), accelerator.autocast():
+            image = pipe(prompt, height=cfg.resolution, width=cfg.resolution,
+                         num_inference_steps=cfg.validation_steps, guidance_scale=cfg.validation_guidance,
+                         generator=generator).images[0]
+        image.save(folder / f"{index:02d}.png")
+    (folder / "prompts.txt").write_text("\n".join(cfg.validation_prompts) + "\n")
+    if ema is not None:
+        ema.restore(model.parameters())
+    model.train()
+    accelerator.wait_for_everyone()
+
+
+def steps_per_second(progress: TrainProgress, started: float, first_step: int) -> float:
+    elapsed = time.perf_counter() - started
+    done = progress.step - first_step
+    return done / elapsed if elapsed > 0 and done > 0 else math.nan
