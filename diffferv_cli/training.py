@@ -88,8 +88,6 @@ def train(components, cfg: TrainConfig, *, cpu: bool = False, progress: Progress
     interrupt a run)."""
     from accelerate import Accelerator
     from accelerate.utils import ProjectConfiguration
-    from diffusers import DDPMScheduler
-    from diffusers.optimization import get_scheduler
 
     out = Path(cfg.out)
     faces, prior = prepare_data(cfg)
@@ -98,8 +96,25 @@ def train(components, cfg: TrainConfig, *, cpu: bool = False, progress: Progress
     try:
         accelerator = Accelerator(mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.grad_accum,
                                   cpu=cpu, project_config=ProjectConfiguration(project_dir=str(out)))
-    except ValueError as err:  # e.g. fp16 on a machine without a GPU
+    except ValueError as err:
         raise UserError(f"Cannot train with --mixed-precision {cfg.mixed_precision} here ({err}).") from None
+    try:
+        return _train(accelerator, components, cfg, faces, prior, resume_dir, progress, on_step)
+    finally:  # accelerate keeps process-wide state; a later run in this process starts clean
+        from accelerate.state import AcceleratorState, GradientState
+
+        AcceleratorState._reset_state(reset_partial_state=True)
+        GradientState._reset_state()
+
+
+def _train(accelerator, components, cfg: TrainConfig, faces: ImageSet, prior: ImageSet | None,
+           resume_dir: Path | None, progress: ProgressFn | None, on_step) -> TrainResult:
+    from diffusers import DDPMScheduler
+    from diffusers.optimization import get_scheduler
+
+    out = Path(cfg.out)
+    if accelerator.mixed_precision == "fp16" and accelerator.device.type == "cpu":
+        raise UserError("--mixed-precision fp16 needs a GPU; on the CPU use bf16 or no.")
     if accelerator.is_main_process:  # the other processes would see the folder the main one just made
         _check_out_folder(out, resuming=resume_dir is not None)
     accelerator.wait_for_everyone()

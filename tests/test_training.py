@@ -274,6 +274,12 @@ def test_unwritable_out_is_a_clear_error(tmp_path):
     _one_line_error(_train_cli("--faces", str(faces), "--out", str(blocker)), "is a file")
 
 
+def test_fp16_on_the_cpu_is_a_clear_error(tmp_path):
+    faces = _folder(tmp_path / "faces", 2)
+    _one_line_error(_train_cli("--faces", str(faces), "--out", str(tmp_path / "out"), "--mixed-precision", "fp16"),
+                    "needs a GPU")
+
+
 def test_non_empty_out_needs_resume(tmp_path):
     faces = _folder(tmp_path / "faces", 2)
     out = tmp_path / "out"
