@@ -26,7 +26,7 @@ def _step_times(run) -> list[float]:
     start = time.perf_counter()
     run(progress)
     edges = [start, *stamps]
-    return [b - a for a, b in zip(edges, edges[1:])]
+    return [b - a for a, b in zip(edges, edges[1:], strict=False)]
 
 
 def main() -> None:

@@ -5,7 +5,8 @@
     report("trajectories", rows=[{"grid": "64x64", "ms": 1.2}], settings={"frames": 32})
 
 `report` prints the rows as a table (rich when installed, plain text otherwise) and writes
-bench/results/<name>.json: {"name", "date", "machine", "settings", "rows"}. bench/results/ is git-ignored.
+bench/results/<name>.json: {"name", "date", "command", "machine", "settings", "rows"}, where "command" is
+the command line that ran the benchmark. bench/results/ is git-ignored.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ import datetime
 import json
 import os
 import platform
+import shlex
+import sys
 import time
 from collections.abc import Callable, Sequence
 from importlib import metadata
@@ -42,6 +45,16 @@ def machine() -> dict:
         "python": platform.python_version(),
         "versions": versions,
     }
+
+
+def command_line() -> str:
+    """The command that is running, as `python bench/<script>.py --option value` (script relative to the repo)."""
+    script = Path(sys.argv[0]).resolve()
+    try:
+        script = script.relative_to(RESULTS.parents[1])
+    except ValueError:
+        pass
+    return shlex.join(["python", str(script), *sys.argv[1:]])
 
 
 def best_time(fn: Callable[[], object], repeat: int = 3, warmup: int = 1) -> float:
@@ -89,6 +102,7 @@ def report(name: str, rows: Sequence[dict], settings: dict | None = None, title:
     payload = {
         "name": name,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "command": command_line(),
         "machine": machine(),
         "settings": settings or {},
         "rows": rows,
