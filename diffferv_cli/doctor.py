@@ -38,7 +38,8 @@ def run_checks() -> list[Check]:
     for package, purpose in (("dlib", "identity metrics (pip install dlib-bin face-recognition-models)"),
                              ("face_recognition_models", "dlib's face models"),
                              ("face_alignment", "optional landmark backend (downloads weights at run time)"),
-                             ("lpips", "LPIPS metric")):
+                             ("lpips", "LPIPS metric"),
+                             ("bitsandbytes", "8-bit Adam for `diffferv train --8bit-adam`")):
         found = importlib.util.find_spec(package) is not None
         checks.append(Check(package, found, purpose, optional=True))
     return checks
