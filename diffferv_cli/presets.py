@@ -21,6 +21,7 @@ contours (man, woman, smiling, bangs, glasses, beard).
 from __future__ import annotations
 
 import re
+import sys
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -86,8 +87,12 @@ class Preset(BaseModel):
 
 
 def builtin_dir() -> Path:
-    """The presets shipped with diffferv (`<repo>/presets`)."""
-    return Path(__file__).resolve().parent.parent / "presets"
+    """The presets shipped with diffferv: `<repo>/presets` in a source checkout (editable install), else
+    `<prefix>/share/diffferv/presets`, where a wheel install puts them (pyproject data-files)."""
+    checkout = Path(__file__).resolve().parent.parent / "presets"
+    if checkout.is_dir():
+        return checkout
+    return Path(sys.prefix) / "share" / "diffferv" / "presets"
 
 
 def _read(path: Path) -> Preset:

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import difflib
+from pathlib import Path
 
 import pytest
 from pydantic import ValidationError
 
 from diffferv_cli.errors import UserError
 from diffferv_cli.presets import Preset, builtin_dir, list_presets, load_preset
+
+REPO = Path(__file__).resolve().parents[1]
 
 REQUIRED = {"age", "young", "man", "woman", "smiling", "blond", "bangs", "lipstick", "glasses"}
 TEXTURE = {"age", "young", "blond", "lipstick"}  # paper: tau_app 0.9
@@ -95,3 +98,21 @@ def test_missing_preset_file_or_folder(tmp_path):
         load_preset(str(tmp_path / "nope.toml"))
     with pytest.raises(UserError, match="preset folder .* does not exist"):
         list_presets(tmp_path / "nowhere")
+
+
+def test_builtin_presets_are_found_in_a_wheel_install(tmp_path, monkeypatch):
+    """Outside a source checkout the presets come from <prefix>/share/diffferv/presets (pyproject data-files)."""
+    import sys
+
+    import diffferv_cli.presets as presets_module
+
+    installed = tmp_path / "prefix" / "share" / "diffferv" / "presets"
+    installed.mkdir(parents=True)
+    for source in (REPO / "presets").glob("*.toml"):
+        (installed / source.name).write_text(source.read_text())
+    monkeypatch.setattr(presets_module, "__file__", str(tmp_path / "site-packages" / "diffferv_cli" / "presets.py"))
+    monkeypatch.setattr(sys, "prefix", str(tmp_path / "prefix"))
+    assert presets_module.builtin_dir() == installed
+    assert presets_module.load_preset("age").tau_app == 0.9
+    pyproject = (REPO / "pyproject.toml").read_text()
+    assert '"share/diffferv/presets" = ["presets/*.toml"]' in pyproject
