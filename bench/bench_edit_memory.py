@@ -3,7 +3,7 @@ write, with the full-size SD1.5-shaped model (random weights). Memory does not g
 steps (latents are streamed to and from the cache), so a run at reduced steps measures the peak of a
 full run.
 
-    python bench/bench_edit_memory.py --size 512 --frames 16 --steps 1 [--device cuda]
+    python bench/bench_edit_memory.py --size 512 --frames 16 --steps 1 [--width 512] [--device cuda]
 """
 
 from __future__ import annotations
@@ -28,9 +28,9 @@ from diffferv_cli.components import build_full_size_random, pick_dtype
 from diffferv_cli.config import ClipSpec, EditConfig, InversionConfig
 from diffferv_cli.video import make_test_clip, read_clip
 from diffferv_cli.workflow import run_edits
-size, frames, steps, device, work = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], Path(sys.argv[5])
+size, frames, steps, device, work, width = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], Path(sys.argv[5]), int(sys.argv[6])
 device = torch.device(device)
-video = make_test_clip(work / "clip.mp4", width=size * 16 // 9 // 64 * 64, height=size, frames=frames, fps=24)
+video = make_test_clip(work / "clip.mp4", width=width or size * 16 // 9 // 64 * 64, height=size, frames=frames, fps=24)
 clip = read_clip(video, ClipSpec(short_side=size, multiple=64))
 components = build_full_size_random().to(device, pick_dtype(device))
 start = time.perf_counter()
@@ -48,11 +48,12 @@ def main() -> None:
     parser.add_argument("--frames", type=int, default=16)
     parser.add_argument("--steps", type=int, default=1)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--width", type=int, default=0, help="clip width (default: 16:9 for --size)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as work:
         started = time.perf_counter()
         done = subprocess.run([sys.executable, "-c", CHILD, str(args.size), str(args.frames), str(args.steps),
-                               args.device, work], capture_output=True, text=True)
+                               args.device, work, str(args.width)], capture_output=True, text=True)
         if done.returncode:
             sys.exit(done.stderr[-2000:])
         child = json.loads(done.stdout.strip().splitlines()[-1])
