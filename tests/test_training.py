@@ -345,3 +345,55 @@ def test_caption_with_an_unavailable_model_is_a_clear_error(tmp_path):
     faces = _folder(tmp_path / "faces", 1, captions=False)
     _one_line_error(CliRunner().invoke(app, ["caption", str(faces), "--model", str(tmp_path / "no-such-model")]),
                     "cannot be loaded")
+
+
+@pytest.fixture(scope="module")
+def tiny_chat_captioner(tmp_path_factory) -> Path:
+    """A random-weight LLaVA (the Pixtral family's layout) with a word-level tokenizer and a chat template."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import (
+        CLIPVisionConfig,
+        LlamaConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        LlavaProcessor,
+        PreTrainedTokenizerFast,
+    )
+    from transformers.models.clip import CLIPImageProcessor
+
+    folder = tmp_path_factory.mktemp("llava")
+    words = ["<pad>", "<unk>", "<s>", "</s>", "<image>", *"a photo of the person man woman with smiling hair "
+             "glasses young old face beard blond user assistant : write one short caption".split()]
+    word_level = Tokenizer(models.WordLevel({word: i for i, word in enumerate(words)}, unk_token="<unk>"))
+    word_level.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=word_level, unk_token="<unk>", pad_token="<pad>",
+                                        bos_token="<s>", eos_token="</s>")
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<image>"]})
+    template = ("{% for m in messages %}{{ m['role'] }} : {% for c in m['content'] %}{% if c['type'] == 'image' %}"
+                "<image> {% else %}{{ c['text'] }} {% endif %}{% endfor %}{% endfor %}"
+                "{% if add_generation_prompt %}assistant : {% endif %}")
+    torch.manual_seed(0)
+    config = LlavaConfig(
+        vision_config=CLIPVisionConfig(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=2,
+                                       image_size=32, patch_size=8, projection_dim=32),
+        text_config=LlamaConfig(vocab_size=len(words), hidden_size=32, intermediate_size=37, num_hidden_layers=1,
+                                num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=128,
+                                pad_token_id=0, bos_token_id=2, eos_token_id=3),
+        image_token_index=4, vision_feature_layer=-1, vision_feature_select_strategy="default")
+    LlavaForConditionalGeneration(config).save_pretrained(folder)
+    LlavaProcessor(image_processor=CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}),
+                   tokenizer=tokenizer, chat_template=template, patch_size=8, vision_feature_select_strategy="default",
+                   num_additional_image_tokens=1).save_pretrained(folder)
+    return folder
+
+
+def test_caption_with_a_chat_model_writes_only_the_answer(tmp_path, tiny_chat_captioner):
+    faces = _folder(tmp_path / "faces", 2, captions=False)
+    result = CliRunner().invoke(app, ["caption", str(faces), "--model", str(tiny_chat_captioner), "--device", "cpu",
+                                      "--max-new-tokens", "5"])
+    assert result.exit_code == 0, result.output
+    assert "Captions written: 2" in result.output
+    for name in ("img00.txt", "img01.txt"):
+        text = (faces / name).read_text().strip()
+        assert text and "user" not in text and "<image>" not in text and "assistant" not in text
+    assert len(scan_images(faces)) == 2
