@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from diffferv_cli.errors import UserError
-from diffferv_cli.train_data import IMAGE_SUFFIXES, UNREADABLE
+from diffferv_cli.train_data import IMAGE_SUFFIXES, UNREADABLE, image_files
 
 DEFAULT_INSTRUCTION = ("Write one short caption for this photo, starting with 'a photo of'. Name the person's "
                        "apparent age and gender, hair, facial expression and any glasses, beard or make-up.")
@@ -70,7 +70,7 @@ def caption_folder(folder: Path, pipe, *, overwrite: bool = False, batch_size: i
     folder = Path(folder)
     if not folder.is_dir():
         raise UserError(f"{folder} is not a folder of images.")
-    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    files = image_files(folder)
     if not files:
         raise UserError(f"No images found in {folder} (looked for {', '.join(IMAGE_SUFFIXES)}).")
     result = CaptionResult()

@@ -94,7 +94,7 @@ def scan_images(root: Path, captions: Path | None = None, option: str = "--capti
         missing = [name for name, item in items if item is None]
         found = [item for _, item in items if item is not None]
     else:
-        files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+        files = image_files(root)
         table = _read_manifest(captions, root) if captions else None
         found, missing = [], []
         for file in files:
@@ -114,6 +114,11 @@ def scan_images(root: Path, captions: Path | None = None, option: str = "--capti
             "(JSONL or CSV with file,text)."
         )
     return ImageSet(root, tuple(found))
+
+
+def image_files(folder: Path) -> list[Path]:
+    """The image files under `folder` (recursively, by suffix), sorted."""
+    return sorted(p for p in Path(folder).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
 
 
 def _caption_for(file: Path, relative: str, table: dict[str, str] | None) -> str | None:

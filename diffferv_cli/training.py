@@ -22,9 +22,7 @@ Output folder (`--out`):
 from __future__ import annotations
 
 import json
-import math
 import shutil
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -89,13 +87,12 @@ def train(components, cfg: TrainConfig, *, cpu: bool = False, progress: Progress
     from accelerate import Accelerator
     from accelerate.utils import ProjectConfiguration
 
-    out = Path(cfg.out)
     faces, prior = prepare_data(cfg)
-    resume_dir = _resume_folder(out, cfg.resume)
+    resume_dir = _resume_folder(Path(cfg.out), cfg.resume)
 
     try:
         accelerator = Accelerator(mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.grad_accum,
-                                  cpu=cpu, project_config=ProjectConfiguration(project_dir=str(out)))
+                                  cpu=cpu, project_config=ProjectConfiguration(project_dir=str(cfg.out)))
     except ValueError as err:
         raise UserError(f"Cannot train with --mixed-precision {cfg.mixed_precision} here ({err}).") from None
     try:
@@ -224,7 +221,8 @@ def _diffusion_loss(batch, unet, vae, text_encoder, tokenizer, noise_scheduler, 
     pixels = batch["pixels"].to(device, dtype=weight_dtype)
     with torch.no_grad():
         posterior = vae.encode(pixels).latent_dist
-        latents = _sample_posterior(posterior, generator) * scaling  # (batch, 4, R/8, R/8)
+        latents = posterior.sample(generator=generator) * scaling  # (batch, 4, R/8, R/8)
+        # not prompts.encode_prompts: its inference-mode tensors cannot enter a graph that is differentiated
         ids = tokenizer(batch["captions"], padding="max_length", max_length=tokenizer.model_max_length,
                         truncation=True, return_tensors="pt").input_ids.to(device)
         text = text_encoder(ids)[0]  # (batch, 77, hidden)
@@ -239,11 +237,6 @@ def _diffusion_loss(batch, unet, vae, text_encoder, tokenizer, noise_scheduler, 
         target = noise
     prediction = unet(noisy, timesteps, text).sample  # mixed precision: accelerate's autocast wraps the UNet
     return F.mse_loss(prediction.float(), target.float())
-
-
-def _sample_posterior(posterior, generator: torch.Generator) -> torch.Tensor:
-    eps = torch.randn(posterior.mean.shape, generator=generator).to(posterior.mean.device, posterior.mean.dtype)
-    return posterior.mean + posterior.std * eps
 
 
 def _micro_generator(seed: int, micro: int, process: int) -> torch.Generator:
@@ -394,8 +387,3 @@ def _validate(accelerator, components, unet, cfg: TrainConfig, folder: Path, ema
     model.train()
     accelerator.wait_for_everyone()
 
-
-def steps_per_second(progress: TrainProgress, started: float, first_step: int) -> float:
-    elapsed = time.perf_counter() - started
-    done = progress.step - first_step
-    return done / elapsed if elapsed > 0 and done > 0 else math.nan
