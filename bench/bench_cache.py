@@ -26,8 +26,8 @@ def main() -> None:
 
     from diffferv_cli.components import build_tiny_random
     from diffferv_cli.config import ClipSpec, InversionConfig
-    from diffferv_cli.inversion import invert
-    from diffferv_cli.video import make_test_clip, read_clip
+    from diffferv_cli.editing.inversion import invert
+    from diffferv_cli.video.io import make_test_clip, read_clip
 
     with tempfile.TemporaryDirectory() as work:
         work = Path(work)

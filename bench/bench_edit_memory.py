@@ -26,8 +26,8 @@ from pathlib import Path
 import torch
 from diffferv_cli.components import build_full_size_random, pick_dtype
 from diffferv_cli.config import ClipSpec, EditConfig, InversionConfig
-from diffferv_cli.video import make_test_clip, read_clip
-from diffferv_cli.workflow import run_edits
+from diffferv_cli.video.io import make_test_clip, read_clip
+from diffferv_cli.editing.job import run_edits
 size, frames, steps, device, work, width = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], Path(sys.argv[5]), int(sys.argv[6])
 device = torch.device(device)
 video = make_test_clip(work / "clip.mp4", width=width or size * 16 // 9 // 64 * 64, height=size, frames=frames, fps=24)

@@ -41,9 +41,9 @@ def main() -> None:
 
     from diffferv_cli.components import build_full_size_random, pick_dtype
     from diffferv_cli.config import ClipSpec, EditConfig, InversionConfig
-    from diffferv_cli.editing import edit
-    from diffferv_cli.inversion import invert
-    from diffferv_cli.video import make_test_clip, read_clip
+    from diffferv_cli.editing.inversion import invert
+    from diffferv_cli.editing.sampling import edit
+    from diffferv_cli.video.io import make_test_clip, read_clip
 
     device = torch.device(args.device)
     components = build_full_size_random().to(device, pick_dtype(device))

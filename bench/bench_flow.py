@@ -21,7 +21,7 @@ sys.path[:0] = [str(BENCH), str(BENCH.parent)]  # common.py, and diffferv_cli wi
 
 from common import best_time, report, textured_clip, textured_image  # noqa: E402
 
-from diffferv_cli.flow import DISFlow, compute_flow  # noqa: E402
+from diffferv_cli.temporal.flow import DISFlow, compute_flow  # noqa: E402
 
 
 def known_warp(size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

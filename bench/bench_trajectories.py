@@ -24,8 +24,8 @@ sys.path[:0] = [str(BENCH), str(BENCH.parent)]  # common.py, and diffferv_cli wi
 
 from common import best_time, report, textured_clip  # noqa: E402
 
-from diffferv_cli.flow import compute_flow  # noqa: E402
-from diffferv_cli.trajectories import (  # noqa: E402
+from diffferv_cli.temporal.flow import compute_flow  # noqa: E402
+from diffferv_cli.temporal.trajectories import (  # noqa: E402
     buckets,
     build_grid_trajectories,
     build_trajectories,

@@ -30,12 +30,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from common import report  # noqa: E402
 
-from diffferv_cli.attention import AttentionContext, temporal_attention  # noqa: E402
-from diffferv_cli.attention.reference import (  # noqa: E402
+from diffferv_cli.temporal import AttentionContext, temporal_attention  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from reference_attention import (  # noqa: E402
     static_partition,
     trajectory_set,
     translating_partition,
 )
+
 from diffferv_cli.components import build_full_size_random  # noqa: E402
 
 VELOCITY = (0.3, 0.5)  # latent pixels per frame, rows and columns

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from diffferv_cli.video import ffmpeg_exe, probe
+from diffferv_cli.video.io import ffmpeg_exe, probe
 
 
 def decode_all(path: Path) -> np.ndarray:

@@ -7,17 +7,7 @@ import logging
 import pytest
 import torch
 from diffusers.models.attention_processor import Attention, AttnProcessor2_0
-
-from diffferv_cli.attention import (
-    AttentionContext,
-    CrossAttention,
-    TemporalSelfAttention,
-    attention_layers,
-    sliding_window_attention,
-    temporal_attention,
-    trajectory_attention,
-)
-from diffferv_cli.attention.reference import (
+from reference_attention import (
     ReferenceCrossAttention,
     ReferenceSelfAttention,
     grid_from_trajectories,
@@ -29,7 +19,17 @@ from diffferv_cli.attention.reference import (
     trajectory_set,
     translating_partition,
 )
-from diffferv_cli.trajectories import TrajectoryGrid, TrajectorySet
+
+from diffferv_cli.temporal import (
+    AttentionContext,
+    CrossAttention,
+    TemporalSelfAttention,
+    attention_layers,
+    sliding_window_attention,
+    temporal_attention,
+    trajectory_attention,
+)
+from diffferv_cli.temporal.trajectories import TrajectoryGrid, TrajectorySet
 
 LATENT = (8, 12)  # non-square: token grids (8, 12) and (4, 6) in the tiny UNet
 TOL = dict(atol=1e-5, rtol=1e-5)

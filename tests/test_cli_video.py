@@ -7,7 +7,7 @@ from media import audio_only, empty_file, text_as_video
 from typer.testing import CliRunner
 
 from diffferv_cli.cli import app
-from diffferv_cli.video import make_test_clip
+from diffferv_cli.video.io import make_test_clip
 
 
 def invoke(*args: str):

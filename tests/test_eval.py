@@ -10,7 +10,7 @@ import pytest
 from typer.testing import CliRunner
 
 from diffferv_cli.cli import app
-from diffferv_cli.evaluation import EvalConfig, evaluate
+from diffferv_cli.evaluation.report import EvalConfig, evaluate
 
 
 def _texture_clip(frames: int = 5, height: int = 48, width: int = 64, seed: int = 0) -> np.ndarray:
@@ -128,7 +128,7 @@ def test_unreadable_inputs_are_user_errors(texture_folders, tmp_path):
 
 
 def test_unreadable_video_is_a_user_error(texture_folders, tmp_path):
-    pytest.importorskip("diffferv_cli.video", reason="diffferv_cli.video is not written yet")
+    pytest.importorskip("diffferv_cli.video.io", reason="diffferv_cli.video.io is not written yet")
     bogus = tmp_path / "bogus.mp4"
     bogus.write_bytes(b"\x00" * 1000)
     code, output = _eval(bogus, bogus)
@@ -136,7 +136,7 @@ def test_unreadable_video_is_a_user_error(texture_folders, tmp_path):
 
 
 def test_video_against_itself(tmp_path):
-    video = pytest.importorskip("diffferv_cli.video", reason="diffferv_cli.video is not written yet")
+    video = pytest.importorskip("diffferv_cli.video.io", reason="diffferv_cli.video.io is not written yet")
     clip = video.make_test_clip(tmp_path / "clip.mp4", width=64, height=48, frames=4, fps=8)
     out = tmp_path / "video.json"
     code, output = _eval(clip, clip, "--json", out, "--no-temporal")
@@ -148,7 +148,7 @@ def test_video_against_itself(tmp_path):
 
 def test_a_video_and_its_frames_compare_equal(tmp_path):
     """Folders of frames go through read_clip's geometry: an odd long side is padded the same way."""
-    video = pytest.importorskip("diffferv_cli.video", reason="diffferv_cli.video is not written yet")
+    video = pytest.importorskip("diffferv_cli.video.io", reason="diffferv_cli.video.io is not written yet")
     from diffferv_cli.config import ClipSpec
 
     clip_path = video.make_test_clip(tmp_path / "clip.mp4", width=70, height=48, frames=3, fps=8)

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from diffferv_cli import faces, metrics
+from diffferv_cli.evaluation import faces, metrics
 
 
 @pytest.fixture(scope="session")

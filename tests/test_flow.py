@@ -1,4 +1,4 @@
-"""diffferv_cli.flow: DIS on known motion, the forward-backward occlusion check, resampling to token grids."""
+"""diffferv_cli.temporal.flow: DIS on known motion, the forward-backward occlusion check, resampling to token grids."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from diffferv_cli.flow import ClipFlow, DISFlow, compute_flow, occlusion_mask
+from diffferv_cli.temporal.flow import ClipFlow, DISFlow, compute_flow, occlusion_mask
 
 
 def textured(height: int, width: int, seed: int = 0) -> np.ndarray:

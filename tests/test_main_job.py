@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from diffferv_cli.config import ClipSpec, EditConfig, InversionConfig
-from diffferv_cli.editing import edit
+from diffferv_cli.editing.inversion import invert
+from diffferv_cli.editing.sampling import edit
 from diffferv_cli.errors import UserError
-from diffferv_cli.inversion import invert
 
 STEPS = 4
 SPEC = ClipSpec(short_side=64, multiple=16, frames=4)
@@ -18,7 +18,7 @@ SPEC = ClipSpec(short_side=64, multiple=16, frames=4)
 
 @pytest.fixture(scope="module")
 def clip_path(tmp_path_factory):
-    from diffferv_cli.video import make_test_clip
+    from diffferv_cli.video.io import make_test_clip
 
     return make_test_clip(tmp_path_factory.mktemp("clip") / "clip.mp4", width=96, height=64, frames=6, fps=24,
                           audio=True)
@@ -26,7 +26,7 @@ def clip_path(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def clip(clip_path):
-    from diffferv_cli.video import read_clip
+    from diffferv_cli.video.io import read_clip
 
     return read_clip(clip_path, SPEC)
 
@@ -101,7 +101,7 @@ def test_injection_brings_reconstruction_closer(clip, tmp_path):
 
 def test_changed_inputs_make_new_cache_entries(tiny, clip, clip_path, tmp_path):
     from diffferv_cli.components import build_tiny_random
-    from diffferv_cli.video import make_test_clip, read_clip
+    from diffferv_cli.video.io import make_test_clip, read_clip
 
     base = invert(tiny, clip, _inversion(), cache_dir=tmp_path).entry.folder
     folders = {base}
@@ -155,7 +155,7 @@ def test_latents_are_float32_and_cache_is_small(tiny, clip, tmp_path):
 
 
 def test_edit_prompt_word_alignment(tiny):
-    from diffferv_cli.prompts import token_alignment
+    from diffferv_cli.editing.prompts import token_alignment
 
     tok = tiny.tokenizer
     mapping = token_alignment(tok, "a photo of a person", "a photo of an old person")
@@ -174,7 +174,7 @@ def test_cli_edit_end_to_end(clip_path, tmp_path):
     from typer.testing import CliRunner
 
     from diffferv_cli.cli import app
-    from diffferv_cli.video import probe
+    from diffferv_cli.video.io import probe
 
     out = tmp_path / "edited.mp4"
     args = ["edit", str(clip_path), "--preset", "age", "--model", "tiny-random", "--size", "64", "--steps", "2",

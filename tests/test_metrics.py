@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from diffferv_cli import metrics
+from diffferv_cli.evaluation import metrics
 
 
 def _e(axis: int, length: float) -> np.ndarray:

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
+from diffferv_cli.editing.presets import Preset, builtin_dir, list_presets, load_preset
 from diffferv_cli.errors import UserError
-from diffferv_cli.presets import Preset, builtin_dir, list_presets, load_preset
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -104,7 +104,7 @@ def test_builtin_presets_are_found_in_a_wheel_install(tmp_path, monkeypatch):
     """Outside a source checkout the presets come from <prefix>/share/diffferv/presets (pyproject data-files)."""
     import sys
 
-    import diffferv_cli.presets as presets_module
+    import diffferv_cli.editing.presets as presets_module
 
     installed = tmp_path / "prefix" / "share" / "diffferv" / "presets"
     installed.mkdir(parents=True)

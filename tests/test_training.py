@@ -17,7 +17,7 @@ from diffferv_cli.cli import app
 from diffferv_cli.components import build_tiny_random
 from diffferv_cli.config import TrainConfig
 from diffferv_cli.errors import UserError
-from diffferv_cli.train_data import (
+from diffferv_cli.training.data import (
     SamplePlan,
     TrainSamples,
     collate,
@@ -26,7 +26,7 @@ from diffferv_cli.train_data import (
     scan_images,
     to_tensor,
 )
-from diffferv_cli.training import TrainingInterrupted, _diffusion_loss, train
+from diffferv_cli.training.loop import TrainingInterrupted, _diffusion_loss, train
 
 RESOLUTION = 32  # the tiny VAE downsamples by 8: 4x4 latents
 
@@ -209,7 +209,7 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path):
 
 def test_exported_folder_loads_with_model_and_runs_edit(tmp_path):
     from diffferv_cli.components import load_components
-    from diffferv_cli.video import make_test_clip, probe
+    from diffferv_cli.video.io import make_test_clip, probe
 
     faces = _folder(tmp_path / "faces", 4)
     out = tmp_path / "model"

@@ -1,4 +1,4 @@
-"""diffferv_cli.trajectories: the vectorised linking against the plain-Python reference, and known motions."""
+"""diffferv_cli.temporal.trajectories: the vectorised linking against the plain-Python reference, and known motions."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from diffferv_cli.flow import ClipFlow, DISFlow, compute_flow
-from diffferv_cli.trajectories import (
+from diffferv_cli.temporal.flow import ClipFlow, DISFlow, compute_flow
+from diffferv_cli.temporal.trajectories import (
     TrajectoryGrid,
     buckets,
     build_grid_trajectories,

@@ -11,7 +11,7 @@ from media import audio_only, decode_all, empty_file, files_in, psnr, text_as_vi
 
 from diffferv_cli.config import ClipSpec
 from diffferv_cli.errors import UserError
-from diffferv_cli.video import (
+from diffferv_cli.video.io import (
     Geometry,
     ffmpeg_version,
     frame_selection,
@@ -350,7 +350,7 @@ def test_pad_is_undone_exactly():
     source = rng.integers(0, 256, (2, 64, 80, 3), dtype=np.uint8)
     geometry = working_geometry((80, 64), ClipSpec(short_side=64, multiple=32))  # 80 -> 96: pad 8 + 8
     assert geometry.crop == (-8, 0, -8, 0)
-    from diffferv_cli.video import _scaled_to_working
+    from diffferv_cli.video.io import _scaled_to_working
 
     working = _scaled_to_working(source, geometry.crop)
     assert working.shape == (2, 64, 96, 3)

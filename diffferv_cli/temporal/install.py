@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from diffferv_cli.attention.processors import CrossAttention, TemporalSelfAttention
+from diffferv_cli.temporal.processors import CrossAttention, TemporalSelfAttention
 
 _PROCESSOR_SUFFIX = ".processor"
 

@@ -90,7 +90,7 @@ DtypeOpt = Annotated[str, typer.Option("--dtype", help="auto (fp16 on GPU, fp32 
 @app.command()
 def doctor() -> None:
     """Check ffmpeg, torch and the device, the default model's cache, and optional packages."""
-    from diffferv_cli.doctor import run_checks
+    from diffferv_cli.cli.doctor import run_checks
 
     table = Table("check", "status", "detail")
     for check in run_checks():
@@ -102,8 +102,8 @@ def _register_optional_groups() -> None:
     """Commands whose modules may be absent in a trimmed install."""
     import importlib
 
-    for module_name in ("diffferv_cli.cli_video", "diffferv_cli.cli_edit", "diffferv_cli.cli_train",
-                        "diffferv_cli.cli_eval"):
+    for module_name in ("diffferv_cli.cli.video", "diffferv_cli.cli.edit", "diffferv_cli.cli.train",
+                        "diffferv_cli.cli.evaluate"):
         try:
             module = importlib.import_module(module_name)
         except ModuleNotFoundError as err:

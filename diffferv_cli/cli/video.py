@@ -34,7 +34,7 @@ def clip_spec(start: int, frames: int | None, stride: int, size: int, multiple: 
 
 def presets_cmd(folder: PresetDirOpt = None) -> None:
     """List the edit presets (built-in, plus --dir)."""
-    from diffferv_cli.presets import list_presets
+    from diffferv_cli.editing.presets import list_presets
 
     table = Table("name", "tau_app", "guidance", "edit prompt", "description")
     for preset in list_presets(folder):
@@ -46,7 +46,7 @@ def presets_cmd(folder: PresetDirOpt = None) -> None:
 def probe_cmd(clip: ClipArg, start: StartOpt = 0, frames: FramesOpt = None, stride: StrideOpt = 1,
               size: SizeOpt = 512, multiple: MultipleOpt = 64) -> None:
     """Show a video's properties and the frames and working size diffferv would use."""
-    from diffferv_cli.video import frame_selection, probe, working_geometry
+    from diffferv_cli.video.io import frame_selection, probe, working_geometry
 
     spec = clip_spec(start, frames, stride, size, multiple)
     info = probe(clip)

@@ -77,7 +77,7 @@ def _progress():
 
 def _load(clip_path: Path, spec: ClipSpec, model: str, device: str, dtype: str, report):
     from diffferv_cli.components import load_components
-    from diffferv_cli.video import read_clip
+    from diffferv_cli.video.io import read_clip
 
     clip = read_clip(clip_path, spec, progress=lambda d, t: report("decode", d, t))
     components = load_components(model, device=device, dtype=dtype)
@@ -100,7 +100,7 @@ def invert_cmd(
     spec = _spec(start, frames, stride, size, model)
     with _progress() as report:
         video, components = _load(clip, spec, model, device, dtype, report)
-        from diffferv_cli.workflow import run_inversion
+        from diffferv_cli.editing.job import run_inversion
 
         outcome = run_inversion(components, video, config, cache_dir=cache_dir, force=force, progress=report)
     state = "reused (already cached)" if outcome.steps_run == 0 else f"{outcome.steps_run} steps run"
@@ -129,7 +129,7 @@ def edit_cmd(
     force: ForceOpt = False, device: DeviceOpt = "auto", dtype: DtypeOpt = "auto",
 ) -> None:
     """Edit a clip with presets or a prompt (inverts first when the cache has no inversion)."""
-    from diffferv_cli.presets import load_preset
+    from diffferv_cli.editing.presets import load_preset
 
     if not preset and not prompt_edit:
         raise UserError("Say what to edit: --preset NAME (see `diffferv presets`) or --prompt-edit TEXT.")
@@ -154,7 +154,7 @@ def edit_cmd(
     except ValueError as err:
         raise UserError(f"Invalid edit setting: {err.errors()[0]['loc'][-1]}: {err.errors()[0]['msg']}.") from None
     spec = _spec(start, frames, stride, size, model)
-    from diffferv_cli.workflow import run_edits
+    from diffferv_cli.editing.job import run_edits
 
     with _progress() as report:
         video, components = _load(clip, spec, model, device, dtype, report)
@@ -179,7 +179,7 @@ def reconstruct_cmd(
     force: ForceOpt = False, device: DeviceOpt = "auto", dtype: DtypeOpt = "auto",
 ) -> None:
     """Reconstruct a clip from its cached inversion and print MSE / PSNR / SSIM against the input."""
-    from diffferv_cli.workflow import check_writable, output_path, run_reconstruction, write_result
+    from diffferv_cli.editing.job import check_writable, output_path, run_reconstruction, write_result
 
     inversion = _inversion(prompt, steps, window, no_swcfa, no_tta, features, flow_preset)
     config = EditConfig(prompt_edit=inversion.prompt, inject=not plain, exact=not (plain or no_exact))

@@ -11,7 +11,7 @@ from rich.console import Console
 
 def main(argv: list[str] | None = None) -> int:
     from diffferv_cli.cli import app
-    from diffferv_cli.video import make_test_clip
+    from diffferv_cli.video.io import make_test_clip
 
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--out", type=Path, default=Path("demo-out"))

@@ -21,7 +21,7 @@ def run_checks() -> list[Check]:
 
     checks: list[Check] = []
     try:
-        from diffferv_cli.video import ffmpeg_version
+        from diffferv_cli.video.io import ffmpeg_version
 
         checks.append(Check("ffmpeg", True, ffmpeg_version()))
     except Exception as err:  # noqa: BLE001 - doctor reports every failure

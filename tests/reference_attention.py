@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import torch
 
-from diffferv_cli.attention.context import AttentionContext
-from diffferv_cli.trajectories import TrajectoryGrid, TrajectorySet
+from diffferv_cli.temporal.context import AttentionContext
+from diffferv_cli.temporal.trajectories import TrajectoryGrid, TrajectorySet
 
 
 def naive_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float) -> torch.Tensor:

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 
 from diffferv_cli.config import TrainConfig
 from diffferv_cli.errors import UserError
-from diffferv_cli.train_data import ImageSet, TrainSamples, collate, scan_images
+from diffferv_cli.training.data import ImageSet, TrainSamples, collate, scan_images
 
 STATE_FILE = "train_state.json"
 CHECKPOINTS = "checkpoints"

@@ -63,7 +63,7 @@ def train_cmd(
     """Fine-tune the UNet on captioned faces (paper section 3.2); the result loads with --model OUT."""
     from diffferv_cli.components import load_components
     from diffferv_cli.config import TrainConfig
-    from diffferv_cli.training import train
+    from diffferv_cli.training.loop import train
 
     if mixed_precision not in ("no", "fp16", "bf16"):
         raise UserError(f"--mixed-precision must be no, fp16 or bf16, not {mixed_precision!r}.")
@@ -117,7 +117,12 @@ def caption_cmd(
     device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda, cuda:1.")] = "auto",
 ) -> None:
     """Write a caption beside every image of FOLDER with a vision-language model."""
-    from diffferv_cli.captioning import DEFAULT_INSTRUCTION, DEFAULT_PREFIX, caption_folder, load_captioner
+    from diffferv_cli.training.captioning import (
+        DEFAULT_INSTRUCTION,
+        DEFAULT_PREFIX,
+        caption_folder,
+        load_captioner,
+    )
 
     if not folder.is_dir():
         raise UserError(f"{folder} is not a folder of images.")

@@ -30,8 +30,8 @@ from typing import Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
-from diffferv_cli import metrics
 from diffferv_cli.errors import UserError
+from diffferv_cli.evaluation import metrics
 
 Progress = Callable[[str, int, int], None] | None
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
@@ -139,7 +139,7 @@ def native_size(path: Path) -> tuple[int, int]:
                 return image.size
         except (UnidentifiedImageError, OSError) as err:
             raise UserError(f"Cannot read the frame {first} ({err}).") from None
-    from diffferv_cli.video import probe
+    from diffferv_cli.video.io import probe
 
     info = probe(path)
     return int(info.width), int(info.height)
@@ -181,7 +181,7 @@ def read_frames(path: Path, config: EvalConfig, short_side: int) -> np.ndarray:
     if path.is_dir():
         from PIL import Image, UnidentifiedImageError
 
-        from diffferv_cli.video import frame_selection, working_geometry
+        from diffferv_cli.video.io import frame_selection, working_geometry
 
         files = _frame_files(path)
         spec = _spec(config, short_side)
@@ -196,7 +196,7 @@ def read_frames(path: Path, config: EvalConfig, short_side: int) -> np.ndarray:
         if len({frame.shape for frame in frames}) > 1:
             raise UserError(f"The frames in {path} do not all have the same size.")
         return np.stack(frames)
-    from diffferv_cli.video import read_clip
+    from diffferv_cli.video.io import read_clip
 
     return np.asarray(read_clip(path, _spec(config, short_side)).frames)
 
@@ -253,7 +253,7 @@ def _reconstruction(report: EvalReport, source: np.ndarray, result: np.ndarray) 
 
 def _identity(report: EvalReport, source: np.ndarray, result: np.ndarray, config: EvalConfig,
               progress: Callable[[str, int, int], None]) -> None:
-    from diffferv_cli.faces import largest_face_descriptor, load_face_backend
+    from diffferv_cli.evaluation.faces import largest_face_descriptor, load_face_backend
 
     backend = load_face_backend()
     names = ("idp", "tl_id", "tg_id")
@@ -283,7 +283,7 @@ def _temporal(report: EvalReport, source: np.ndarray, result: np.ndarray, config
     if len(source) < 2:
         report.add("temporal", "warp_error", metrics.Unavailable("needs at least two frames"), better="lower")
         return
-    from diffferv_cli.flow import DISFlow, compute_flow
+    from diffferv_cli.temporal.flow import DISFlow, compute_flow
 
     flow = compute_flow(source, DISFlow(config.flow_preset), progress=lambda d, t: progress("flow", d, t))
     edited = metrics.flow_warping_error(result, flow.forward, flow.occlusion)

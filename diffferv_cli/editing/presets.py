@@ -89,7 +89,7 @@ class Preset(BaseModel):
 def builtin_dir() -> Path:
     """The presets shipped with diffferv: `<repo>/presets` in a source checkout (editable install), else
     `<prefix>/share/diffferv/presets`, where a wheel install puts them (pyproject data-files)."""
-    checkout = Path(__file__).resolve().parent.parent / "presets"
+    checkout = Path(__file__).resolve().parents[2] / "presets"
     if checkout.is_dir():
         return checkout
     return Path(sys.prefix) / "share" / "diffferv" / "presets"

@@ -49,7 +49,7 @@ def eval_command(
 
 
 def _run(original: Path, edited: Path, json_out: Path | None, **options) -> None:
-    from diffferv_cli.evaluation import EvalConfig, evaluate
+    from diffferv_cli.evaluation.report import EvalConfig, evaluate
 
     if options["similarity"] not in ("dlib", "cosine"):
         raise UserError(f"--identity-similarity must be dlib or cosine, not {options['similarity']!r}.")

@@ -20,9 +20,8 @@ from dataclasses import dataclass
 import torch
 from diffusers import DDIMInverseScheduler
 
-from diffferv_cli.attention.context import AttentionContext
-from diffferv_cli.attention.install import temporal_attention
-from diffferv_cli.cache import (
+from diffferv_cli.config import InversionConfig
+from diffferv_cli.editing.cache import (
     CacheEntry,
     cache_root,
     file_sha256,
@@ -30,10 +29,11 @@ from diffferv_cli.cache import (
     trajectories_from_tensors,
     trajectories_to_tensors,
 )
-from diffferv_cli.codec import encode_frames
-from diffferv_cli.config import InversionConfig
-from diffferv_cli.features import FeatureRecorder
-from diffferv_cli.prompts import encode_prompts
+from diffferv_cli.editing.features import FeatureRecorder
+from diffferv_cli.editing.prompts import encode_prompts
+from diffferv_cli.editing.vae import encode_frames
+from diffferv_cli.temporal.context import AttentionContext
+from diffferv_cli.temporal.install import temporal_attention
 
 Progress = Callable[[str, int, int], None] | None
 
@@ -88,8 +88,8 @@ def inverse_scheduler(components, steps: int) -> DDIMInverseScheduler:
 def invert(components, clip, config: InversionConfig, *, cache_dir=None, force: bool = False,
            progress: Progress = None) -> InversionOutcome:
     """Invert `clip` (or resume / reuse its cached inversion) and return the cache entry."""
-    from diffferv_cli.flow import DISFlow, compute_flow
-    from diffferv_cli.trajectories import build_trajectories, token_grids
+    from diffferv_cli.temporal.flow import DISFlow, compute_flow
+    from diffferv_cli.temporal.trajectories import build_trajectories, token_grids
 
     report = progress or (lambda stage, done, total: None)
     request = cache_request(clip, components, config, file_sha256(clip.info.path))

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Literal, Protocol
 import torch
 
 if TYPE_CHECKING:
-    from diffferv_cli.trajectories import TrajectorySet
+    from diffferv_cli.temporal.trajectories import TrajectorySet
 
 FeatureKind = Literal["app", "motion"]
 

@@ -1,9 +1,9 @@
 """Temporal attention for a stock diffusers UNet: SWCFA + TTA on self-attention, controllable
 cross-attention maps (paper 3.3 and 3.4). See `context.py` for the per-call contract."""
 
-from diffferv_cli.attention.context import AttentionContext, FeatureControl, FeatureKind
-from diffferv_cli.attention.install import attention_layers, temporal_attention
-from diffferv_cli.attention.processors import (
+from diffferv_cli.temporal.context import AttentionContext, FeatureControl, FeatureKind
+from diffferv_cli.temporal.install import attention_layers, temporal_attention
+from diffferv_cli.temporal.processors import (
     CrossAttention,
     TemporalSelfAttention,
     sliding_window_attention,

@@ -46,7 +46,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from diffferv_cli.flow import ClipFlow
+from diffferv_cli.temporal.flow import ClipFlow
 
 
 @dataclass(frozen=True)

@@ -29,14 +29,14 @@ import numpy as np
 import torch
 from diffusers import DDIMScheduler
 
-from diffferv_cli.attention.install import temporal_attention
-from diffferv_cli.cache import CacheEntry
-from diffferv_cli.codec import decode_latents
 from diffferv_cli.config import EditConfig
+from diffferv_cli.editing.cache import CacheEntry
+from diffferv_cli.editing.features import FeatureInjector, InjectionSchedule
+from diffferv_cli.editing.inversion import base_context
+from diffferv_cli.editing.prompts import encode_prompts, token_alignment
+from diffferv_cli.editing.vae import decode_latents
 from diffferv_cli.errors import UserError
-from diffferv_cli.features import FeatureInjector, InjectionSchedule
-from diffferv_cli.inversion import base_context
-from diffferv_cli.prompts import encode_prompts, token_alignment
+from diffferv_cli.temporal.install import temporal_attention
 
 Progress = Callable[[str, int, int], None] | None
 

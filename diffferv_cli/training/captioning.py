@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from diffferv_cli.errors import UserError
-from diffferv_cli.train_data import IMAGE_SUFFIXES, UNREADABLE, image_files
+from diffferv_cli.training.data import IMAGE_SUFFIXES, UNREADABLE, image_files
 
 DEFAULT_INSTRUCTION = ("Write one short caption for this photo, starting with 'a photo of'. Name the person's "
                        "apparent age and gender, hair, facial expression and any glasses, beard or make-up.")

@@ -8,11 +8,11 @@ from pathlib import Path
 
 import numpy as np
 
-from diffferv_cli.codec import decode_latents
 from diffferv_cli.config import EditConfig, InversionConfig
-from diffferv_cli.editing import EditResult, edit
+from diffferv_cli.editing.inversion import InversionOutcome, invert
+from diffferv_cli.editing.sampling import EditResult, edit
+from diffferv_cli.editing.vae import decode_latents
 from diffferv_cli.errors import UserError
-from diffferv_cli.inversion import InversionOutcome, invert
 
 Progress = Callable[[str, int, int], None] | None
 
@@ -49,7 +49,7 @@ def write_result(clip, frames: np.ndarray, path: Path, *, side_by_side: bool = F
                  progress: Progress = None) -> list[Path]:
     """The edited frames at source resolution with the source's audio; optionally an original|edited
     comparison at working size beside it (`<name>.side-by-side.mp4`)."""
-    from diffferv_cli.video import write_video
+    from diffferv_cli.video.io import write_video
 
     report = progress or (lambda stage, done, total: None)
     audio_start = clip.frame_indices[0] / clip.info.fps
@@ -84,7 +84,7 @@ def run_edits(components, clip, inversion: InversionConfig, edits: list[tuple[st
 
 
 def frame_metrics(reference: np.ndarray, frames: np.ndarray) -> dict[str, float]:
-    from diffferv_cli.metrics import mse, psnr, ssim
+    from diffferv_cli.evaluation.metrics import mse, psnr, ssim
 
     return {"mse": float(mse(reference, frames)), "psnr": float(psnr(reference, frames)),
             "ssim": float(ssim(reference, frames))}

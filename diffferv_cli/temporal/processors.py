@@ -27,10 +27,10 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 
-from diffferv_cli.attention.context import AttentionContext, FeatureKind
+from diffferv_cli.temporal.context import AttentionContext, FeatureKind
 
 if TYPE_CHECKING:
-    from diffferv_cli.trajectories import TrajectoryGrid
+    from diffferv_cli.temporal.trajectories import TrajectoryGrid
 
 # Explicit cross-attention maps are computed this many score elements at a time (256 MB in float32).
 CROSS_SCORES_CHUNK = 1 << 26

@@ -209,7 +209,7 @@ def trajectories_to_tensors(trajectory_set) -> dict[str, torch.Tensor]:
 
 
 def trajectories_from_tensors(tensors: dict[str, torch.Tensor], frames: int):
-    from diffferv_cli.trajectories import TrajectoryGrid, TrajectorySet
+    from diffferv_cli.temporal.trajectories import TrajectoryGrid, TrajectorySet
 
     grids = {}
     for name, index in tensors.items():

@@ -1,0 +1,1 @@
+"""Video in and out: ffmpeg probing, decoding, encoding, working-size geometry."""
