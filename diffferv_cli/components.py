@@ -190,6 +190,12 @@ def build_tiny_random(seed: int = 0) -> Components:
     )
 
 
+# Stable Diffusion 1.5's UNet (the diffusers defaults fill in the rest: 4 channels in and out, 2 layers
+# per block, CrossAttnDownBlock2D x3 + DownBlock2D, ...).
+SD15_UNET_CONFIG = dict(sample_size=64, cross_attention_dim=768, attention_head_dim=8,
+                        block_out_channels=(320, 640, 1280, 1280))
+
+
 def build_full_size_random(seed: int = 0) -> Components:
     """Full-size SD1.5 architecture with random weights (for benchmarks: real cost, no download).
     Uses the real CLIP tokenizer shape only through the tiny byte tokenizer."""
@@ -199,12 +205,7 @@ def build_full_size_random(seed: int = 0) -> Components:
     tokenizer = build_tiny_tokenizer()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        unet = UNet2DConditionModel(
-            sample_size=64,
-            cross_attention_dim=768,
-            attention_head_dim=8,
-            block_out_channels=(320, 640, 1280, 1280),
-        )
+        unet = UNet2DConditionModel(**SD15_UNET_CONFIG)
         vae = AutoencoderKL(
             block_out_channels=(128, 256, 512, 512),
             down_block_types=("DownEncoderBlock2D",) * 4,

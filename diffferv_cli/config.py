@@ -60,7 +60,6 @@ class EditConfig(Frozen):
     tau_motion: float = Field(1.0, ge=0.0, le=1.0, description="inject TTA Q,K while t > (1-tau_motion)*T")
     tau_cross: float = Field(1.0, ge=0.0, le=1.0, description="replace shared-word cross-attention maps while t > (1-tau_cross)*T")
     guidance: float = Field(5.0, ge=0.0, description="g in noise = neg + g*(pos - neg)")
-    seed: int = 0
     inject: bool = True
     exact: bool = False  # correct the edit path with the cached inversion path (reconstruction is then exact)
 

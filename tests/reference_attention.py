@@ -73,7 +73,8 @@ def _merge(per_head: torch.Tensor) -> torch.Tensor:
 
 
 class ReferenceSelfAttention:
-    """attn1 with the naive SWCFA + TTA above (3-D input, no norms: the SD1.5 transformer blocks)."""
+    """attn1 with the naive SWCFA + TTA above (3-D input, no norms: the SD1.5 transformer blocks).
+    TTA attends along trajectories with Q = K = V = the SWCFA output and replaces it."""
 
     def __init__(self, layer: str):
         self.layer = layer
@@ -92,12 +93,12 @@ class ReferenceSelfAttention:
         tokens = hidden_states.shape[1]
         if ctx.tta and ctx.trajectories is not None and ctx.grid_for(tokens) in ctx.trajectories.grids:
             grid = ctx.trajectories.for_grid(*ctx.grid_for(tokens))
-            query = _heads(attn.to_q(swcfa), ctx, heads)
-            key = _heads(attn.to_k(swcfa), ctx, heads)
-            value = _heads(attn.to_v(swcfa), ctx, heads)
+            # eq. 8 with v = the SWCFA output h: Q = K = V = h per head, the result replaces h
+            value = _heads(swcfa, ctx, heads)
+            query, key = value, value
             if ctx.control is not None:
                 query, key = ctx.control.self_attention(ctx, self.layer, "motion", query, key)
-            output = swcfa + _merge(naive_tta(query, key, value, grid, attn.scale))
+            output = _merge(naive_tta(query, key, value, grid, attn.scale))
         return attn.to_out[1](attn.to_out[0](output))
 
 

@@ -112,12 +112,11 @@ def edit_cmd(
     preset: Annotated[list[str] | None, typer.Option("--preset", "-p", help="Preset name or .toml file; repeat for several edits from one inversion.")] = None,
     prompt_edit: Annotated[str | None, typer.Option("--prompt-edit", help="Edit prompt (instead of a preset).")] = None,
     subject: Annotated[str, typer.Option("--subject", help="Fills {subject} in preset prompts.")] = "person",
-    tau_app: Annotated[float | None, typer.Option("--tau-app", help="Inject appearance while t > (1-tau)T (preset default).")] = None,
-    tau_motion: Annotated[float, typer.Option("--tau-motion", help="Same for motion features.")] = 1.0,
-    tau_cross: Annotated[float, typer.Option("--tau-cross", help="Same for cross-attention maps.")] = 1.0,
-    guidance: Annotated[float | None, typer.Option("--guidance", "-g", help="Guidance g (preset default, else 5).")] = None,
-    seed: Annotated[int, typer.Option("--seed")] = 0,
-    no_inject: Annotated[bool, typer.Option("--no-inject", help="Plain DDIM editing without preservation features.")] = False,
+    tau_app: Annotated[float | None, typer.Option("--tau-app", help="Appearance features (SWCFA Q,K) are injected in the first round(tau*T) steps, the noisiest (preset default). 0 turns only them off.")] = None,
+    tau_motion: Annotated[float, typer.Option("--tau-motion", help="Same for motion features (TTA Q,K); stays on with --tau-app 0.")] = EditConfig.model_fields["tau_motion"].default,
+    tau_cross: Annotated[float, typer.Option("--tau-cross", help="Same for shared-word cross-attention maps; stays on with --tau-app 0.")] = EditConfig.model_fields["tau_cross"].default,
+    guidance: Annotated[float | None, typer.Option("--guidance", "-g", help=f"Guidance g (preset default, else {EditConfig.model_fields['guidance'].default:g}).")] = None,
+    no_inject: Annotated[bool, typer.Option("--no-inject", help="Turn all injection off (appearance, motion, cross maps): plain DDIM editing.")] = False,
     exact: Annotated[bool, typer.Option("--exact", help="Correct the edit path with the cached inversion path.")] = False,
     out: Annotated[Path | None, typer.Option("--out", "-o", help="Output file (one edit) or folder.")] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing output file.")] = False,
@@ -142,14 +141,20 @@ def edit_cmd(
         edits.append((loaded.name, edited, tau_app if tau_app is not None else loaded.tau_app,
                       guidance if guidance is not None else loaded.guidance))
     if prompt_edit:
-        edits.append(("edit", prompt_edit, tau_app if tau_app is not None else 0.9,
-                      guidance if guidance is not None else 5.0))
+        edits.append(("edit", prompt_edit, tau_app if tau_app is not None else EditConfig.model_fields["tau_app"].default,
+                      guidance if guidance is not None else EditConfig.model_fields["guidance"].default))
     if prompt is None and len(source_prompts) == 1:
         prompt = source_prompts.pop()
     inversion = _inversion(prompt, steps, window, no_swcfa, no_tta, features, flow_preset)
+    for label, text, _, _ in edits:
+        if text == inversion.prompt:
+            what = f"--prompt-edit {text!r}" if label == "edit" else f"preset {label!r} with --subject {subject!r}"
+            raise UserError(f"Nothing to edit: {what} gives the edit prompt {text!r}, the same as the source "
+                            "prompt; choose another preset, subject or prompt (`diffferv reconstruct` rebuilds "
+                            "the input).")
     try:
         configs = [(label, EditConfig(prompt_edit=text, tau_app=tau, tau_motion=tau_motion, tau_cross=tau_cross,
-                                      guidance=g, seed=seed, inject=not no_inject, exact=exact))
+                                      guidance=g, inject=not no_inject, exact=exact))
                    for label, text, tau, g in edits]
     except ValueError as err:
         raise UserError(f"Invalid edit setting: {err.errors()[0]['loc'][-1]}: {err.errors()[0]['msg']}.") from None
@@ -170,26 +175,30 @@ def reconstruct_cmd(
     clip: ClipArg,
     out: Annotated[Path | None, typer.Option("--out", "-o", help="Output video.")] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite")] = False,
-    plain: Annotated[bool, typer.Option("--plain", help="Plain DDIM reconstruction (no injection, no correction).")] = False,
-    no_exact: Annotated[bool, typer.Option("--no-exact", help="Injection without the exact correction.")] = False,
+    plain: Annotated[bool, typer.Option("--plain", help="Plain DDIM reconstruction (no injection).")] = False,
+    exact: Annotated[bool, typer.Option("--exact", help="Add the exact correction (not in the paper): reconstruction is then bounded by the VAE round trip.")] = False,
+    compare: Annotated[bool, typer.Option("--compare", help="Also run and print the other paths (injected, --exact, plain DDIM).")] = False,
     prompt: PromptOpt = None, model: ModelOpt = "stable-diffusion-v1-5/stable-diffusion-v1-5",
     start: StartOpt = 0, frames: FramesOpt = None, stride: StrideOpt = 1, size: SizeOpt = 512,
     steps: StepsOpt = 50, window: WindowOpt = 3, no_swcfa: NoSwcfaOpt = False, no_tta: NoTtaOpt = False,
     features: FeaturesOpt = "recompute", flow_preset: FlowOpt = "medium", cache_dir: CacheOpt = None,
     force: ForceOpt = False, device: DeviceOpt = "auto", dtype: DtypeOpt = "auto",
 ) -> None:
-    """Reconstruct a clip from its cached inversion and print MSE / PSNR / SSIM against the input."""
+    """Reconstruct a clip from its cached inversion (the paper's path: preservation-feature injection) and
+    print MSE / PSNR / SSIM against the input."""
     from diffferv_cli.editing.job import check_writable, output_path, run_reconstruction, write_result
 
     inversion = _inversion(prompt, steps, window, no_swcfa, no_tta, features, flow_preset)
-    config = EditConfig(prompt_edit=inversion.prompt, inject=not plain, exact=not (plain or no_exact))
+    if plain and exact:
+        raise UserError("--plain and --exact exclude each other: --exact corrects the injected path.")
+    config = EditConfig(prompt_edit=inversion.prompt, inject=not plain, exact=exact)
     spec = _spec(start, frames, stride, size, model)
     target = output_path(clip, "reconstruct", out, 1)
     check_writable(target, [clip], overwrite)
     with _progress() as report:
         video, components = _load(clip, spec, model, device, dtype, report)
         _, reconstruction = run_reconstruction(components, video, inversion, config, cache_dir=cache_dir,
-                                               force=force, progress=report)
+                                               force=force, compare=compare, progress=report)
         write_result(video, reconstruction.result.frames, target, progress=report)
     table = Table("path", "MSE", "PSNR (dB)", "SSIM", "latent MSE", title="Reconstruction vs input (working size)")
     for label, values in reconstruction.metrics.items():

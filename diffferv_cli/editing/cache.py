@@ -35,7 +35,7 @@ from safetensors.torch import save
 
 from diffferv_cli.errors import UserError
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: TTA replaces the SWCFA output (Q = K = V = h)
 ENV_VAR = "DIFFFERV_CACHE"
 
 

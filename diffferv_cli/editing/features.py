@@ -4,7 +4,8 @@ Both classes implement `attention.context.FeatureControl`. They are owned by the
 and hold no reference to any module.
 
     appearance  F_app    = SWCFA Q,K        kind "app",    keys  "<layer>:app.q",    "<layer>:app.k"
-    motion      F_motion = TTA Q,K          kind "motion", keys  "<layer>:motion.q", "<layer>:motion.k"
+    motion      F_motion = TTA Q,K          kind "motion", key   "<layer>:motion.q" (TTA's Q and K are both
+                                                           the SWCFA output h, stored once)
     semantic    F_sem    = cross-attn maps                 key   "<layer>:cross"
 
 Values are never recorded or replaced: the edit arrives through them.
@@ -12,13 +13,21 @@ Values are never recorded or replaced: the edit arrives through them.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+from fractions import Fraction
 
 import torch
 
 
 def feature_key(layer: str, name: str) -> str:
     return f"{layer}:{name}"
+
+
+def _same_tensor(first: torch.Tensor, second: torch.Tensor) -> bool:
+    """The same memory seen the same way (TTA passes its one tensor h as both Q and K)."""
+    return (first.data_ptr() == second.data_ptr() and first.shape == second.shape
+            and first.stride() == second.stride() and first.dtype == second.dtype)
 
 
 class FeatureRecorder:
@@ -34,7 +43,8 @@ class FeatureRecorder:
     def self_attention(self, ctx, layer, kind, query, key):
         # (branches, frames, heads, tokens, head_dim) -> stored (frames, heads, tokens, head_dim)
         self.features[feature_key(layer, f"{kind}.q")] = query[0].to(self.dtype).clone()
-        self.features[feature_key(layer, f"{kind}.k")] = key[0].to(self.dtype).clone()
+        if not _same_tensor(query, key):
+            self.features[feature_key(layer, f"{kind}.k")] = key[0].to(self.dtype).clone()
         return query, key
 
     def wants_cross_maps(self, ctx, layer) -> bool:
@@ -45,10 +55,19 @@ class FeatureRecorder:
         return probs
 
 
+def injected_steps(tau: float, steps: int) -> int:
+    """How many sampling steps, counted from the noisiest, inject a feature kind with threshold `tau`:
+    round(tau * T), computed on the decimal value of tau (0.9 * 50 is 45, not 46 as float arithmetic on
+    t > (1 - tau) * T gives), halves rounded up."""
+    exact = Fraction(repr(float(tau))) * steps
+    return min(steps, max(0, math.floor(exact + Fraction(1, 2))))
+
+
 @dataclass(frozen=True)
 class InjectionSchedule:
     """When each feature kind is injected. Sampling step `step` (0 = first, noisiest) has paper time
-    t = T - step; a kind with threshold tau is injected while t > (1 - tau) * T."""
+    t = T - step; a kind with threshold tau is injected while t > (1 - tau) * T, i.e. in the first
+    round(tau * T) steps (`injected_steps`)."""
 
     steps: int
     tau_app: float = 0.9
@@ -57,7 +76,7 @@ class InjectionSchedule:
 
     def active(self, kind: str, step: int) -> bool:
         tau = {"app": self.tau_app, "motion": self.tau_motion, "cross": self.tau_cross}[kind]
-        return (self.steps - step) > (1.0 - tau) * self.steps
+        return step < injected_steps(tau, self.steps)
 
 
 class FeatureInjector:
@@ -86,7 +105,10 @@ class FeatureInjector:
             return live[ctx.branch_index(self.source_branch)]
         if self.stored is None:
             raise RuntimeError("disk feature mode needs set_stored() before the UNet call")
-        return self.stored[feature_key(layer, name)].to(device=live.device, dtype=live.dtype)
+        stored_name = feature_key(layer, name)
+        if stored_name not in self.stored and name.endswith(".k"):  # K stored once when it is Q
+            stored_name = feature_key(layer, name[:-2] + ".q")
+        return self.stored[stored_name].to(device=live.device, dtype=live.dtype)
 
     def self_attention(self, ctx, layer, kind, query, key):
         if not self.schedule.active(kind, ctx.step):

@@ -70,13 +70,13 @@ def attention_levels(unet) -> int:
     return len(unet.config.block_out_channels)
 
 
-def base_context(entry: CacheEntry, components, frames: int, branches: tuple[str, ...], mode: str) -> AttentionContext:
+def base_context(entry: CacheEntry, components, frames: int, branches: tuple[str, ...]) -> AttentionContext:
     request = entry.manifest["request"]
     temporal = request["temporal"]
     trajectories = trajectories_from_tensors(entry.read_trajectories(), frames).to(components.device)
     return AttentionContext(frames=frames, branches=branches, latent_size=tuple(entry.manifest["latent_size"]),
                             trajectories=trajectories, window=temporal["window"], swcfa=temporal["swcfa"],
-                            tta=temporal["tta"], mode=mode)
+                            tta=temporal["tta"])
 
 
 def inverse_scheduler(components, steps: int) -> DDIMInverseScheduler:
@@ -122,7 +122,7 @@ def invert(components, clip, config: InversionConfig, *, cache_dir=None, force: 
     manifest["timesteps"] = [int(t) for t in scheduler.timesteps]
     text = encode_prompts(components, [config.prompt]).repeat_interleave(frames, dim=0)  # (m, 77, hidden)
     recorder = FeatureRecorder(dtype=components.dtype) if want_features else None
-    context = base_context(entry, components, frames, ("source",), "invert")
+    context = base_context(entry, components, frames, ("source",))
     latent = entry.read_latent(start)  # float32 (m, 4, h, w)
     ran = 0
     with temporal_attention(components.unet), torch.inference_mode():

@@ -90,23 +90,29 @@ def frame_metrics(reference: np.ndarray, frames: np.ndarray) -> dict[str, float]
             "ssim": float(ssim(reference, frames))}
 
 
+def _path_label(config: EditConfig) -> str:
+    return "exact" if config.exact else ("injected (paper)" if config.inject else "plain DDIM")
+
+
 def run_reconstruction(components, clip, inversion: InversionConfig, config: EditConfig, *, cache_dir=None,
-                       force=False, compare_plain=True, progress: Progress = None) -> tuple[InversionOutcome, Reconstruction]:
-    """Reconstruction path (edit prompt = source prompt) from the cache, with metrics against the input
-    frames at working size: the VAE round trip alone (the floor), the chosen path, and plain DDIM
-    (no injection, no correction) for comparison."""
+                       force=False, compare=False, progress: Progress = None) -> tuple[InversionOutcome, Reconstruction]:
+    """Reconstruction (edit prompt = source prompt) from the cache, with metrics against the input frames
+    at working size: the VAE round trip alone (the floor), then the chosen path, then, with `compare`,
+    the other two of: injected (the paper's method), exact (injected + the exact correction), plain DDIM."""
     outcome = run_inversion(components, clip, inversion, cache_dir=cache_dir, force=force, progress=progress)
     entry = outcome.entry
     z0 = entry.read_latent(0)
     floor = decode_latents(components.vae, z0)
     metrics = {"vae round trip": frame_metrics(clip.frames, floor)}
-    result = edit(components, entry, config, feature_mode=inversion.feature_mode, progress=progress)
-    label = "exact" if config.exact else ("injected" if config.inject else "plain DDIM")
-    metrics[label] = {**frame_metrics(clip.frames, result.frames),
-                      "latent_mse": float(((result.latents - z0) ** 2).mean())}
-    if compare_plain and (config.exact or config.inject):
-        plain = edit(components, entry, config.model_copy(update={"exact": False, "inject": False}),
-                     feature_mode=inversion.feature_mode, progress=progress)
-        metrics["plain DDIM"] = {**frame_metrics(clip.frames, plain.frames),
-                                 "latent_mse": float(((plain.latents - z0) ** 2).mean())}
+    paths = [config]
+    if compare:
+        paths += [config.model_copy(update=change) for change in
+                  (dict(inject=True, exact=False), dict(inject=True, exact=True), dict(inject=False, exact=False))
+                  if config.model_copy(update=change) != config]
+    result = None
+    for path_config in paths:
+        path_result = edit(components, entry, path_config, feature_mode=inversion.feature_mode, progress=progress)
+        result = result or path_result
+        metrics[_path_label(path_config)] = {**frame_metrics(clip.frames, path_result.frames),
+                                             "latent_mse": float(((path_result.latents - z0) ** 2).mean())}
     return outcome, Reconstruction(metrics, result)

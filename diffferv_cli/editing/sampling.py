@@ -90,8 +90,7 @@ def edit(components, entry: CacheEntry, config: EditConfig, *, feature_mode: str
     inversion_timesteps = entry.manifest["timesteps"]
     if [int(t) for t in scheduler.timesteps] != inversion_timesteps[::-1]:
         raise UserError(f"The cache at {entry.folder} was inverted with other timesteps; rerun with --force.")
-    context = base_context(entry, components, frames, branches, "edit")
-    torch.manual_seed(config.seed)
+    context = base_context(entry, components, frames, branches)
     x = entry.read_latent(steps)  # z_T, float32 (m, 4, h, w)
     with temporal_attention(components.unet), torch.inference_mode():
         for k, timestep in enumerate(scheduler.timesteps):

@@ -20,7 +20,7 @@ The control returns tensors of the same shape (the same ones, or edited copies),
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Literal, Protocol
 
 import torch
@@ -62,9 +62,7 @@ class AttentionContext:
     tta: bool = True
     step: int = 0
     timestep: int = 0
-    mode: str = "plain"  # "invert", "edit", "reconstruct"... for controls and logging only
     control: FeatureControl | None = None
-    extra: dict = field(default_factory=dict)
 
     @property
     def batch(self) -> int:

@@ -261,7 +261,7 @@ def _checked(returned: torch.Tensor, expected: torch.Tensor, what: str) -> torch
 # --------------------------------------------------------------------------------------------------
 
 class TemporalSelfAttention:
-    """`attn1` processor: SWCFA (eq. 6), then TTA (eq. 8) added before `to_out`.
+    """`attn1` processor: SWCFA (eq. 6), then TTA (eq. 8) replacing the SWCFA output before `to_out`.
 
     Per call, with B branches x m frames in the batch and N tokens on a grid (h, w):
 
@@ -269,12 +269,20 @@ class TemporalSelfAttention:
        as the appearance features (`kind="app"`, the SWCFA Q,K of paper 3.4).
     2. SWCFA (eq. 6, `ctx.swcfa`): frame i's queries attend to the keys/values of frames
        max(i - w//2, 0) .. min(i + w//2, m - 1) of the same branch (see `window_bounds` for the ends and
-       even w). With `ctx.swcfa` False: per-frame self-attention (eq. 5). Result h: (B*m, N, C).
-    3. TTA (eq. 8, `ctx.tta` and trajectories for this grid): training-free, the block's own
-       projections applied to the SWCFA output: Q_TTA = to_q(h), K_TTA = to_k(h), V_TTA = to_v(h).
-       A control sees / replaces Q_TTA, K_TTA as the motion features (`kind="motion"`). Each token
-       attends to every token of its trajectory (same branch); the result is added to h.
-    4. to_out(h + TTA(h)), then the stock residual / rescale.
+       even w). With `ctx.swcfa` False: per-frame self-attention (eq. 5). Result h: (B*m, N, heads*d).
+    3. TTA (eq. 8, `ctx.tta` and trajectories for this grid), on every self-attention grid. Eq. 8 is
+       read with v = h, the SWCFA output token, and W_Q = W_K = W_V = identity (FLATTEN's training-free
+       form, Cong et al. 2024, whose trajectory rule eq. 8 cites):
+           Q_TTA = h_{i,p_i},  K_TTA = V_TTA = [h_{1,p_1} ... h_{m,p_m}],  split into the layer's heads,
+           scaled by head_dim^-1/2 (the layer's own scale).
+       Each token attends to every token of its trajectory (same branch) and the result REPLACES h.
+       The block's projections are not applied to h: W_Q, W_K, W_V were trained on the normalised block
+       input, not on attention outputs, and re-projecting would move the features off the pretrained
+       distribution. Consequence, and the reason for this form: where the tokens of a trajectory agree
+       (a static clip, one frame, a token alone on its trajectory) TTA returns h unchanged, so the
+       temporal UNet equals the stock UNet there. A control sees / replaces Q_TTA, K_TTA (= h, per
+       head) as the motion features (`kind="motion"`); the values stay the branch's own h.
+    4. to_out(h), then the stock residual / rescale.
 
     Values are never handed to a control. Without a context: exactly diffusers' AttnProcessor2_0.
     """
@@ -316,10 +324,10 @@ class TemporalSelfAttention:
         attended = sliding_window_attention(query, key, value, window, attn.scale)
         hidden_states = attended.reshape(batch, tokens, -1).to(query.dtype)  # (batch, tokens, heads*head_dim)
 
-        # 3. TTA (eq. 8) on the SWCFA output, added to it
+        # 3. TTA (eq. 8) along the trajectories of this grid, replacing the SWCFA output
         grid = self._trajectory_grid(ctx, tokens, spatial_shape)
         if grid is not None:
-            hidden_states = hidden_states + self._trajectory_attention(attn, ctx, hidden_states, grid)
+            hidden_states = self._trajectory_attention(attn, ctx, hidden_states, grid)
 
         # 4. output projection
         return _leave(attn, hidden_states, residual, spatial_shape)
@@ -345,21 +353,15 @@ class TemporalSelfAttention:
         return grid
 
     def _trajectory_attention(self, attn, ctx: AttentionContext, hidden_states, grid) -> torch.Tensor:
-        """TTA (eq. 8) with Q_TTA = to_q(h), K_TTA = to_k(h), V_TTA = to_v(h), h the SWCFA output.
-        (batch, tokens, C) -> (batch, tokens, heads*head_dim)."""
-        batch, tokens, channels = hidden_states.shape
-        if channels != attn.to_q.in_features:
-            raise ValueError(f"{self.layer}: TTA applies to_q/to_k/to_v to the SWCFA output, which needs "
-                             f"heads*head_dim ({channels}) == query_dim ({attn.to_q.in_features})")
+        """TTA (eq. 8) with Q_TTA = K_TTA = V_TTA = h, h the SWCFA output split into heads.
+        (batch, tokens, heads*head_dim) -> the same shape."""
+        batch, tokens, _ = hidden_states.shape
         leading = (len(ctx.branches), ctx.frames)
-        query = _split_heads(attn.to_q(hidden_states), leading, attn.heads)  # (B, m, N, heads, head_dim)
-        key = _split_heads(attn.to_k(hidden_states), leading, attn.heads)
-        value = _split_heads(attn.to_v(hidden_states), leading, attn.heads)
-        query, key = _norm_query_key(attn, query, key)
-        query, key = self._control(ctx, "motion", query, key)
+        per_head = _split_heads(hidden_states, leading, attn.heads)  # (B, m, N, heads, head_dim)
+        query, key = self._control(ctx, "motion", per_head, per_head)
         clip = (leading[0], ctx.frames * tokens, attn.heads, -1)  # (B, m*N, heads, head_dim)
         attended = trajectory_attention(
-            query.reshape(clip), key.reshape(clip), value.reshape(clip), grid, attn.scale
+            query.reshape(clip), key.reshape(clip), per_head.reshape(clip), grid, attn.scale
         )
         return attended.reshape(batch, tokens, -1).to(hidden_states.dtype)
 
