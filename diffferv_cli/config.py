@@ -9,6 +9,12 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 DEFAULT_SOURCE_PROMPT = "a photo of a person"
 
+# Default window: 24 frames. An edit at 512x512 in recompute mode runs 3 branches, a batch of 72. The
+# CPU measurement in the README (bench/bench_edit_memory.py: 16 frames, batch 48, float32, 10.9 GiB peak
+# for the whole job) scales to about 16 GiB for 24 frames in float32 and about half that in float16, so a
+# 24 GB GPU holds it with room to spare. An estimate from that measurement, not a GPU measurement.
+DEFAULT_WINDOW_FRAMES = 24
+
 
 class Frozen(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -50,6 +56,22 @@ class InversionConfig(Frozen):
     feature_mode: Literal["recompute", "disk"] = "recompute"
     temporal: TemporalConfig = TemporalConfig()
     flow_preset: Literal["ultrafast", "fast", "medium"] = "medium"
+    window_frames: int = Field(DEFAULT_WINDOW_FRAMES, ge=1, description="frames per temporal window of every UNet pass")
+    window_overlap: int | None = Field(None, ge=0, description="frames shared by neighbouring windows "
+                                       "(default: a quarter of the window, at least the SWCFA window)")
+
+    @model_validator(mode="after")
+    def _window_fits(self) -> InversionConfig:
+        from diffferv_cli.temporal.windows import check_window
+
+        check_window(self.window_frames, self.temporal.window, self.window_overlap)
+        return self
+
+    @property
+    def overlap(self) -> int:
+        from diffferv_cli.temporal.windows import check_window
+
+        return check_window(self.window_frames, self.temporal.window, self.window_overlap)
 
 
 class EditConfig(Frozen):

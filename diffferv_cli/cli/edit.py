@@ -11,14 +11,23 @@ from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
     Progress,
+    ProgressColumn,
     TextColumn,
     TimeElapsedColumn,
     TimeRemainingColumn,
 )
 from rich.table import Table
+from rich.text import Text
 
 from diffferv_cli.cli import DeviceOpt, DtypeOpt, ModelOpt, console, err_console
-from diffferv_cli.config import DEFAULT_SOURCE_PROMPT, ClipSpec, EditConfig, InversionConfig, TemporalConfig
+from diffferv_cli.config import (
+    DEFAULT_SOURCE_PROMPT,
+    DEFAULT_WINDOW_FRAMES,
+    ClipSpec,
+    EditConfig,
+    InversionConfig,
+    TemporalConfig,
+)
 from diffferv_cli.errors import UserError
 
 ClipArg = Annotated[Path, typer.Argument(help="Input video.", show_default=False)]
@@ -35,6 +44,10 @@ FeaturesOpt = Annotated[str, typer.Option("--features", help="recompute (only la
 CacheOpt = Annotated[Path | None, typer.Option("--cache-dir", envvar="DIFFFERV_CACHE", help="Cache folder.")]
 ForceOpt = Annotated[bool, typer.Option("--force", help="Recompute the inversion even if cached.")]
 FlowOpt = Annotated[str, typer.Option("--flow-preset", help="OpenCV DIS preset: ultrafast, fast, medium.")]
+WindowFramesOpt = Annotated[int, typer.Option(
+    "--window-frames", help=f"Frames per temporal window: every UNet pass runs on overlapping windows of this "
+    f"many frames, so memory is set by the window, not the clip's length (default {DEFAULT_WINDOW_FRAMES}: a 512x512 "
+    "edit fits a 24 GB GPU). At least --window + 1; a clip this short or shorter is one window.")]
 
 
 def _spec(start: int, frames: int | None, stride: int, size: int, model: str) -> ClipSpec:
@@ -46,7 +59,10 @@ def _spec(start: int, frames: int | None, stride: int, size: int, model: str) ->
 
 
 def _inversion(prompt: str | None, steps: int, window: int, no_swcfa: bool, no_tta: bool, features: str,
-               flow_preset: str) -> InversionConfig:
+               flow_preset: str, window_frames: int = DEFAULT_WINDOW_FRAMES) -> InversionConfig:
+    if window_frames < window + 1:
+        raise UserError(f"--window-frames must be at least the SWCFA window + 1 = {window + 1} (windows overlap "
+                        f"by at least the SWCFA window), got {window_frames}.")
     if features not in ("recompute", "disk"):
         raise UserError(f"--features must be recompute or disk, not {features!r}.")
     if flow_preset not in ("ultrafast", "fast", "medium"):
@@ -54,16 +70,25 @@ def _inversion(prompt: str | None, steps: int, window: int, no_swcfa: bool, no_t
     try:
         return InversionConfig(prompt=prompt or DEFAULT_SOURCE_PROMPT, steps=steps, feature_mode=features,
                                temporal=TemporalConfig(window=window, swcfa=not no_swcfa, tta=not no_tta),
-                               flow_preset=flow_preset)
+                               flow_preset=flow_preset, window_frames=window_frames)
     except ValueError as err:
         raise UserError(f"Invalid inversion setting: {err.errors()[0]['loc'][-1]}: {err.errors()[0]['msg']}.") from None
 
 
+class _FramesPerSecond(ProgressColumn):
+    """Frames (frame pairs for flow, frame passes through the UNet for invert/edit) per second."""
+
+    def render(self, task) -> Text:
+        speed = task.finished_speed or task.speed
+        return Text("" if speed is None else f"{speed:.1f} frames/s")
+
+
 @contextmanager
 def _progress():
-    """A rich progress bar per stage, fed by the library's (stage, done, total) callbacks."""
-    columns = (TextColumn("{task.description:>8}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-               TimeRemainingColumn())
+    """A rich progress bar per stage, fed by the library's (stage, done, total) callbacks: done/total in
+    frames (invert/edit: frame passes, the stage's label announces steps x windows), speed, elapsed, ETA."""
+    columns = (TextColumn("{task.description:>8}"), BarColumn(), MofNCompleteColumn(), _FramesPerSecond(),
+               TimeElapsedColumn(), TimeRemainingColumn())
     with Progress(*columns, console=err_console, transient=False) as bars:
         tasks: dict[str, int] = {}
 
@@ -90,11 +115,12 @@ def invert_cmd(
     clip: ClipArg, prompt: PromptOpt = None, model: ModelOpt = "stable-diffusion-v1-5/stable-diffusion-v1-5",
     start: StartOpt = 0, frames: FramesOpt = None, stride: StrideOpt = 1, size: SizeOpt = 512,
     steps: StepsOpt = 50, window: WindowOpt = 3, no_swcfa: NoSwcfaOpt = False, no_tta: NoTtaOpt = False,
-    features: FeaturesOpt = "recompute", flow_preset: FlowOpt = "medium", cache_dir: CacheOpt = None,
+    features: FeaturesOpt = "recompute", flow_preset: FlowOpt = "medium",
+    window_frames: WindowFramesOpt = DEFAULT_WINDOW_FRAMES, cache_dir: CacheOpt = None,
     force: ForceOpt = False, device: DeviceOpt = "auto", dtype: DtypeOpt = "auto",
 ) -> None:
     """Invert a clip (DDIM, temporal UNet) into the cache; later edits reuse it. Resumes if interrupted."""
-    config = _inversion(prompt, steps, window, no_swcfa, no_tta, features, flow_preset)
+    config = _inversion(prompt, steps, window, no_swcfa, no_tta, features, flow_preset, window_frames)
     if prompt is None:
         err_console.print(f"Source prompt: {config.prompt!r} (the default; set it with --prompt)")
     spec = _spec(start, frames, stride, size, model)
@@ -124,7 +150,8 @@ def edit_cmd(
     prompt: PromptOpt = None, model: ModelOpt = "stable-diffusion-v1-5/stable-diffusion-v1-5",
     start: StartOpt = 0, frames: FramesOpt = None, stride: StrideOpt = 1, size: SizeOpt = 512,
     steps: StepsOpt = 50, window: WindowOpt = 3, no_swcfa: NoSwcfaOpt = False, no_tta: NoTtaOpt = False,
-    features: FeaturesOpt = "recompute", flow_preset: FlowOpt = "medium", cache_dir: CacheOpt = None,
+    features: FeaturesOpt = "recompute", flow_preset: FlowOpt = "medium",
+    window_frames: WindowFramesOpt = DEFAULT_WINDOW_FRAMES, cache_dir: CacheOpt = None,
     force: ForceOpt = False, device: DeviceOpt = "auto", dtype: DtypeOpt = "auto",
 ) -> None:
     """Edit a clip with presets or a prompt (inverts first when the cache has no inversion)."""
@@ -145,7 +172,7 @@ def edit_cmd(
                       guidance if guidance is not None else EditConfig.model_fields["guidance"].default))
     if prompt is None and len(source_prompts) == 1:
         prompt = source_prompts.pop()
-    inversion = _inversion(prompt, steps, window, no_swcfa, no_tta, features, flow_preset)
+    inversion = _inversion(prompt, steps, window, no_swcfa, no_tta, features, flow_preset, window_frames)
     for label, text, _, _ in edits:
         if text == inversion.prompt:
             what = f"--prompt-edit {text!r}" if label == "edit" else f"preset {label!r} with --subject {subject!r}"
@@ -181,14 +208,15 @@ def reconstruct_cmd(
     prompt: PromptOpt = None, model: ModelOpt = "stable-diffusion-v1-5/stable-diffusion-v1-5",
     start: StartOpt = 0, frames: FramesOpt = None, stride: StrideOpt = 1, size: SizeOpt = 512,
     steps: StepsOpt = 50, window: WindowOpt = 3, no_swcfa: NoSwcfaOpt = False, no_tta: NoTtaOpt = False,
-    features: FeaturesOpt = "recompute", flow_preset: FlowOpt = "medium", cache_dir: CacheOpt = None,
+    features: FeaturesOpt = "recompute", flow_preset: FlowOpt = "medium",
+    window_frames: WindowFramesOpt = DEFAULT_WINDOW_FRAMES, cache_dir: CacheOpt = None,
     force: ForceOpt = False, device: DeviceOpt = "auto", dtype: DtypeOpt = "auto",
 ) -> None:
     """Reconstruct a clip from its cached inversion (the paper's path: preservation-feature injection) and
     print MSE / PSNR / SSIM against the input."""
     from diffferv_cli.editing.job import check_writable, output_path, run_reconstruction, write_result
 
-    inversion = _inversion(prompt, steps, window, no_swcfa, no_tta, features, flow_preset)
+    inversion = _inversion(prompt, steps, window, no_swcfa, no_tta, features, flow_preset, window_frames)
     if plain and exact:
         raise UserError("--plain and --exact exclude each other: --exact corrects the injected path.")
     config = EditConfig(prompt_edit=inversion.prompt, inject=not plain, exact=exact)

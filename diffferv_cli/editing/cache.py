@@ -4,10 +4,11 @@ One folder per (source video content, frame selection, working size, model, inve
 
     <root>/<key>/
         manifest.json                  format, request, sizes, timesteps, finished steps, file hashes
-        trajectories.safetensors       per token grid: trajectory index (int32) and lengths
+        trajectories.safetensors       per token grid: the clip's trajectory links (int32, temporal.ClipLinks)
         latents/step-000.safetensors   z_0 = VAE latent mean of the frames (float32, (m, 4, h, w))
         latents/step-001.safetensors   z_1 ... z_T: the latent fed to the UNet at inversion step i is z_i
-        features/step-000.safetensors  disk feature mode only: Q,K of SWCFA and TTA, cross-attention maps
+        features/step-000-w000.safetensors  disk feature mode only, per step and temporal window: Q,K of
+                                       SWCFA and TTA, cross-attention maps
 
 `<root>` is `--cache-dir`, else `$DIFFFERV_CACHE`, else `$XDG_CACHE_HOME/diffferv` (~/.cache/diffferv).
 
@@ -35,7 +36,7 @@ from safetensors.torch import save
 
 from diffferv_cli.errors import UserError
 
-FORMAT_VERSION = 2  # 2: TTA replaces the SWCFA output (Q = K = V = h)
+FORMAT_VERSION = 3  # 2: TTA replaces the SWCFA output (Q = K = V = h); 3: temporal windows, links stored
 ENV_VAR = "DIFFFERV_CACHE"
 
 
@@ -133,8 +134,8 @@ class CacheEntry:
     def latent_name(self, index: int) -> str:
         return f"latents/step-{index:03d}.safetensors"
 
-    def feature_name(self, step: int) -> str:
-        return f"features/step-{step:03d}.safetensors"
+    def feature_name(self, step: int, window: int = 0) -> str:
+        return f"features/step-{step:03d}-w{window:03d}.safetensors"
 
     def write_latent(self, index: int, latent: torch.Tensor) -> None:
         self._write_tensors(self.latent_name(index), {"latent": latent.float()})
@@ -142,11 +143,11 @@ class CacheEntry:
     def read_latent(self, index: int) -> torch.Tensor:
         return self._read_tensors(self.latent_name(index))["latent"]
 
-    def write_features(self, step: int, features: dict[str, torch.Tensor]) -> None:
-        self._write_tensors(self.feature_name(step), features)
+    def write_features(self, step: int, features: dict[str, torch.Tensor], window: int = 0) -> None:
+        self._write_tensors(self.feature_name(step, window), features)
 
-    def read_features(self, step: int) -> dict[str, torch.Tensor]:
-        return self._read_tensors(self.feature_name(step))
+    def read_features(self, step: int, window: int = 0) -> dict[str, torch.Tensor]:
+        return self._read_tensors(self.feature_name(step, window))
 
     def write_trajectories(self, tensors: dict[str, torch.Tensor]) -> None:
         self._write_tensors("trajectories.safetensors", tensors)
@@ -200,22 +201,15 @@ def _jsonable(value: Any) -> Any:
     return json.loads(json.dumps(value, sort_keys=True))
 
 
-def trajectories_to_tensors(trajectory_set) -> dict[str, torch.Tensor]:
-    tensors = {}
-    for (height, width), grid in trajectory_set.grids.items():
-        tensors[f"{height}x{width}.index"] = grid.index.to(torch.int32)
-        tensors[f"{height}x{width}.lengths"] = grid.lengths.to(torch.int32)
-    return tensors
+def links_to_tensors(clip_links) -> dict[str, torch.Tensor]:
+    return {f"{height}x{width}.links": links.to(torch.int32) for (height, width), links in clip_links.links.items()}
 
 
-def trajectories_from_tensors(tensors: dict[str, torch.Tensor], frames: int):
-    from diffferv_cli.temporal.trajectories import TrajectoryGrid, TrajectorySet
+def links_from_tensors(tensors: dict[str, torch.Tensor], frames: int):
+    from diffferv_cli.temporal.trajectories import ClipLinks
 
-    grids = {}
-    for name, index in tensors.items():
-        if not name.endswith(".index"):
-            continue
-        height, width = (int(part) for part in name.removesuffix(".index").split("x"))
-        lengths = tensors[f"{height}x{width}.lengths"]
-        grids[(height, width)] = TrajectoryGrid(height, width, frames, index.long(), lengths.long())
-    return TrajectorySet(grids)
+    links = {}
+    for name, grid_links in tensors.items():
+        height, width = (int(part) for part in name.removesuffix(".links").split("x"))
+        links[(height, width)] = grid_links.to(torch.int32).reshape(frames - 1, height * width)
+    return ClipLinks(frames, links)

@@ -1,15 +1,18 @@
 """DDIM inversion of a clip through the temporal UNet, cached on disk (paper 3.4, "Inversion with
 Preservation Feature Caching").
 
-    1. flow -> trajectories on every token grid            (cached)
+    1. flow -> trajectory links on every token grid, pair by pair (cached)
     2. z_0 = VAE latent mean of every frame                 (cached, float32)
     3. for i = 0 .. T-1 (timesteps ascending):
-           eps     = UNet(z_i, t_i, source prompt)          guidance 1, SWCFA + TTA
+           for each temporal window W (temporal/windows.py):
+               eps_W = UNet(z_i[W], t_i, source prompt)     guidance 1, SWCFA + TTA inside W
+           eps     = blend of the eps_W                     weights summing to one per frame
            z_{i+1} = DDIMInverse(eps, t_i, z_i)             (cached after each step: resumable)
-       disk feature mode also writes the step's preservation features.
+       disk feature mode also writes the step's preservation features, one file per window.
 
 The latent fed to the UNet at step i is exactly z_i, which is what lets editing recompute the features
-later instead of storing them (see editing.py).
+later instead of storing them (see sampling.py): editing runs the same windows (recorded in the cache
+request), so the source branch of window W sees exactly what the inversion's pass over W saw.
 """
 
 from __future__ import annotations
@@ -25,15 +28,23 @@ from diffferv_cli.editing.cache import (
     CacheEntry,
     cache_root,
     file_sha256,
+    links_from_tensors,
+    links_to_tensors,
     open_entry,
-    trajectories_from_tensors,
-    trajectories_to_tensors,
 )
 from diffferv_cli.editing.features import FeatureRecorder
 from diffferv_cli.editing.prompts import encode_prompts
 from diffferv_cli.editing.vae import encode_frames
 from diffferv_cli.temporal.context import AttentionContext
 from diffferv_cli.temporal.install import temporal_attention
+from diffferv_cli.temporal.windows import (
+    NoiseBlend,
+    Window,
+    blend_weights,
+    schedule_from_json,
+    schedule_to_json,
+    window_schedule,
+)
 
 Progress = Callable[[str, int, int], None] | None
 
@@ -58,7 +69,12 @@ def cache_request(clip, components, config: InversionConfig, source_sha256: str)
         "steps": config.steps,
         "temporal": config.temporal.model_dump(),
         "flow": config.flow_preset,
+        "windows": schedule_to_json(clip_windows(len(clip.frames), config)),
     }
+
+
+def clip_windows(frames: int, config: InversionConfig) -> list[Window]:
+    return window_schedule(frames, config.window_frames, config.overlap)
 
 
 def latent_size(clip, components) -> tuple[int, int]:
@@ -70,13 +86,40 @@ def attention_levels(unet) -> int:
     return len(unet.config.block_out_channels)
 
 
-def base_context(entry: CacheEntry, components, frames: int, branches: tuple[str, ...]) -> AttentionContext:
-    request = entry.manifest["request"]
+@dataclass
+class WindowPlan:
+    """The temporal windows of every UNet pass over a cached clip, built once per run: per window its
+    frames, blending weights, and an attention context holding the clip's trajectories cut to it."""
+
+    frames: int
+    windows: list[Window]
+    weights: list[torch.Tensor]
+    contexts: list[AttentionContext]
+
+    def blend(self, shape_of_frame: tuple[int, ...]) -> NoiseBlend:
+        return NoiseBlend(self.windows, self.weights, (self.frames, *shape_of_frame))
+
+    def passes(self, steps: int) -> str:
+        count = len(self.windows)
+        return f"{steps} steps × {count} window{'s' if count != 1 else ''}"
+
+    @property
+    def frames_per_pass(self) -> int:
+        return sum(window.frames for window in self.windows)
+
+
+def window_plan(entry: CacheEntry, components, branches: tuple[str, ...]) -> WindowPlan:
+    request, frames = entry.manifest["request"], int(entry.manifest["frames"])
     temporal = request["temporal"]
-    trajectories = trajectories_from_tensors(entry.read_trajectories(), frames).to(components.device)
-    return AttentionContext(frames=frames, branches=branches, latent_size=tuple(entry.manifest["latent_size"]),
-                            trajectories=trajectories, window=temporal["window"], swcfa=temporal["swcfa"],
-                            tta=temporal["tta"])
+    windows = schedule_from_json(request["windows"])
+    clip_links = links_from_tensors(entry.read_trajectories(), frames) if temporal["tta"] else None
+    contexts = []
+    for window in windows:
+        trajectories = clip_links.window(window.start, window.stop).to(components.device) if clip_links else None
+        contexts.append(AttentionContext(frames=window.frames, branches=branches,
+                                         latent_size=tuple(entry.manifest["latent_size"]), trajectories=trajectories,
+                                         window=temporal["window"], swcfa=temporal["swcfa"], tta=temporal["tta"]))
+    return WindowPlan(frames, windows, blend_weights(windows, frames), contexts)
 
 
 def inverse_scheduler(components, steps: int) -> DDIMInverseScheduler:
@@ -88,8 +131,8 @@ def inverse_scheduler(components, steps: int) -> DDIMInverseScheduler:
 def invert(components, clip, config: InversionConfig, *, cache_dir=None, force: bool = False,
            progress: Progress = None) -> InversionOutcome:
     """Invert `clip` (or resume / reuse its cached inversion) and return the cache entry."""
-    from diffferv_cli.temporal.flow import DISFlow, compute_flow
-    from diffferv_cli.temporal.trajectories import build_trajectories, token_grids
+    from diffferv_cli.temporal.flow import DISFlow, flow_pairs
+    from diffferv_cli.temporal.trajectories import link_clip, token_grids
 
     report = progress or (lambda stage, done, total: None)
     request = cache_request(clip, components, config, file_sha256(clip.info.path))
@@ -102,9 +145,10 @@ def invert(components, clip, config: InversionConfig, *, cache_dir=None, force: 
     frames = len(clip.frames)
     size = latent_size(clip, components)
     if "trajectories.safetensors" not in manifest["files"]:
-        flow = compute_flow(clip.frames, DISFlow(config.flow_preset), progress=lambda d, t: report("flow", d, t))
         grids = token_grids(size, attention_levels(components.unet))
-        entry.write_trajectories(trajectories_to_tensors(build_trajectories(flow, grids)))
+        pairs = flow_pairs(clip.frames, DISFlow(config.flow_preset))
+        entry.write_trajectories(links_to_tensors(link_clip(pairs, frames, grids,
+                                                            progress=lambda d, t: report("flow", d, t))))
         manifest.update(latent_size=list(size), frames=frames, geometry=_geometry_dict(clip))
         entry.save_manifest()
 
@@ -120,34 +164,45 @@ def invert(components, clip, config: InversionConfig, *, cache_dir=None, force: 
     steps = config.steps
     scheduler = inverse_scheduler(components, steps)
     manifest["timesteps"] = [int(t) for t in scheduler.timesteps]
-    text = encode_prompts(components, [config.prompt]).repeat_interleave(frames, dim=0)  # (m, 77, hidden)
+    prompt = encode_prompts(components, [config.prompt])  # (1, 77, hidden)
     recorder = FeatureRecorder(dtype=components.dtype) if want_features else None
-    context = base_context(entry, components, frames, ("source",))
+    plan = window_plan(entry, components, ("source",))
     latent = entry.read_latent(start)  # float32 (m, 4, h, w)
-    ran = 0
+    stage = f"invert: {plan.passes(steps - start)}" + (f" (from step {start})" if start else "")
+    total = (steps - start) * plan.frames_per_pass
+    report(stage, 0, total)
+    ran = done = 0
     with temporal_attention(components.unet), torch.inference_mode():
         for step in range(start, steps):
             timestep = scheduler.timesteps[step]
-            if recorder:
-                recorder.reset()
-            ctx = context.at_step(step, timestep, control=recorder)
-            noise = components.unet(latent.to(components.device, components.dtype), timestep,
-                                    encoder_hidden_states=text, cross_attention_kwargs={"ctx": ctx}).sample
+            blended = plan.blend(tuple(latent.shape[1:]))
+            for index, (window, context) in enumerate(zip(plan.windows, plan.contexts, strict=True)):
+                if recorder:
+                    recorder.reset()
+                ctx = context.at_step(step, timestep, control=recorder)
+                text = prompt.repeat(window.frames, 1, 1)  # (L, 77, hidden)
+                window_latent = latent[window.slice].to(components.device, components.dtype)
+                noise = components.unet(window_latent, timestep, encoder_hidden_states=text,
+                                        cross_attention_kwargs={"ctx": ctx}).sample
+                blended.add(index, noise)
+                if recorder:
+                    entry.write_features(step, recorder.features, window=index)
+                done += window.frames
+                report(stage, done, total)
+            noise = blended.result
             if step + 1 <= entry.finished_steps:
                 # features added to a finished inversion: keep the cached path, whose latents are the ones
                 # recompute mode feeds, so that both modes see the same features
                 latent = entry.read_latent(step + 1)
             else:
-                latent = scheduler.step(noise.float().cpu(), timestep, latent).prev_sample  # z_{step+1}
+                latent = scheduler.step(noise, timestep, latent).prev_sample  # z_{step+1}
                 entry.write_latent(step + 1, latent)
             if recorder:
-                entry.write_features(step, recorder.features)
                 manifest["feature_steps"] = step + 1
             manifest["finished_steps"] = max(entry.finished_steps, step + 1)
             manifest["features_stored"] = int(manifest.get("feature_steps", 0)) >= steps
             entry.save_manifest()
             ran += 1
-            report("invert", step + 1, steps)
     return InversionOutcome(entry, ran)
 
 

@@ -15,7 +15,10 @@ Branches of the batch (each `frames` rows, see attention/context.py):
         x     <- DDIM(eps, t, x)
         exact:  x <- z_{T-1-k} + (DDIM(eps, t, x) - DDIM(eps_anchor, t, z_{T-k}))
 
-In disk mode the source branch is absent and its features come from the cache's feature files. The
+Every UNet pass runs over the temporal windows the inversion used (recorded in the cache request; see
+temporal/windows.py): each window's batch holds the branches x the window's frames, and the windows'
+noise predictions are blended per branch before the guidance and the DDIM step. In disk mode the source
+branch is absent and its features come from the cache's feature files of the same step and window. The
 exact correction adds, per step, the error the source prompt's injected prediction makes along the cached
 inversion path; with the edit prompt equal to the source prompt the edit path then lands on z_0 exactly.
 """
@@ -32,7 +35,7 @@ from diffusers import DDIMScheduler
 from diffferv_cli.config import EditConfig
 from diffferv_cli.editing.cache import CacheEntry
 from diffferv_cli.editing.features import FeatureInjector, InjectionSchedule
-from diffferv_cli.editing.inversion import base_context
+from diffferv_cli.editing.inversion import window_plan
 from diffferv_cli.editing.prompts import encode_prompts, token_alignment
 from diffferv_cli.editing.vae import decode_latents
 from diffferv_cli.errors import UserError
@@ -70,12 +73,10 @@ def edit(components, entry: CacheEntry, config: EditConfig, *, feature_mode: str
         raise UserError(f"The inversion in {entry.folder} is unfinished; run `diffferv invert` again to resume it.")
     if feature_mode == "disk" and config.inject and not entry.has_features:
         raise UserError("This inversion was cached without features; run `diffferv invert --features disk` first.")
-    frames = int(entry.manifest["frames"])
     branches = branch_layout(config, source_prompt, feature_mode)
     prompts = {"source": source_prompt, "anchor": source_prompt, "negative": source_prompt,
                "positive": config.prompt_edit}
     embeddings = encode_prompts(components, [prompts[name] for name in branches])  # (branches, 77, hidden)
-    text = embeddings.repeat_interleave(frames, dim=0)  # (branches*frames, 77, hidden)
 
     injector = None
     if config.inject:
@@ -90,20 +91,34 @@ def edit(components, entry: CacheEntry, config: EditConfig, *, feature_mode: str
     inversion_timesteps = entry.manifest["timesteps"]
     if [int(t) for t in scheduler.timesteps] != inversion_timesteps[::-1]:
         raise UserError(f"The cache at {entry.folder} was inverted with other timesteps; rerun with --force.")
-    context = base_context(entry, components, frames, branches)
+    plan = window_plan(entry, components, branches)
+    texts = {window.frames: embeddings.repeat_interleave(window.frames, dim=0)  # (branches*L, 77, hidden)
+             for window in plan.windows}
+    predicted = tuple(name for name in branches if name != "source")  # the source branch only gives features
+    stage = f"edit: {plan.passes(steps)}"
+    total, done = steps * plan.frames_per_pass, 0
+    report(stage, 0, total)
     x = entry.read_latent(steps)  # z_T, float32 (m, 4, h, w)
     with temporal_attention(components.unet), torch.inference_mode():
         for k, timestep in enumerate(scheduler.timesteps):
             inversion_step = steps - 1 - k  # the inversion step that ran at this timestep
             cached = {"source": inversion_step, "anchor": inversion_step + 1}  # branches fed from the cache
             latents_in = {name: entry.read_latent(cached[name]) if name in cached else x for name in branches}
-            if injector is not None and feature_mode == "disk":
-                injector.set_stored(entry.read_features(inversion_step))
-            batch = torch.cat([latents_in[name] for name in branches])  # (branches*frames, 4, h, w)
-            ctx = context.at_step(k, timestep, control=injector)
-            noise = components.unet(batch.to(components.device, components.dtype), timestep,
-                                    encoder_hidden_states=text, cross_attention_kwargs={"ctx": ctx}).sample
-            eps = dict(zip(branches, noise.float().cpu().chunk(len(branches)), strict=True))
+            blends = {name: plan.blend(tuple(x.shape[1:])) for name in predicted}
+            for index, (window, context) in enumerate(zip(plan.windows, plan.contexts, strict=True)):
+                if injector is not None and feature_mode == "disk":
+                    injector.set_stored(entry.read_features(inversion_step, window=index))
+                batch = torch.cat([latents_in[name][window.slice] for name in branches])  # (branches*L, 4, h, w)
+                ctx = context.at_step(k, timestep, control=injector)
+                noise = components.unet(batch.to(components.device, components.dtype), timestep,
+                                        encoder_hidden_states=texts[window.frames],
+                                        cross_attention_kwargs={"ctx": ctx}).sample
+                for name, window_noise in zip(branches, noise.chunk(len(branches)), strict=True):
+                    if name in blends:
+                        blends[name].add(index, window_noise)
+                done += window.frames
+                report(stage, done, total)
+            eps = {name: blended.result for name, blended in blends.items()}
             guided = eps["negative"]
             if "positive" in eps:
                 guided = eps["negative"] + config.guidance * (eps["positive"] - eps["negative"])  # CFG
@@ -114,6 +129,5 @@ def edit(components, entry: CacheEntry, config: EditConfig, *, feature_mode: str
                 # is exactly zero, so reconstruction lands on the cached latents bit for bit
                 x_next = entry.read_latent(inversion_step) + (x_next - on_path)
             x = x_next
-            report("edit", k + 1, steps)
     frames_out = decode_latents(components.vae, x, progress=lambda d, t: report("decode", d, t))
     return EditResult(latents=x, frames=frames_out, branches=branches)

@@ -12,7 +12,7 @@ A learned estimator can be plugged in later without touching the trajectory code
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
@@ -215,6 +215,17 @@ def compute_flow(
         if progress is not None:
             progress(pair + 1, pairs)
     return ClipFlow(forward, backward, occlusion_mask(forward, backward))
+
+
+def flow_pairs(frames: np.ndarray, estimator: FlowEstimator | None = None) -> Iterator[ClipFlow]:
+    """The flow of each consecutive pair of `frames` ((m, H, W, 3) uint8), one two-frame `ClipFlow` at a
+    time, computed when asked for: a long clip never has more than one pair's flow in memory. Pair i holds
+    exactly the arrays `compute_flow(frames)` holds at index i."""
+    estimator = estimator if estimator is not None else DISFlow()
+    for pair in range(max(len(frames) - 1, 0)):
+        forward = estimator(frames[pair], frames[pair + 1])[None]  # (1, H, W, 2)
+        backward = estimator(frames[pair + 1], frames[pair])[None]
+        yield ClipFlow(forward, backward, occlusion_mask(forward, backward))
 
 
 def occlusion_mask(

@@ -40,7 +40,7 @@ the 64² grid goes away (bench/bench_trajectories.py).
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -106,11 +106,63 @@ def build_grid_trajectories(flow: ClipFlow, height: int, width: int) -> Trajecto
     return _link_grid(flow.resized(height, width))
 
 
+@dataclass(frozen=True)
+class ClipLinks:
+    """The links of a whole clip on each token grid, the compact form trajectories are kept in.
+
+    `links[(h, w)]` is (frames - 1, h*w) int32: entry [i, q] is the token of frame i linked to token q of
+    frame i + 1 (rules 1-2), or -1 when q starts a trajectory (rule 3). 4 bytes per token, whatever the
+    clip's length, where a padded trajectory index grows with clip length times trajectory count.
+
+    `window(start, stop)` gives the trajectories of frames start..stop-1 as an ordinary `TrajectorySet`:
+    each trajectory of the clip cut to the window (a trajectory crossing the window's edge keeps only its
+    tokens inside), tokens numbered from the window's first frame, rows re-sorted longest first. Chaining
+    the window's own links is that cut, because a trajectory takes one token per consecutive frame: its
+    part inside the window is exactly a chain of links between frames of the window. The whole clip's
+    window is `build_trajectories` of the clip's flow."""
+
+    frames: int
+    links: dict[tuple[int, int], torch.Tensor]
+
+    @property
+    def grids(self) -> list[tuple[int, int]]:
+        return list(self.links)
+
+    def window(self, start: int, stop: int) -> TrajectorySet:
+        if not 0 <= start < stop <= self.frames:
+            raise ValueError(f"window {start}..{stop} is not inside a clip of {self.frames} frames")
+        return TrajectorySet({
+            (height, width): _chain(links[start:stop - 1].numpy().astype(np.int64), stop - start, height, width)
+            for (height, width), links in self.links.items()
+        })
+
+
+def link_clip(pairs: Iterable[ClipFlow], frames: int, grids: Sequence[tuple[int, int]],
+              progress: Callable[[int, int], None] | None = None) -> ClipLinks:
+    """Link a clip pair by pair: `pairs` yields each consecutive pair's two-frame flow (`flow_pairs`), which
+    is resampled to every grid, linked, and dropped. Same links as `build_trajectories` on the whole flow."""
+    links = {grid: torch.empty((max(frames - 1, 0), grid[0] * grid[1]), dtype=torch.int32) for grid in grids}
+    count = 0
+    for pair, flow in enumerate(pairs):
+        for grid, on_grid in flow.resized_many(grids).items():
+            links[grid][pair] = torch.from_numpy(_links(on_grid)[0].astype(np.int32))
+        count = pair + 1
+        if progress is not None:
+            progress(count, frames - 1)
+    if count != max(frames - 1, 0):
+        raise ValueError(f"{count} flow pairs for a clip of {frames} frames")
+    return ClipLinks(frames, links)
+
+
 def _link_grid(flow: ClipFlow) -> TrajectoryGrid:
     """The linking rule (module docstring) on a flow already resampled to the token grid."""
-    frames, (height, width) = flow.frames, flow.size
+    return _chain(_links(flow), flow.frames, *flow.size)
+
+
+def _chain(previous: np.ndarray, frames: int, height: int, width: int) -> TrajectoryGrid:
+    """Trajectories from the links `previous` (frames-1, tokens): token of frame i linked to token q of
+    frame i+1, or -1."""
     tokens = height * width
-    previous = _links(flow)  # (frames-1, tokens): token of frame i linked to token q of frame i+1, or -1
 
     # Walk the frames once: each token takes its predecessor's trajectory id and position + 1, or opens a
     # new trajectory. Ids are handed out in (frame, token) order of the trajectory's first token.
