@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -11,7 +11,7 @@ import numpy as np
 from diffferv_cli.config import EditConfig, InversionConfig
 from diffferv_cli.editing.inversion import InversionOutcome, invert
 from diffferv_cli.editing.sampling import EditResult, edit
-from diffferv_cli.editing.vae import decode_latents
+from diffferv_cli.editing.vae import decode_latents, decoded_frames
 from diffferv_cli.errors import UserError
 
 Progress = Callable[[str, int, int], None] | None
@@ -45,18 +45,22 @@ def check_writable(path: Path, inputs: list[Path], overwrite: bool) -> None:
         raise UserError(f"The output folder {path.parent} does not exist.")
 
 
-def write_result(clip, frames: np.ndarray, path: Path, *, side_by_side: bool = False,
+def write_result(clip, frames: np.ndarray | Iterable[np.ndarray], path: Path, *, side_by_side: bool = False,
                  progress: Progress = None) -> list[Path]:
     """The edited frames at source resolution with the source's audio; optionally an original|edited
-    comparison at working size beside it (`<name>.side-by-side.mp4`)."""
+    comparison at working size beside it (`<name>.side-by-side.mp4`). `frames` is an array, or an
+    iterable of one (H, W, 3) frame at a time that is encoded as it is produced (held in memory only
+    for the side-by-side video, which needs them a second time)."""
     from diffferv_cli.video.io import write_video
 
     report = progress or (lambda stage, done, total: None)
+    if side_by_side and not isinstance(frames, np.ndarray):
+        frames = np.stack(list(frames))
     audio_start = clip.frame_indices[0] / clip.info.fps
     audio_duration = len(clip.frame_indices) * clip.spec.stride / clip.info.fps
     common = dict(audio_from=clip.info.path, audio_start=audio_start, audio_duration=audio_duration,
                   input_paths=[clip.info.path], progress=lambda d, t: report("write", d, t))
-    written = [write_video(frames, path, clip.fps, geometry=clip.geometry, **common)]
+    written = [write_video(frames, path, clip.fps, geometry=clip.geometry, count=len(clip.frames), **common)]
     if side_by_side:
         pair = np.concatenate([clip.frames, frames], axis=2)  # (m, H, 2W, 3)
         written.append(write_video(pair, path.with_suffix(".side-by-side.mp4"), clip.fps, **common))
@@ -77,9 +81,12 @@ def run_edits(components, clip, inversion: InversionConfig, edits: list[tuple[st
         check_writable(target, [clip.info.path], overwrite)
     outcome = run_inversion(components, clip, inversion, cache_dir=cache_dir, force=force, progress=progress)
     written: list[Path] = []
+    report = progress or (lambda stage, done, total: None)
     for (_, config), target in zip(edits, targets, strict=True):
-        result = edit(components, outcome.entry, config, feature_mode=inversion.feature_mode, progress=progress)
-        written += write_result(clip, result.frames, target, side_by_side=side_by_side, progress=progress)
+        result = edit(components, outcome.entry, config, feature_mode=inversion.feature_mode, progress=progress,
+                      decode=False)
+        frames = decoded_frames(components.vae, result.latents, progress=lambda d, t: report("decode", d, t))
+        written += write_result(clip, frames, target, side_by_side=side_by_side, progress=progress)
     return outcome, written
 
 

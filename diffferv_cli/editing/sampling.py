@@ -47,7 +47,7 @@ Progress = Callable[[str, int, int], None] | None
 @dataclass
 class EditResult:
     latents: torch.Tensor  # (m, 4, h, w) float32, the final x_0
-    frames: np.ndarray  # (m, H, W, 3) uint8 at working size
+    frames: np.ndarray | None  # (m, H, W, 3) uint8 at working size; None when not decoded (decode=False)
     branches: tuple[str, ...]
 
 
@@ -64,8 +64,9 @@ def branch_layout(config: EditConfig, source_prompt: str, feature_mode: str) -> 
 
 
 def edit(components, entry: CacheEntry, config: EditConfig, *, feature_mode: str = "recompute",
-         progress: Progress = None) -> EditResult:
-    """Sample the edit from the cached inversion in `entry` and decode it to frames."""
+         progress: Progress = None, decode: bool = True) -> EditResult:
+    """Sample the edit from the cached inversion in `entry` and, with `decode`, decode it to frames (a
+    writer that streams them decodes `latents` with `vae.decoded_frames` instead)."""
     report = progress or (lambda stage, done, total: None)
     request = entry.manifest["request"]
     source_prompt, steps = request["prompt"], int(request["steps"])
@@ -129,5 +130,5 @@ def edit(components, entry: CacheEntry, config: EditConfig, *, feature_mode: str
                 # is exactly zero, so reconstruction lands on the cached latents bit for bit
                 x_next = entry.read_latent(inversion_step) + (x_next - on_path)
             x = x_next
-    frames_out = decode_latents(components.vae, x, progress=lambda d, t: report("decode", d, t))
+    frames_out = decode_latents(components.vae, x, progress=lambda d, t: report("decode", d, t)) if decode else None
     return EditResult(latents=x, frames=frames_out, branches=branches)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import numpy as np
 import torch
@@ -27,14 +27,19 @@ def encode_frames(vae, frames: np.ndarray, batch: int = 4, progress: Progress = 
 
 def decode_latents(vae, latents: torch.Tensor, batch: int = 4, progress: Progress = None) -> np.ndarray:
     """latents (m, 4, h, w) -> uint8 RGB (m, 8h, 8w, 3)."""
+    return np.stack(list(decoded_frames(vae, latents, batch, progress)))
+
+
+def decoded_frames(vae, latents: torch.Tensor, batch: int = 4, progress: Progress = None) -> Iterator[np.ndarray]:
+    """The frames of `latents` (m, 4, h, w) one at a time, uint8 RGB (8h, 8w, 3), decoded `batch` at a
+    time when asked for: a writer consuming them never holds more than one slice of decoded frames."""
     device, dtype = next(vae.parameters()).device, next(vae.parameters()).dtype
-    frames = []
-    with torch.inference_mode():
-        for start in range(0, len(latents), batch):
+    for start in range(0, len(latents), batch):
+        with torch.inference_mode():
             chunk = latents[start:start + batch].to(device=device, dtype=dtype) / vae.config.scaling_factor
             pixels = vae.decode(chunk).sample.float()  # (b, 3, H, W) in about [-1, 1]
             images = ((pixels.clamp(-1, 1) + 1.0) * 127.5).round().to(torch.uint8)
-            frames.append(images.permute(0, 2, 3, 1).cpu().numpy())
-            if progress:
-                progress(min(start + batch, len(latents)), len(latents))
-    return np.concatenate(frames)
+            frames = images.permute(0, 2, 3, 1).cpu().numpy()
+        if progress:
+            progress(min(start + batch, len(latents)), len(latents))
+        yield from frames

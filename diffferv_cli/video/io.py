@@ -26,6 +26,7 @@ Conventions, fixed here for the whole project:
 from __future__ import annotations
 
 import contextlib
+import itertools
 import math
 import os
 import re
@@ -504,7 +505,7 @@ def _rate(fps: float | str | Fraction) -> Fraction:
 def write_video(frames: np.ndarray, out_path, fps: float | str, *, geometry: Geometry | None = None,
                 audio_from: Path | None = None, audio_start: float = 0.0, audio_duration: float | None = None,
                 input_paths: Sequence[Path] = (), progress: Progress = None, crf: int = 17,
-                preset: str = "medium") -> Path:
+                preset: str = "medium", count: int | None = None) -> Path:
     """Write RGB frames (m, H, W, 3) as H.264 yuv420p MP4 (`+faststart`, BT.709) at `fps` (a float, or
     an exact fraction string such as "30000/1001"); returns `out_path`.
 
@@ -517,24 +518,43 @@ def write_video(frames: np.ndarray, out_path, fps: float | str, *, geometry: Geo
     * Atomic: written to a temp file in the destination folder and renamed at the end; on any failure
       (or Ctrl-C) nothing is left behind. Refuses to write over any of `input_paths` or `audio_from`,
       into a missing or unwritable folder. An existing non-input `out_path` is replaced.
+    * `frames` may also be an iterable of (H, W, 3) uint8 frames with their `count`: each is encoded as
+      it arrives, so the clip's output never sits in memory.
     """
+    if count is not None and not isinstance(frames, np.ndarray):
+        return _write_stream(iter(frames), count, out_path, fps, geometry=geometry, audio_from=audio_from,
+                             audio_start=audio_start, audio_duration=audio_duration, input_paths=input_paths,
+                             progress=progress, crf=crf, preset=preset)
     frames = np.asarray(frames)
     if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[-1] != 3 or len(frames) == 0:
         raise ValueError(f"expected uint8 frames (m, H, W, 3) with m >= 1, got {frames.dtype} {frames.shape}")
+    return _write_stream(iter(frames), len(frames), out_path, fps, geometry=geometry, audio_from=audio_from,
+                         audio_start=audio_start, audio_duration=audio_duration, input_paths=input_paths,
+                         progress=progress, crf=crf, preset=preset)
+
+
+def _write_stream(frames: Iterator[np.ndarray], count: int, out_path, fps, *, geometry, audio_from, audio_start,
+                  audio_duration, input_paths, progress, crf, preset) -> Path:
+    """`write_video` on `count` frames arriving one at a time."""
+    first = next(frames, None)
+    if first is None or count < 1 or first.dtype != np.uint8 or first.ndim != 3 or first.shape[-1] != 3:
+        shape = None if first is None else (first.dtype, first.shape)
+        raise ValueError(f"expected {count} uint8 frames (H, W, 3), got {shape}")
+    frames = _same_shape(itertools.chain([first], frames), first.shape)
     out_path = Path(out_path)
     inputs = [Path(p) for p in input_paths] + ([Path(audio_from)] if audio_from is not None else [])
     _check_output(out_path, inputs)
     rate = _rate(fps)
     if geometry is not None:
         working_width, working_height = geometry.working_size
-        if frames.shape[1:3] != (working_height, working_width):
-            raise ValueError(f"frames are {frames.shape[2]}x{frames.shape[1]}, geometry expects "
+        if first.shape[0:2] != (working_height, working_width):
+            raise ValueError(f"frames are {first.shape[1]}x{first.shape[0]}, geometry expects "
                              f"{working_width}x{working_height}")
-        frames = _working_to_scaled(frames, geometry)  # (m, scaled H, scaled W, 3), a view
+        frames = (_working_to_scaled(frame, geometry) for frame in frames)  # (scaled H, scaled W, 3) views
         target = geometry.source_size
         piped_size = geometry.scaled_size
     else:
-        target = piped_size = (frames.shape[2], frames.shape[1])
+        target = piped_size = (first.shape[1], first.shape[0])
     even = (target[0] + target[0] % 2, target[1] + target[1] % 2)
     video = ffmpeg.input("pipe:", format="rawvideo", pix_fmt="rgb24", s=f"{piped_size[0]}x{piped_size[1]}",
                          framerate=f"{rate.numerator}/{rate.denominator}").video
@@ -546,7 +566,7 @@ def write_video(frames: np.ndarray, out_path, fps: float | str, *, geometry: Geo
     video = (video.filter("scale", out_color_matrix="bt709", out_range="tv", flags="area+accurate_rnd")
              .filter("format", "yuv420p").filter("setsar", 1))
     streams = [video]
-    video_seconds = float(len(frames) / rate)
+    video_seconds = float(count / rate)
     if audio_from is not None:
         source = probe(audio_from)
         seconds = min(video_seconds, audio_duration if audio_duration is not None else video_seconds)
@@ -559,11 +579,21 @@ def write_video(frames: np.ndarray, out_path, fps: float | str, *, geometry: Geo
     with _atomic_output(out_path) as temp:
         graph = ffmpeg.output(*streams, str(temp), **options)
         with _FFmpeg(_command(graph), f"write {out_path.name}", stdin=True) as process:
+            done = 0
             for done, frame in enumerate(frames, start=1):
                 process.stdin.write(np.ascontiguousarray(frame).data)
                 if progress:
-                    progress(done, len(frames))
+                    progress(done, count)
+            if done != count:
+                raise ValueError(f"{done} frames arrived, {count} were announced")
     return out_path
+
+
+def _same_shape(frames: Iterator[np.ndarray], shape: tuple[int, ...]) -> Iterator[np.ndarray]:
+    for index, frame in enumerate(frames):
+        if frame.shape != shape or frame.dtype != np.uint8:
+            raise ValueError(f"frame {index} is {frame.dtype} {frame.shape}, the first one uint8 {shape}")
+        yield frame
 
 
 # Test material -----------------------------------------------------------------------------------
