@@ -34,12 +34,12 @@ CHILD = r"""
 import json, resource, sys, time
 from pathlib import Path
 import torch
-torch.set_num_threads(int(sys.argv[7]))
+torch.set_num_threads(int(sys.argv[6]))
 from diffferv_cli.components import build_full_size_random, build_tiny_random
 from diffferv_cli.config import ClipSpec, EditConfig, InversionConfig
 from diffferv_cli.video.io import make_test_clip, read_clip
 from diffferv_cli.editing.job import run_edits
-model, size, frames, steps, window, work = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]), Path(sys.argv[6])
+model, size, frames, steps, window, work = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]), Path(sys.argv[7])
 video = make_test_clip(work / "clip.mp4", width=size, height=size, frames=frames, fps=24)
 components = build_tiny_random() if model == "tiny" else build_full_size_random()
 clip = read_clip(video, ClipSpec(short_side=size, multiple=16 if model == "tiny" else 64))
