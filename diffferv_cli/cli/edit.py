@@ -35,6 +35,13 @@ FeaturesOpt = Annotated[str, typer.Option("--features", help="recompute (only la
 CacheOpt = Annotated[Path | None, typer.Option("--cache-dir", envvar="DIFFFERV_CACHE", help="Cache folder.")]
 ForceOpt = Annotated[bool, typer.Option("--force", help="Recompute the inversion even if cached.")]
 FlowOpt = Annotated[str, typer.Option("--flow-preset", help="OpenCV DIS preset: ultrafast, fast, medium.")]
+RegionOpt = Annotated[str, typer.Option("--region", help="Part of the frame that is edited: full, auto (the face's "
+                                        "head box, found over the clip) or X,Y,W,H in pixels.")]
+CompositeOpt = Annotated[str, typer.Option("--composite", help="residual (keep the source's pixels where the edit "
+                                           "changed little) or replace (the working render scaled up).")]
+ThresholdOpt = Annotated[float, typer.Option("--composite-threshold", help="Change (0-1) above which the edit "
+                                             "replaces the source in residual compositing.")]
+LosslessOpt = Annotated[bool, typer.Option("--lossless", help="Write lossless RGB H.264 (large files).")]
 
 
 def _spec(start: int, frames: int | None, stride: int, size: int, model: str) -> ClipSpec:
@@ -59,6 +66,17 @@ def _inversion(prompt: str | None, steps: int, window: int, no_swcfa: bool, no_t
         raise UserError(f"Invalid inversion setting: {err.errors()[0]['loc'][-1]}: {err.errors()[0]['msg']}.") from None
 
 
+def _composite(mode: str, threshold: float):
+    from diffferv_cli.config import CompositeConfig
+
+    if mode not in ("residual", "replace"):
+        raise UserError(f"--composite must be residual or replace, not {mode!r}.")
+    try:
+        return CompositeConfig(mode=mode, threshold=threshold)
+    except ValueError as err:
+        raise UserError(f"Invalid --composite-threshold: {err.errors()[0]['msg']}.") from None
+
+
 @contextmanager
 def _progress():
     """A rich progress bar per stage, fed by the library's (stage, done, total) callbacks."""
@@ -75,10 +93,14 @@ def _progress():
         yield report
 
 
-def _load(clip_path: Path, spec: ClipSpec, model: str, device: str, dtype: str, report):
+def _load(clip_path: Path, spec: ClipSpec, model: str, device: str, dtype: str, report, region: str = "full"):
     from diffferv_cli.components import load_components
+    from diffferv_cli.editing.region import parse_region, resolve_region
     from diffferv_cli.video.io import read_clip
 
+    spec, note = resolve_region(clip_path, spec, parse_region(region), progress=lambda d, t: report("faces", d, t))
+    if note:
+        err_console.print(note, highlight=False)
     clip = read_clip(clip_path, spec, progress=lambda d, t: report("decode", d, t))
     components = load_components(model, device=device, dtype=dtype)
     if components.is_random:
@@ -91,15 +113,18 @@ def invert_cmd(
     start: StartOpt = 0, frames: FramesOpt = None, stride: StrideOpt = 1, size: SizeOpt = 512,
     steps: StepsOpt = 50, window: WindowOpt = 3, no_swcfa: NoSwcfaOpt = False, no_tta: NoTtaOpt = False,
     features: FeaturesOpt = "recompute", flow_preset: FlowOpt = "medium", cache_dir: CacheOpt = None,
-    force: ForceOpt = False, device: DeviceOpt = "auto", dtype: DtypeOpt = "auto",
+    force: ForceOpt = False, device: DeviceOpt = "auto", dtype: DtypeOpt = "auto", region: RegionOpt = "full",
 ) -> None:
     """Invert a clip (DDIM, temporal UNet) into the cache; later edits reuse it. Resumes if interrupted."""
+    from diffferv_cli.editing.region import parse_region
+
     config = _inversion(prompt, steps, window, no_swcfa, no_tta, features, flow_preset)
+    parse_region(region)
     if prompt is None:
         err_console.print(f"Source prompt: {config.prompt!r} (the default; set it with --prompt)")
     spec = _spec(start, frames, stride, size, model)
     with _progress() as report:
-        video, components = _load(clip, spec, model, device, dtype, report)
+        video, components = _load(clip, spec, model, device, dtype, report, region)
         from diffferv_cli.editing.job import run_inversion
 
         outcome = run_inversion(components, video, config, cache_dir=cache_dir, force=force, progress=report)
@@ -125,10 +150,15 @@ def edit_cmd(
     start: StartOpt = 0, frames: FramesOpt = None, stride: StrideOpt = 1, size: SizeOpt = 512,
     steps: StepsOpt = 50, window: WindowOpt = 3, no_swcfa: NoSwcfaOpt = False, no_tta: NoTtaOpt = False,
     features: FeaturesOpt = "recompute", flow_preset: FlowOpt = "medium", cache_dir: CacheOpt = None,
-    force: ForceOpt = False, device: DeviceOpt = "auto", dtype: DtypeOpt = "auto",
+    force: ForceOpt = False, device: DeviceOpt = "auto", dtype: DtypeOpt = "auto", region: RegionOpt = "full",
+    composite: CompositeOpt = "residual", composite_threshold: ThresholdOpt = 0.1, lossless: LosslessOpt = False,
 ) -> None:
     """Edit a clip with presets or a prompt (inverts first when the cache has no inversion)."""
     from diffferv_cli.editing.presets import load_preset
+    from diffferv_cli.editing.region import parse_region
+
+    compositing = _composite(composite, composite_threshold)
+    parse_region(region)
 
     if not preset and not prompt_edit:
         raise UserError("Say what to edit: --preset NAME (see `diffferv presets`) or --prompt-edit TEXT.")
@@ -162,9 +192,10 @@ def edit_cmd(
     from diffferv_cli.editing.job import run_edits
 
     with _progress() as report:
-        video, components = _load(clip, spec, model, device, dtype, report)
+        video, components = _load(clip, spec, model, device, dtype, report, region)
         outcome, written = run_edits(components, video, inversion, configs, cache_dir=cache_dir, force=force,
-                                     out=out, overwrite=overwrite, side_by_side=side_by_side, progress=report)
+                                     out=out, overwrite=overwrite, side_by_side=side_by_side,
+                                     composite=compositing, lossless=lossless, progress=report)
     if outcome.steps_run == 0:
         console.print(f"Used the cached inversion {outcome.entry.folder}")
     for path in written:
@@ -182,12 +213,17 @@ def reconstruct_cmd(
     start: StartOpt = 0, frames: FramesOpt = None, stride: StrideOpt = 1, size: SizeOpt = 512,
     steps: StepsOpt = 50, window: WindowOpt = 3, no_swcfa: NoSwcfaOpt = False, no_tta: NoTtaOpt = False,
     features: FeaturesOpt = "recompute", flow_preset: FlowOpt = "medium", cache_dir: CacheOpt = None,
-    force: ForceOpt = False, device: DeviceOpt = "auto", dtype: DtypeOpt = "auto",
+    force: ForceOpt = False, device: DeviceOpt = "auto", dtype: DtypeOpt = "auto", region: RegionOpt = "full",
+    composite: CompositeOpt = "residual", composite_threshold: ThresholdOpt = 0.1, lossless: LosslessOpt = False,
 ) -> None:
     """Reconstruct a clip from its cached inversion (the paper's path: preservation-feature injection) and
-    print MSE / PSNR / SSIM against the input."""
+    print MSE / PSNR / SSIM against the input, at working size and at source resolution (scaled up as it
+    is, and composited)."""
     from diffferv_cli.editing.job import check_writable, output_path, run_reconstruction, write_result
+    from diffferv_cli.editing.region import parse_region
 
+    compositing = _composite(composite, composite_threshold)
+    parse_region(region)
     inversion = _inversion(prompt, steps, window, no_swcfa, no_tta, features, flow_preset)
     if plain and exact:
         raise UserError("--plain and --exact exclude each other: --exact corrects the injected path.")
@@ -196,14 +232,20 @@ def reconstruct_cmd(
     target = output_path(clip, "reconstruct", out, 1)
     check_writable(target, [clip], overwrite)
     with _progress() as report:
-        video, components = _load(clip, spec, model, device, dtype, report)
+        video, components = _load(clip, spec, model, device, dtype, report, region)
         _, reconstruction = run_reconstruction(components, video, inversion, config, cache_dir=cache_dir,
-                                               force=force, compare=compare, progress=report)
-        write_result(video, reconstruction.result.frames, target, progress=report)
-    table = Table("path", "MSE", "PSNR (dB)", "SSIM", "latent MSE", title="Reconstruction vs input (working size)")
-    for label, values in reconstruction.metrics.items():
+                                               force=force, compare=compare, composite=compositing,
+                                               progress=report)
+        write_result(video, reconstruction.result.frames, target, composite=compositing,
+                     reference=reconstruction.reference, lossless=lossless, progress=report)
+    working = "x".join(str(side) for side in video.geometry.working_size)
+    source = f"{video.info.width}x{video.info.height}"
+    table = Table("path", "size", "MSE", "PSNR (dB)", "SSIM", "latent MSE", title="Reconstruction vs input")
+    rows = [(label, f"working {working}", values) for label, values in reconstruction.metrics.items()]
+    rows += [(label, f"source {source}", values) for label, values in reconstruction.source_metrics.items()]
+    for label, at, values in rows:
         latent = values.get("latent_mse")
-        table.add_row(label, f"{values['mse']:.6f}", f"{values['psnr']:.2f}", f"{values['ssim']:.4f}",
+        table.add_row(label, at, f"{values['mse']:.6f}", f"{values['psnr']:.2f}", f"{values['ssim']:.4f}",
                       "-" if latent is None else f"{latent:.2e}")
     console.print(table)
     console.print(f"Wrote {target}")

@@ -47,7 +47,7 @@ class InversionOutcome:
 def cache_request(clip, components, config: InversionConfig, source_sha256: str) -> dict:
     """Everything that determines the inversion's result, and nothing else (feature mode is not in it:
     latents are the same in both modes; disk mode only adds feature files)."""
-    return {
+    request = {
         "source_sha256": source_sha256,
         "selection": {"start": clip.spec.start, "frames": clip.spec.frames, "stride": clip.spec.stride,
                       "indices": list(clip.frame_indices)},
@@ -59,6 +59,9 @@ def cache_request(clip, components, config: InversionConfig, source_sha256: str)
         "temporal": config.temporal.model_dump(),
         "flow": config.flow_preset,
     }
+    if clip.spec.region is not None:  # only when set, so that whole-frame keys stay as they were
+        request["region"] = list(clip.spec.region)
+    return request
 
 
 def latent_size(clip, components) -> tuple[int, int]:
@@ -154,4 +157,5 @@ def invert(components, clip, config: InversionConfig, *, cache_dir=None, force: 
 def _geometry_dict(clip) -> dict:
     geometry = clip.geometry
     return {"source_size": list(geometry.source_size), "working_size": list(geometry.working_size),
-            "scaled_size": list(geometry.scaled_size), "crop": list(geometry.crop)}
+            "scaled_size": list(geometry.scaled_size), "crop": list(geometry.crop),
+            "region": None if clip.spec.region is None else list(clip.spec.region)}
