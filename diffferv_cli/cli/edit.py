@@ -239,14 +239,17 @@ def reconstruct_cmd(
         write_result(video, reconstruction.result.frames, target, composite=compositing,
                      reference=reconstruction.reference, lossless=lossless, progress=report)
     working = "x".join(str(side) for side in video.geometry.working_size)
-    source = f"{video.info.width}x{video.info.height}"
-    table = Table("path", "size", "MSE", "PSNR (dB)", "SSIM", "latent MSE", title="Reconstruction vs input")
-    rows = [(label, f"working {working}", values) for label, values in reconstruction.metrics.items()]
-    rows += [(label, f"source {source}", values) for label, values in reconstruction.source_metrics.items()]
-    for label, at, values in rows:
+    table = Table("path", "MSE", "PSNR (dB)", "SSIM", "latent MSE", title=f"Reconstruction vs input (working size {working})")
+    for label, values in reconstruction.metrics.items():
         latent = values.get("latent_mse")
-        table.add_row(label, at, f"{values['mse']:.6f}", f"{values['psnr']:.2f}", f"{values['ssim']:.4f}",
+        table.add_row(label, f"{values['mse']:.6f}", f"{values['psnr']:.2f}", f"{values['ssim']:.4f}",
                       "-" if latent is None else f"{latent:.2e}")
+    console.print(table)
+    table = Table("path", "output", "MSE", "PSNR (dB)", "SSIM",
+                  title=f"At source resolution ({video.info.width}x{video.info.height})")
+    for label, values in reconstruction.source_metrics.items():
+        path, mode = label.rsplit(", ", 1)
+        table.add_row(path, mode, f"{values['mse']:.6f}", f"{values['psnr']:.2f}", f"{values['ssim']:.4f}")
     console.print(table)
     console.print(f"Wrote {target}")
 

@@ -20,7 +20,7 @@ detail survives; where it changed a lot (M = 1: new hair colour, glasses) the ed
 and the source's detail under it is dropped. Where nothing changed (D = 0) the output *is* the source
 frame, exactly. The mask M is the channel-wise largest |D| (0..1 scale), low-passed (Gaussian, sigma
 `lowpass`) so that pixel noise of the decoder does not count, ramped smoothly from threshold/2 to
-threshold (no hard switch that could flicker from frame to frame), dilated by 2 * `feather` so that the
+threshold (no hard switch that could flicker from frame to frame), dilated by 3 * `feather` so that the
 whole changed area is covered, and blurred (sigma `feather`) so that no seam shows. `replace` mode is
 `out = up(E)`, the working render scaled up.
 
@@ -77,7 +77,8 @@ def smoothstep(values: np.ndarray) -> np.ndarray:
 def change_mask(delta: np.ndarray, config: CompositeConfig) -> np.ndarray:
     """(h, w) float32 in [0, 1]: where the change `delta` = E - R (h, w, 3; 0..255 scale) counts as large.
 
-    Exactly 0 farther than the blur reach (about 6 * feather + 3 * lowpass working pixels) from any
+    Exactly 0 farther than the reach (3 * feather + OpenCV's blur radii: about 7 * feather + 4 * lowpass
+    working pixels) from any
     pixel whose low-passed change exceeds threshold / 2."""
     magnitude = np.abs(delta, dtype=np.float32).max(axis=-1) / 255.0  # (h, w), 0..1
     if config.lowpass > 0:
@@ -85,7 +86,7 @@ def change_mask(delta: np.ndarray, config: CompositeConfig) -> np.ndarray:
     half = config.threshold / 2.0
     mask = smoothstep((magnitude - half) / half).astype(np.float32)
     if config.feather > 0 and mask.any():
-        radius = int(np.ceil(2 * config.feather))
+        radius = int(np.ceil(3 * config.feather))
         disk = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * radius + 1, 2 * radius + 1))
         mask = cv2.GaussianBlur(cv2.dilate(mask, disk), (0, 0), config.feather)
         np.clip(mask, 0.0, 1.0, out=mask)
@@ -93,8 +94,9 @@ def change_mask(delta: np.ndarray, config: CompositeConfig) -> np.ndarray:
 
 
 def border_ramp(box: tuple[int, int, int, int], frame_size: tuple[int, int], width: float) -> np.ndarray:
-    """(box h, box w) float32 weight of a box's own content against the frame around it: smoothstep from
-    0 at each box side to 1 at `width` pixels inside it; a side on the frame's edge has no ramp."""
+    """(box h, box w) float32 weight of a box's own content against the frame around it: the product of
+    one smoothstep per side, from 0 at the side to 1 at `width` pixels inside it (separable, so corners
+    round off smoothly); a side on the frame's edge has no ramp."""
     x, y, box_width, box_height = box
     frame_width, frame_height = frame_size
 
@@ -104,9 +106,9 @@ def border_ramp(box: tuple[int, int, int, int], frame_size: tuple[int, int], wid
             return weight
         distance = np.arange(length, dtype=np.float32) + 0.5  # from the low side, pixel centres
         if low_open:
-            weight = np.minimum(weight, smoothstep(distance / width))
+            weight *= smoothstep(distance / width)
         if high_open:
-            weight = np.minimum(weight, smoothstep(distance[::-1] / width))
+            weight *= smoothstep(distance[::-1] / width)
         return weight
 
     rows = ramp(box_height, y > 0, y + box_height < frame_height)
