@@ -16,7 +16,15 @@ import ffmpeg
 import numpy as np
 
 from diffferv_cli.errors import UserError
-from diffferv_cli.video.io import VideoInfo, _command, _FFmpeg, _read_exactly, _scale_flags, displayed_rgb, probe
+from diffferv_cli.video.io import (
+    VideoInfo,
+    _command,
+    _FFmpeg,
+    _read_exactly,
+    _scale_flags,
+    displayed_rgb,
+    probe,
+)
 
 
 def stream_frames(path, indices: Sequence[int], stride: int, *, info: VideoInfo | None = None,
