@@ -35,6 +35,7 @@ def plain(media):
 
 
 SELECTION = dict(start=1, stride=2, frames=3)
+RESIDUAL = CompositeConfig()
 
 
 def _random_like(frames: np.ndarray, seed: int) -> np.ndarray:
@@ -54,7 +55,7 @@ def test_no_change_writes_the_source_bit_for_bit(awkward, tmp_path, region):
     reference = _random_like(clip.frames, seed=1)
     handed = list(output_frames(clip, reference.copy(), CompositeConfig(), reference).frames)
     assert np.array_equal(np.stack(handed), source)
-    written = write_result(clip, reference.copy(), tmp_path / "out.mp4", reference=reference, lossless=True)
+    written = write_result(clip, reference.copy(), tmp_path / "out.mp4", reference=reference, composite=RESIDUAL, lossless=True)
     assert np.array_equal(decode_all(written[0]), source)
     assert probe(written[0]).has_audio
 
@@ -62,7 +63,7 @@ def test_no_change_writes_the_source_bit_for_bit(awkward, tmp_path, region):
 def test_no_change_in_the_default_h264_write_is_the_source_through_one_encode(plain, tmp_path):
     clip = read_clip(plain, ClipSpec(short_side=64, multiple=16))
     reference = _random_like(clip.frames, seed=3)
-    out = write_result(clip, reference.copy(), tmp_path / "out.mp4", reference=reference)[0]
+    out = write_result(clip, reference.copy(), tmp_path / "out.mp4", reference=reference, composite=RESIDUAL)[0]
     quality = psnr(decode_all(plain), decode_all(out))
     print(f"unchanged frame through the default write (crf 17, yuv420p): {quality:.1f} dB")
     assert quality > 35  # the source's own pixels, not a 64-pixel render (that would be ~10 dB here)
@@ -88,7 +89,7 @@ def test_changed_patch_keeps_the_source_around_it(media, tmp_path):
     edited = reference.copy()
     rows, columns = slice(40, 60), slice(80, 110)  # working pixels
     edited[:, rows, columns] = 255 - edited[:, rows, columns]  # a strong change in one patch
-    out = write_result(clip, edited, tmp_path / "out.mp4", reference=reference, lossless=True)[0]
+    out = write_result(clip, edited, tmp_path / "out.mp4", reference=reference, composite=RESIDUAL, lossless=True)[0]
     source, written = decode_all(path), decode_all(out)
     scale = 320 / clip.geometry.scaled_size[0]
     reach = 7 * 4 + 4 * 2 + 3  # mask reach and cubic support, working pixels

@@ -64,12 +64,14 @@ def output_frames(clip, frames: np.ndarray, composite: CompositeConfig, referenc
 
 
 def write_result(clip, frames: np.ndarray, path: Path, *, side_by_side: bool = False,
-                 composite: CompositeConfig = CompositeConfig(), reference: np.ndarray | None = None,
+                 composite: CompositeConfig | None = None, reference: np.ndarray | None = None,
                  lossless: bool = False, progress: Progress = None) -> list[Path]:
-    """The edited frames at source resolution (composited as `composite` says; `reference` = R, the
-    decode of the cached z_0, for residual compositing) with the source's audio; optionally an
-    original|edited comparison at working size beside it (`<name>.side-by-side.mp4`)."""
+    """The edited frames at source resolution (composited as `composite` says, default `replace`;
+    `reference` = R, the decode of the cached z_0, for residual compositing) with the source's audio;
+    optionally an original|edited comparison at working size beside it (`<name>.side-by-side.mp4`)."""
     from diffferv_cli.video.io import write_video
+
+    composite = composite or CompositeConfig(mode="replace")
 
     report = progress or (lambda stage, done, total: None)
     audio_start = clip.frame_indices[0] / clip.info.fps

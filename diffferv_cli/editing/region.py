@@ -163,8 +163,10 @@ def find_face_region(path, spec: ClipSpec, *, analyzer=None, landmarks=None, pro
         analyzer = backend.analyzer
     if landmarks is None:
         landmarks = _landmark_source() or (analyzer if hasattr(analyzer, "landmarks") else None)
-    names = analyzer.name + (f" + {landmarks.name} landmarks" if landmarks is not None and landmarks is not analyzer
-                             else " + its landmarks" if landmarks is not None else "")
+    if landmarks is None:
+        names = f"{analyzer.name} detector"
+    else:
+        names = f"{analyzer.name} detector, {'its' if landmarks is analyzer else landmarks.name} 68 landmarks"
     info = probe(path)
     indices = frame_selection(info.frame_count, spec, name=path.name)
     scale = min(1.0, DETECT_SHORT_SIDE / min(info.width, info.height))
