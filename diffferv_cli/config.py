@@ -32,11 +32,17 @@ class ClipSpec(Frozen):
     stride: int = Field(1, ge=1, description="take every n-th frame")
     short_side: int = Field(512, ge=16, le=2048)
     multiple: int = Field(64, ge=8)
+    region: tuple[int, int, int, int] | None = Field(
+        None, description="(x, y, width, height) of the part of the displayed frame that is edited; None: all")
 
     @model_validator(mode="after")
     def _short_side_fits(self) -> ClipSpec:
         if self.short_side % self.multiple:
             raise ValueError(f"short side {self.short_side} must be a multiple of {self.multiple}")
+        if self.region is not None:
+            x, y, width, height = self.region
+            if x < 0 or y < 0 or width < 8 or height < 8:
+                raise ValueError(f"region {x},{y},{width},{height} needs x, y >= 0 and a size of at least 8x8")
         return self
 
 
@@ -84,6 +90,21 @@ class EditConfig(Frozen):
     guidance: float = Field(5.0, ge=0.0, description="g in noise = neg + g*(pos - neg)")
     inject: bool = True
     exact: bool = False  # correct the edit path with the cached inversion path (reconstruction is then exact)
+
+
+class CompositeConfig(Frozen):
+    """How the working-size edit goes back into the source-resolution frame (editing/composite.py).
+
+    `residual`: output = S + up(E - R) where the edit changed little and up(E) where it changed a lot
+    (R = decode of the cached z_0, E = decoded edit), blended by a feathered mask of the low-passed
+    change |E - R|. `replace`: output = up(E), the working render scaled up. Lengths are in working-size
+    pixels."""
+
+    mode: Literal["residual", "replace"] = "residual"
+    threshold: float = Field(0.1, gt=0.0, le=1.0, description="low-passed |E - R| (0..1 scale) above which the edit replaces the source")
+    lowpass: float = Field(2.0, ge=0.0, description="Gaussian sigma of the low-pass on |E - R|")
+    feather: float = Field(4.0, ge=0.0, description="Gaussian sigma of the mask's soft edge")
+    border: float = Field(16.0, ge=0.0, description="width of the ramp joining an edited region to the rest of the frame")
 
 
 class TrainConfig(Frozen):

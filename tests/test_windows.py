@@ -273,15 +273,16 @@ def test_cli_help_says_the_default_window():
 
 
 def test_streamed_write_equals_the_array_write(tmp_path):
-    from diffferv_cli.video.io import probe, write_video
-    from tests.media import decode_all
+    from media import decode_all
+
+    from diffferv_cli.video.io import FrameStream, probe, write_video
 
     rng = np.random.default_rng(1)
     frames = rng.integers(0, 255, (5, 32, 48, 3), dtype=np.uint8)
     write_video(frames, tmp_path / "array.mp4", 24)
-    write_video(iter(list(frames)), tmp_path / "stream.mp4", 24, count=5)
+    write_video(FrameStream(iter(list(frames)), 5, (48, 32)), tmp_path / "stream.mp4", 24)
     assert probe(tmp_path / "stream.mp4").frame_count == 5
     assert np.array_equal(decode_all(tmp_path / "array.mp4"), decode_all(tmp_path / "stream.mp4"))
-    with pytest.raises(ValueError, match="announced"):
-        write_video(iter(list(frames)), tmp_path / "short.mp4", 24, count=6)
+    with pytest.raises(ValueError, match="ended after 5 of the 6"):
+        write_video(FrameStream(iter(list(frames)), 6, (48, 32)), tmp_path / "short.mp4", 24)
     assert not (tmp_path / "short.mp4").exists()

@@ -48,6 +48,13 @@ WindowFramesOpt = Annotated[int, typer.Option(
     "--window-frames", help=f"Frames per temporal window: every UNet pass runs on overlapping windows of this "
     f"many frames, so memory is set by the window, not the clip's length (default {DEFAULT_WINDOW_FRAMES}: a 512x512 "
     "edit fits a 24 GB GPU). At least --window + 1; a clip this short or shorter is one window.")]
+RegionOpt = Annotated[str, typer.Option("--region", help="Part of the frame that is edited: full, auto (the face's "
+                                        "head box, found over the clip) or X,Y,W,H in pixels.")]
+CompositeOpt = Annotated[str, typer.Option("--composite", help="residual (keep the source's pixels where the edit "
+                                           "changed little) or replace (the working render scaled up).")]
+ThresholdOpt = Annotated[float, typer.Option("--composite-threshold", help="Change (0-1) above which the edit "
+                                             "replaces the source in residual compositing.")]
+LosslessOpt = Annotated[bool, typer.Option("--lossless", help="Write lossless RGB H.264 (large files).")]
 
 
 def _spec(start: int, frames: int | None, stride: int, size: int, model: str) -> ClipSpec:
@@ -83,6 +90,17 @@ class _FramesPerSecond(ProgressColumn):
         return Text("" if speed is None else f"{speed:.1f} frames/s")
 
 
+def _composite(mode: str, threshold: float):
+    from diffferv_cli.config import CompositeConfig
+
+    if mode not in ("residual", "replace"):
+        raise UserError(f"--composite must be residual or replace, not {mode!r}.")
+    try:
+        return CompositeConfig(mode=mode, threshold=threshold)
+    except ValueError as err:
+        raise UserError(f"Invalid --composite-threshold: {err.errors()[0]['msg']}.") from None
+
+
 @contextmanager
 def _progress():
     """A rich progress bar per stage, fed by the library's (stage, done, total) callbacks: done/total in
@@ -100,10 +118,14 @@ def _progress():
         yield report
 
 
-def _load(clip_path: Path, spec: ClipSpec, model: str, device: str, dtype: str, report):
+def _load(clip_path: Path, spec: ClipSpec, model: str, device: str, dtype: str, report, region: str = "full"):
     from diffferv_cli.components import load_components
+    from diffferv_cli.editing.region import parse_region, resolve_region
     from diffferv_cli.video.io import read_clip
 
+    spec, note = resolve_region(clip_path, spec, parse_region(region), progress=lambda d, t: report("faces", d, t))
+    if note:
+        err_console.print(note, highlight=False)
     clip = read_clip(clip_path, spec, progress=lambda d, t: report("decode", d, t))
     components = load_components(model, device=device, dtype=dtype)
     if components.is_random:
@@ -117,15 +139,18 @@ def invert_cmd(
     steps: StepsOpt = 50, window: WindowOpt = 3, no_swcfa: NoSwcfaOpt = False, no_tta: NoTtaOpt = False,
     features: FeaturesOpt = "recompute", flow_preset: FlowOpt = "medium",
     window_frames: WindowFramesOpt = DEFAULT_WINDOW_FRAMES, cache_dir: CacheOpt = None,
-    force: ForceOpt = False, device: DeviceOpt = "auto", dtype: DtypeOpt = "auto",
+    force: ForceOpt = False, device: DeviceOpt = "auto", dtype: DtypeOpt = "auto", region: RegionOpt = "full",
 ) -> None:
     """Invert a clip (DDIM, temporal UNet) into the cache; later edits reuse it. Resumes if interrupted."""
+    from diffferv_cli.editing.region import parse_region
+
     config = _inversion(prompt, steps, window, no_swcfa, no_tta, features, flow_preset, window_frames)
+    parse_region(region)
     if prompt is None:
         err_console.print(f"Source prompt: {config.prompt!r} (the default; set it with --prompt)")
     spec = _spec(start, frames, stride, size, model)
     with _progress() as report:
-        video, components = _load(clip, spec, model, device, dtype, report)
+        video, components = _load(clip, spec, model, device, dtype, report, region)
         from diffferv_cli.editing.job import run_inversion
 
         outcome = run_inversion(components, video, config, cache_dir=cache_dir, force=force, progress=report)
@@ -152,10 +177,15 @@ def edit_cmd(
     steps: StepsOpt = 50, window: WindowOpt = 3, no_swcfa: NoSwcfaOpt = False, no_tta: NoTtaOpt = False,
     features: FeaturesOpt = "recompute", flow_preset: FlowOpt = "medium",
     window_frames: WindowFramesOpt = DEFAULT_WINDOW_FRAMES, cache_dir: CacheOpt = None,
-    force: ForceOpt = False, device: DeviceOpt = "auto", dtype: DtypeOpt = "auto",
+    force: ForceOpt = False, device: DeviceOpt = "auto", dtype: DtypeOpt = "auto", region: RegionOpt = "full",
+    composite: CompositeOpt = "residual", composite_threshold: ThresholdOpt = 0.1, lossless: LosslessOpt = False,
 ) -> None:
     """Edit a clip with presets or a prompt (inverts first when the cache has no inversion)."""
     from diffferv_cli.editing.presets import load_preset
+    from diffferv_cli.editing.region import parse_region
+
+    compositing = _composite(composite, composite_threshold)
+    parse_region(region)
 
     if not preset and not prompt_edit:
         raise UserError("Say what to edit: --preset NAME (see `diffferv presets`) or --prompt-edit TEXT.")
@@ -189,9 +219,10 @@ def edit_cmd(
     from diffferv_cli.editing.job import run_edits
 
     with _progress() as report:
-        video, components = _load(clip, spec, model, device, dtype, report)
+        video, components = _load(clip, spec, model, device, dtype, report, region)
         outcome, written = run_edits(components, video, inversion, configs, cache_dir=cache_dir, force=force,
-                                     out=out, overwrite=overwrite, side_by_side=side_by_side, progress=report)
+                                     out=out, overwrite=overwrite, side_by_side=side_by_side,
+                                     composite=compositing, lossless=lossless, progress=report)
     if outcome.steps_run == 0:
         console.print(f"Used the cached inversion {outcome.entry.folder}")
     for path in written:
@@ -210,12 +241,17 @@ def reconstruct_cmd(
     steps: StepsOpt = 50, window: WindowOpt = 3, no_swcfa: NoSwcfaOpt = False, no_tta: NoTtaOpt = False,
     features: FeaturesOpt = "recompute", flow_preset: FlowOpt = "medium",
     window_frames: WindowFramesOpt = DEFAULT_WINDOW_FRAMES, cache_dir: CacheOpt = None,
-    force: ForceOpt = False, device: DeviceOpt = "auto", dtype: DtypeOpt = "auto",
+    force: ForceOpt = False, device: DeviceOpt = "auto", dtype: DtypeOpt = "auto", region: RegionOpt = "full",
+    composite: CompositeOpt = "residual", composite_threshold: ThresholdOpt = 0.1, lossless: LosslessOpt = False,
 ) -> None:
     """Reconstruct a clip from its cached inversion (the paper's path: preservation-feature injection) and
-    print MSE / PSNR / SSIM against the input."""
+    print MSE / PSNR / SSIM against the input, at working size and at source resolution (scaled up as it
+    is, and composited)."""
     from diffferv_cli.editing.job import check_writable, output_path, run_reconstruction, write_result
+    from diffferv_cli.editing.region import parse_region
 
+    compositing = _composite(composite, composite_threshold)
+    parse_region(region)
     inversion = _inversion(prompt, steps, window, no_swcfa, no_tta, features, flow_preset, window_frames)
     if plain and exact:
         raise UserError("--plain and --exact exclude each other: --exact corrects the injected path.")
@@ -224,15 +260,24 @@ def reconstruct_cmd(
     target = output_path(clip, "reconstruct", out, 1)
     check_writable(target, [clip], overwrite)
     with _progress() as report:
-        video, components = _load(clip, spec, model, device, dtype, report)
+        video, components = _load(clip, spec, model, device, dtype, report, region)
         _, reconstruction = run_reconstruction(components, video, inversion, config, cache_dir=cache_dir,
-                                               force=force, compare=compare, progress=report)
-        write_result(video, reconstruction.result.frames, target, progress=report)
-    table = Table("path", "MSE", "PSNR (dB)", "SSIM", "latent MSE", title="Reconstruction vs input (working size)")
+                                               force=force, compare=compare, composite=compositing,
+                                               progress=report)
+        write_result(video, reconstruction.result.frames, target, composite=compositing,
+                     reference=reconstruction.reference, lossless=lossless, progress=report)
+    working = "x".join(str(side) for side in video.geometry.working_size)
+    table = Table("path", "MSE", "PSNR (dB)", "SSIM", "latent MSE", title=f"Reconstruction vs input (working size {working})")
     for label, values in reconstruction.metrics.items():
         latent = values.get("latent_mse")
         table.add_row(label, f"{values['mse']:.6f}", f"{values['psnr']:.2f}", f"{values['ssim']:.4f}",
                       "-" if latent is None else f"{latent:.2e}")
+    console.print(table)
+    table = Table("path", "output", "MSE", "PSNR (dB)", "SSIM",
+                  title=f"At source resolution ({video.info.width}x{video.info.height})")
+    for label, values in reconstruction.source_metrics.items():
+        path, mode = label.rsplit(", ", 1)
+        table.add_row(path, mode, f"{values['mse']:.6f}", f"{values['psnr']:.2f}", f"{values['ssim']:.4f}")
     console.print(table)
     console.print(f"Wrote {target}")
 

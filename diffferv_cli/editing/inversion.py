@@ -58,7 +58,7 @@ class InversionOutcome:
 def cache_request(clip, components, config: InversionConfig, source_sha256: str) -> dict:
     """Everything that determines the inversion's result, and nothing else (feature mode is not in it:
     latents are the same in both modes; disk mode only adds feature files)."""
-    return {
+    request = {
         "source_sha256": source_sha256,
         "selection": {"start": clip.spec.start, "frames": clip.spec.frames, "stride": clip.spec.stride,
                       "indices": list(clip.frame_indices)},
@@ -71,6 +71,9 @@ def cache_request(clip, components, config: InversionConfig, source_sha256: str)
         "flow": config.flow_preset,
         "windows": schedule_to_json(clip_windows(len(clip.frames), config)),
     }
+    if clip.spec.region is not None:  # only when set, so that whole-frame keys stay as they were
+        request["region"] = list(clip.spec.region)
+    return request
 
 
 def clip_windows(frames: int, config: InversionConfig) -> list[Window]:
@@ -209,4 +212,5 @@ def invert(components, clip, config: InversionConfig, *, cache_dir=None, force: 
 def _geometry_dict(clip) -> dict:
     geometry = clip.geometry
     return {"source_size": list(geometry.source_size), "working_size": list(geometry.working_size),
-            "scaled_size": list(geometry.scaled_size), "crop": list(geometry.crop)}
+            "scaled_size": list(geometry.scaled_size), "crop": list(geometry.crop),
+            "region": None if clip.spec.region is None else list(clip.spec.region)}

@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from diffferv_cli.config import EditConfig, InversionConfig
+from diffferv_cli.config import CompositeConfig, EditConfig, InversionConfig
 from diffferv_cli.editing.inversion import InversionOutcome, invert
 from diffferv_cli.editing.sampling import EditResult, edit
-from diffferv_cli.editing.vae import decode_latents, decoded_frames
+from diffferv_cli.editing.vae import decode_latents
 from diffferv_cli.errors import UserError
 
 Progress = Callable[[str, int, int], None] | None
@@ -19,8 +19,10 @@ Progress = Callable[[str, int, int], None] | None
 
 @dataclass
 class Reconstruction:
-    metrics: dict[str, dict[str, float]]  # label -> {"mse", "psnr", "ssim", "latent_mse"}
+    metrics: dict[str, dict[str, float]]  # label -> {"mse", "psnr", "ssim", "latent_mse"}, at working size
     result: EditResult
+    reference: np.ndarray | None = None  # R, the decode of z_0 (working size)
+    source_metrics: dict[str, dict[str, float]] = field(default_factory=dict)  # at source resolution
 
 
 def output_path(clip_path: Path, label: str, out: Path | None, count: int) -> Path:
@@ -45,13 +47,31 @@ def check_writable(path: Path, inputs: list[Path], overwrite: bool) -> None:
         raise UserError(f"The output folder {path.parent} does not exist.")
 
 
-def write_result(clip, frames: np.ndarray | Iterable[np.ndarray], path: Path, *, side_by_side: bool = False,
-                 progress: Progress = None) -> list[Path]:
-    """The edited frames at source resolution with the source's audio; optionally an original|edited
-    comparison at working size beside it (`<name>.side-by-side.mp4`). `frames` is an array, or an
-    iterable of one (H, W, 3) frame at a time that is encoded as it is produced (held in memory only
-    for the side-by-side video, which needs them a second time)."""
+def output_frames(clip, frames: np.ndarray, composite: CompositeConfig, reference: np.ndarray | None = None):
+    """The edited working-size frames as source-resolution output frames, composited into the source
+    frames (streamed from the input, never the whole clip in memory): a `video.io.FrameStream`."""
+    from diffferv_cli.editing.composite import composite_frames, needs_source
+    from diffferv_cli.video.io import FrameStream
+    from diffferv_cli.video.stream import stream_frames
+
+    if composite.mode == "residual" and reference is None:
+        raise ValueError("residual compositing needs the reference frames R (decode of z_0)")
+    sources = None
+    if needs_source(composite, clip.spec.region):
+        sources = stream_frames(clip.info.path, clip.frame_indices, clip.spec.stride, info=clip.info)
+    return FrameStream(composite_frames(sources, frames, reference, clip.geometry, composite, clip.spec.region),
+                       count=len(frames), size=(clip.info.width, clip.info.height))
+
+
+def write_result(clip, frames: np.ndarray, path: Path, *, side_by_side: bool = False,
+                 composite: CompositeConfig | None = None, reference: np.ndarray | None = None,
+                 lossless: bool = False, progress: Progress = None) -> list[Path]:
+    """The edited frames at source resolution (composited as `composite` says, default `replace`;
+    `reference` = R, the decode of the cached z_0, for residual compositing) with the source's audio;
+    optionally an original|edited comparison at working size beside it (`<name>.side-by-side.mp4`)."""
     from diffferv_cli.video.io import write_video
+
+    composite = composite or CompositeConfig(mode="replace")
 
     report = progress or (lambda stage, done, total: None)
     if side_by_side and not isinstance(frames, np.ndarray):
@@ -60,11 +80,18 @@ def write_result(clip, frames: np.ndarray | Iterable[np.ndarray], path: Path, *,
     audio_duration = len(clip.frame_indices) * clip.spec.stride / clip.info.fps
     common = dict(audio_from=clip.info.path, audio_start=audio_start, audio_duration=audio_duration,
                   input_paths=[clip.info.path], progress=lambda d, t: report("write", d, t))
-    written = [write_video(frames, path, clip.fps, geometry=clip.geometry, count=len(clip.frames), **common)]
+    written = [write_video(output_frames(clip, frames, composite, reference), path, clip.fps, lossless=lossless,
+                           **common)]
     if side_by_side:
         pair = np.concatenate([clip.frames, frames], axis=2)  # (m, H, 2W, 3)
         written.append(write_video(pair, path.with_suffix(".side-by-side.mp4"), clip.fps, **common))
     return written
+
+
+def source_reference(components, entry, progress: Progress = None) -> np.ndarray:
+    """R: the VAE decode of the cached source latent z_0, at working size (the input's round trip)."""
+    report = progress or (lambda stage, done, total: None)
+    return decode_latents(components.vae, entry.read_latent(0), progress=lambda d, t: report("decode R", d, t))
 
 
 def run_inversion(components, clip, config: InversionConfig, *, cache_dir=None, force=False,
@@ -74,19 +101,19 @@ def run_inversion(components, clip, config: InversionConfig, *, cache_dir=None, 
 
 def run_edits(components, clip, inversion: InversionConfig, edits: list[tuple[str, EditConfig]], *,
               cache_dir=None, force=False, out: Path | None = None, overwrite=False, side_by_side=False,
+              composite: CompositeConfig = CompositeConfig(), lossless: bool = False,
               progress: Progress = None) -> tuple[InversionOutcome, list[Path]]:
     """Invert once (or reuse the cache), then sample and write every edit."""
     targets = [output_path(clip.info.path, label, out, len(edits)) for label, _ in edits]
     for target in targets:
         check_writable(target, [clip.info.path], overwrite)
     outcome = run_inversion(components, clip, inversion, cache_dir=cache_dir, force=force, progress=progress)
+    reference = source_reference(components, outcome.entry, progress) if composite.mode == "residual" else None
     written: list[Path] = []
-    report = progress or (lambda stage, done, total: None)
     for (_, config), target in zip(edits, targets, strict=True):
-        result = edit(components, outcome.entry, config, feature_mode=inversion.feature_mode, progress=progress,
-                      decode=False)
-        frames = decoded_frames(components.vae, result.latents, progress=lambda d, t: report("decode", d, t))
-        written += write_result(clip, frames, target, side_by_side=side_by_side, progress=progress)
+        result = edit(components, outcome.entry, config, feature_mode=inversion.feature_mode, progress=progress)
+        written += write_result(clip, result.frames, target, side_by_side=side_by_side, composite=composite,
+                                reference=reference, lossless=lossless, progress=progress)
     return outcome, written
 
 
@@ -97,19 +124,46 @@ def frame_metrics(reference: np.ndarray, frames: np.ndarray) -> dict[str, float]
             "ssim": float(ssim(reference, frames))}
 
 
+def source_resolution_metrics(clip, candidates: dict[str, tuple[np.ndarray, CompositeConfig]],
+                              reference: np.ndarray | None, progress: Progress = None) -> dict[str, dict[str, float]]:
+    """MSE / PSNR / SSIM against the source frames at their own resolution of each candidate (edited
+    working-size frames and how they are composited), in one streamed pass over the source frames."""
+    from diffferv_cli.editing.composite import composite_frame
+    from diffferv_cli.evaluation.metrics import mse_per_frame, psnr_from_mse, ssim_per_frame
+    from diffferv_cli.video.stream import stream_frames
+
+    report = progress or (lambda stage, done, total: None)
+    values: dict[str, dict[str, list[float]]] = {label: {"mse": [], "psnr": [], "ssim": []} for label in candidates}
+    count = len(clip.frame_indices)
+    for index, source in enumerate(stream_frames(clip.info.path, clip.frame_indices, clip.spec.stride, info=clip.info)):
+        for label, (frames, config) in candidates.items():
+            output = composite_frame(source, frames[index], None if reference is None else reference[index],
+                                     clip.geometry, config, clip.spec.region)
+            error = float(mse_per_frame(source, output)[0])
+            values[label]["mse"].append(error)
+            values[label]["psnr"].append(float(psnr_from_mse(error)))
+            values[label]["ssim"].append(float(ssim_per_frame(source, output)[0]))
+        report("metrics", index + 1, count)
+    return {label: {name: float(np.mean(series)) for name, series in metrics.items()}
+            for label, metrics in values.items()}
+
+
 def _path_label(config: EditConfig) -> str:
     return "exact" if config.exact else ("injected (paper)" if config.inject else "plain DDIM")
 
 
 def run_reconstruction(components, clip, inversion: InversionConfig, config: EditConfig, *, cache_dir=None,
-                       force=False, compare=False, progress: Progress = None) -> tuple[InversionOutcome, Reconstruction]:
+                       force=False, compare=False, composite: CompositeConfig = CompositeConfig(),
+                       progress: Progress = None) -> tuple[InversionOutcome, Reconstruction]:
     """Reconstruction (edit prompt = source prompt) from the cache, with metrics against the input frames
     at working size: the VAE round trip alone (the floor), then the chosen path, then, with `compare`,
-    the other two of: injected (the paper's method), exact (injected + the exact correction), plain DDIM."""
+    the other two of: injected (the paper's method), exact (injected + the exact correction), plain DDIM;
+    and at source resolution: the round trip and the chosen path scaled up as they are (`replace`) and
+    the chosen path composited into the source frames (`residual`)."""
     outcome = run_inversion(components, clip, inversion, cache_dir=cache_dir, force=force, progress=progress)
     entry = outcome.entry
     z0 = entry.read_latent(0)
-    floor = decode_latents(components.vae, z0)
+    floor = source_reference(components, entry, progress)
     metrics = {"vae round trip": frame_metrics(clip.frames, floor)}
     paths = [config]
     if compare:
@@ -122,4 +176,10 @@ def run_reconstruction(components, clip, inversion: InversionConfig, config: Edi
         result = result or path_result
         metrics[_path_label(path_config)] = {**frame_metrics(clip.frames, path_result.frames),
                                              "latent_mse": float(((path_result.latents - z0) ** 2).mean())}
-    return outcome, Reconstruction(metrics, result)
+    label = _path_label(config)
+    replace = composite.model_copy(update={"mode": "replace"})
+    residual = composite.model_copy(update={"mode": "residual"})
+    candidates = {"vae round trip, replace": (floor, replace), f"{label}, replace": (result.frames, replace),
+                  f"{label}, residual": (result.frames, residual)}
+    source_metrics = source_resolution_metrics(clip, candidates, floor, progress)
+    return outcome, Reconstruction(metrics, result, floor, source_metrics)

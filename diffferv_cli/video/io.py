@@ -26,14 +26,13 @@ Conventions, fixed here for the whole project:
 from __future__ import annotations
 
 import contextlib
-import itertools
 import math
 import os
 import re
 import subprocess
 import tempfile
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from fractions import Fraction
 from functools import lru_cache
@@ -398,21 +397,45 @@ class Clip:
         return self.info.fps / self.spec.stride
 
 
+def displayed_rgb(video, info: VideoInfo):
+    """A decoded stream as the full displayed frames in RGB: resized to the displayed size when the
+    stored pixels are not square (a pass-through otherwise), then converted. The region cut of
+    `read_clip` and the full-resolution frames of `video.stream` both go through here, so the two
+    agree pixel for pixel."""
+    return video.filter("scale", info.width, info.height, flags="bicubic").filter("format", "rgb24")
+
+
+def check_region(region: tuple[int, int, int, int] | None, frame_size: tuple[int, int]):
+    """`region` (x, y, width, height) if it lies inside the displayed frame; a `UserError` if not."""
+    if region is None:
+        return None
+    x, y, width, height = region
+    if x + width > frame_size[0] or y + height > frame_size[1]:
+        raise UserError(f"The region {x},{y},{width},{height} (x,y,width,height) reaches past the "
+                        f"{frame_size[0]}x{frame_size[1]} frame.")
+    return (x, y, width, height)
+
+
 def read_clip(path, spec: ClipSpec, progress: Progress = None) -> Clip:
     """Decode the frames `spec` selects, at working size, into memory (and nothing else).
 
     ffmpeg selects (`trim` + `select` on frame numbers, stopping after the last one) and scales, so a
-    long or 8K video costs only the selected frames at working size in memory."""
+    long or 8K video costs only the selected frames at working size in memory. With `spec.region` the
+    working frames show only that box of the displayed frame, and `geometry` maps the box (not the
+    whole frame) to the working size."""
     path = Path(path)
     info = probe(path)
     indices = frame_selection(info.frame_count, spec, name=path.name)
-    geometry = working_geometry((info.width, info.height), spec)
+    region = check_region(spec.region, (info.width, info.height))
+    geometry = working_geometry((region[2], region[3]) if region else (info.width, info.height), spec)
     scaled_width, scaled_height = geometry.scaled_size
     video = ffmpeg.input(str(path))["V:0"].filter("trim", start_frame=indices[0], end_frame=indices[-1] + 1)
     if spec.stride > 1:
         video = video.filter("select", f"not(mod(n,{spec.stride}))")
+    if region:  # cut the region out of the displayed RGB frame (exact, unlike a crop of subsampled chroma)
+        video = displayed_rgb(video, info).filter("crop", region[2], region[3], region[0], region[1], exact=1)
     video = video.filter("scale", scaled_width, scaled_height,
-                         flags=_scale_flags((info.width, info.height), geometry.scaled_size))
+                         flags=_scale_flags(geometry.source_size, geometry.scaled_size))
     video = video.filter("format", "rgb24")
     graph = video.output("pipe:", format="rawvideo", pix_fmt="rgb24", fps_mode="passthrough",
                          **{"frames:v": len(indices)})
@@ -502,13 +525,26 @@ def _rate(fps: float | str | Fraction) -> Fraction:
     return _snap(rate) if isinstance(fps, float | int) else rate
 
 
-def write_video(frames: np.ndarray, out_path, fps: float | str, *, geometry: Geometry | None = None,
+@dataclass(frozen=True)
+class FrameStream:
+    """`count` uint8 RGB frames (H, W, 3) of `size` (width, height), made one at a time by `frames`, so
+    that a long source-resolution output never sits in memory whole."""
+
+    frames: Iterable[np.ndarray]
+    count: int
+    size: tuple[int, int]
+
+
+def write_video(frames: np.ndarray | FrameStream, out_path, fps: float | str, *, geometry: Geometry | None = None,
                 audio_from: Path | None = None, audio_start: float = 0.0, audio_duration: float | None = None,
                 input_paths: Sequence[Path] = (), progress: Progress = None, crf: int = 17,
-                preset: str = "medium", count: int | None = None) -> Path:
+                preset: str = "medium", lossless: bool = False) -> Path:
     """Write RGB frames (m, H, W, 3) as H.264 yuv420p MP4 (`+faststart`, BT.709) at `fps` (a float, or
     an exact fraction string such as "30000/1001"); returns `out_path`.
 
+    * `frames` may be a `FrameStream`: written at its own size as the frames come (no `geometry`).
+    * `lossless`: RGB H.264 at quantizer 0 (libx264rgb, still .mp4): decodes to exactly the frames
+      given, at any size (no even padding); files are large and not every player shows them.
     * `geometry`: frames are at its working size; the pad/crop is undone here and ffmpeg resizes to
       the source size (so an 8K output never sits in memory at full size).
     * yuv420p needs even sizes: an odd width or height (641x359) is padded by 1 px on the right/bottom
@@ -518,44 +554,33 @@ def write_video(frames: np.ndarray, out_path, fps: float | str, *, geometry: Geo
     * Atomic: written to a temp file in the destination folder and renamed at the end; on any failure
       (or Ctrl-C) nothing is left behind. Refuses to write over any of `input_paths` or `audio_from`,
       into a missing or unwritable folder. An existing non-input `out_path` is replaced.
-    * `frames` may also be an iterable of (H, W, 3) uint8 frames with their `count`: each is encoded as
-      it arrives, so the clip's output never sits in memory.
     """
-    if count is not None and not isinstance(frames, np.ndarray):
-        return _write_stream(iter(frames), count, out_path, fps, geometry=geometry, audio_from=audio_from,
-                             audio_start=audio_start, audio_duration=audio_duration, input_paths=input_paths,
-                             progress=progress, crf=crf, preset=preset)
-    frames = np.asarray(frames)
-    if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[-1] != 3 or len(frames) == 0:
-        raise ValueError(f"expected uint8 frames (m, H, W, 3) with m >= 1, got {frames.dtype} {frames.shape}")
-    return _write_stream(iter(frames), len(frames), out_path, fps, geometry=geometry, audio_from=audio_from,
-                         audio_start=audio_start, audio_duration=audio_duration, input_paths=input_paths,
-                         progress=progress, crf=crf, preset=preset)
-
-
-def _write_stream(frames: Iterator[np.ndarray], count: int, out_path, fps, *, geometry, audio_from, audio_start,
-                  audio_duration, input_paths, progress, crf, preset) -> Path:
-    """`write_video` on `count` frames arriving one at a time."""
-    first = next(frames, None)
-    if first is None or count < 1 or first.dtype != np.uint8 or first.ndim != 3 or first.shape[-1] != 3:
-        shape = None if first is None else (first.dtype, first.shape)
-        raise ValueError(f"expected {count} uint8 frames (H, W, 3), got {shape}")
-    frames = _same_shape(itertools.chain([first], frames), first.shape)
+    stream = frames if isinstance(frames, FrameStream) else None
+    if stream is None:
+        frames = np.asarray(frames)
+        if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[-1] != 3 or len(frames) == 0:
+            raise ValueError(f"expected uint8 frames (m, H, W, 3) with m >= 1, got {frames.dtype} {frames.shape}")
+    elif stream.count < 1 or geometry is not None:
+        raise ValueError("a FrameStream needs count >= 1 and is written at its own size (no geometry)")
+    count = stream.count if stream else len(frames)
     out_path = Path(out_path)
     inputs = [Path(p) for p in input_paths] + ([Path(audio_from)] if audio_from is not None else [])
     _check_output(out_path, inputs)
     rate = _rate(fps)
-    if geometry is not None:
+    if stream is not None:
+        target = piped_size = stream.size
+        frames = _checked_frames(stream)
+    elif geometry is not None:
         working_width, working_height = geometry.working_size
-        if first.shape[0:2] != (working_height, working_width):
-            raise ValueError(f"frames are {first.shape[1]}x{first.shape[0]}, geometry expects "
+        if frames.shape[1:3] != (working_height, working_width):
+            raise ValueError(f"frames are {frames.shape[2]}x{frames.shape[1]}, geometry expects "
                              f"{working_width}x{working_height}")
-        frames = (_working_to_scaled(frame, geometry) for frame in frames)  # (scaled H, scaled W, 3) views
+        frames = _working_to_scaled(frames, geometry)  # (m, scaled H, scaled W, 3), a view
         target = geometry.source_size
         piped_size = geometry.scaled_size
     else:
-        target = piped_size = (first.shape[1], first.shape[0])
-    even = (target[0] + target[0] % 2, target[1] + target[1] % 2)
+        target = piped_size = (frames.shape[2], frames.shape[1])
+    even = (target[0] + target[0] % 2, target[1] + target[1] % 2) if not lossless else target
     video = ffmpeg.input("pipe:", format="rawvideo", pix_fmt="rgb24", s=f"{piped_size[0]}x{piped_size[1]}",
                          framerate=f"{rate.numerator}/{rate.denominator}").video
     if piped_size != target:
@@ -563,8 +588,11 @@ def _write_stream(frames: Iterator[np.ndarray], count: int, out_path, fps, *, ge
     if even != target:
         video = (video.filter("format", "gbrp").filter("pad", even[0], even[1], 0, 0)
                  .filter("fillborders", right=even[0] - target[0], bottom=even[1] - target[1], mode="smear"))
-    video = (video.filter("scale", out_color_matrix="bt709", out_range="tv", flags="area+accurate_rnd")
-             .filter("format", "yuv420p").filter("setsar", 1))
+    if lossless:
+        video = video.filter("format", "rgb24").filter("setsar", 1)
+    else:
+        video = (video.filter("scale", out_color_matrix="bt709", out_range="tv", flags="area+accurate_rnd")
+                 .filter("format", "yuv420p").filter("setsar", 1))
     streams = [video]
     video_seconds = float(count / rate)
     if audio_from is not None:
@@ -574,26 +602,34 @@ def _write_stream(frames: Iterator[np.ndarray], count: int, out_path, fps, *, ge
             streams.append(ffmpeg.input(str(audio_from), ss=f"{audio_start:.6f}", t=f"{seconds:.6f}")["a:0"])
     options = dict(format="mp4", vcodec="libx264", pix_fmt="yuv420p", crf=crf, preset=preset,
                    movflags="+faststart", colorspace="bt709", color_primaries="bt709", color_trc="bt709")
+    if lossless:
+        options.update(vcodec="libx264rgb", pix_fmt="rgb24", qp=0, colorspace="rgb")
+        del options["crf"]
     if len(streams) > 1:
         options.update(acodec="aac", audio_bitrate="192k")
     with _atomic_output(out_path) as temp:
         graph = ffmpeg.output(*streams, str(temp), **options)
         with _FFmpeg(_command(graph), f"write {out_path.name}", stdin=True) as process:
-            done = 0
             for done, frame in enumerate(frames, start=1):
                 process.stdin.write(np.ascontiguousarray(frame).data)
                 if progress:
                     progress(done, count)
-            if done != count:
-                raise ValueError(f"{done} frames arrived, {count} were announced")
     return out_path
 
 
-def _same_shape(frames: Iterator[np.ndarray], shape: tuple[int, ...]) -> Iterator[np.ndarray]:
-    for index, frame in enumerate(frames):
-        if frame.shape != shape or frame.dtype != np.uint8:
-            raise ValueError(f"frame {index} is {frame.dtype} {frame.shape}, the first one uint8 {shape}")
+def _checked_frames(stream: FrameStream) -> Iterator[np.ndarray]:
+    """The frames of `stream`, each checked against its declared size; exactly `count` of them."""
+    width, height = stream.size
+    done = 0
+    for frame in stream.frames:
+        if frame.dtype != np.uint8 or frame.shape != (height, width, 3):
+            raise ValueError(f"stream frame {done} is {frame.dtype} {frame.shape}, expected uint8 {(height, width, 3)}")
+        done += 1
+        if done > stream.count:
+            raise ValueError(f"the stream holds more than the {stream.count} frames it declared")
         yield frame
+    if done != stream.count:
+        raise ValueError(f"the stream ended after {done} of the {stream.count} frames it declared")
 
 
 # Test material -----------------------------------------------------------------------------------
