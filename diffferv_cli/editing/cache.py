@@ -1,6 +1,6 @@
 """Content-addressed inversion cache ("cached DDIM inversion stored to disk").
 
-One folder per (source video content, frame selection, working size, model, inversion settings):
+One folder per (decoded frames, frame selection, working size, model, inversion settings):
 
     <root>/<key>/
         manifest.json                  format, request, sizes, timesteps, finished steps, file hashes
@@ -12,29 +12,46 @@ One folder per (source video content, frame selection, working size, model, inve
 
 `<root>` is `--cache-dir`, else `$DIFFFERV_CACHE`, else `$XDG_CACHE_HOME/diffferv` (~/.cache/diffferv).
 
-Every write goes to a temporary file in the same folder and is renamed into place, and the manifest is
-rewritten after each finished step, so an interrupted inversion resumes from its last finished step. A
-folder whose manifest does not describe the request, or whose files fail their hash, is never used
-silently: the user gets one sentence and `--force` recomputes.
+The key hashes the decoded, selected frames at working size (`frames_sha256`), not the input file: the
+inversion depends on those pixels only, they are in memory anyway, and hashing them costs about as much
+as decoding a tenth of them, whatever the size of the file (a multi-GB 4K clip of which 16 frames are
+used is not read twice). A different decoder build that decodes other pixels gets another entry.
+
+Every write goes to a temporary file in the same folder and is renamed into place (`files.atomic_path`),
+and the manifest is rewritten after each finished step, so an interrupted inversion resumes from its
+last finished step. A folder whose manifest does not describe the request, whose files fail their hash,
+or whose tensors hold NaN or infinity is never used: the user gets one sentence and `--force`
+recomputes.
+
+One run at a time writes an entry: `entry_lock` holds `<root>/.locks/<key>.lock` (an OS file lock,
+released when the process ends, however it ends) while an inversion runs; a second run on the same
+entry says that it waits, waits, then finds the entry finished and reuses it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import logging
 import os
 import shutil
-import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from safetensors import SafetensorError
 from safetensors.torch import save
 
 from diffferv_cli.errors import UserError
+from diffferv_cli.files import atomic_write_bytes, to_json
+
+log = logging.getLogger("diffferv")
 
 FORMAT_VERSION = 3  # 2: TTA replaces the SWCFA output (Q = K = V = h); 3: temporal windows, links stored
 ENV_VAR = "DIFFFERV_CACHE"
@@ -49,11 +66,11 @@ def cache_root(cache_dir: Path | str | None = None) -> Path:
     return Path(base) / "diffferv"
 
 
-def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(chunk):
-            digest.update(block)
+def frames_sha256(frames: np.ndarray) -> str:
+    """sha256 of decoded frames: their shape, dtype and pixels (what the inversion is computed from)."""
+    frames = np.ascontiguousarray(frames)
+    digest = hashlib.sha256(f"{frames.dtype.str}{frames.shape}".encode())
+    digest.update(memoryview(frames).cast("B"))
     return digest.hexdigest()
 
 
@@ -63,18 +80,55 @@ def request_key(request: dict[str, Any]) -> str:
     return hashlib.sha256(canonical.encode()).hexdigest()[:24]
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+@contextlib.contextmanager
+def entry_lock(root: Path, request: dict[str, Any]) -> Iterator[None]:
+    """Hold the entry of `request` for this process; waits (saying so once) while another run holds it."""
+    from filelock import FileLock, Timeout
+
+    locks = root / ".locks"
     try:
-        with os.fdopen(handle, "wb") as out:
-            out.write(data)
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(temp_name, path)
-    except BaseException:
-        Path(temp_name).unlink(missing_ok=True)
-        raise
+        locks.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise UserError(f"Cannot create the cache folder {root} ({err.strerror}); pass --cache-dir.") from None
+    if not os.access(locks, os.W_OK):
+        raise UserError(f"The cache folder {root} is not writable; pass --cache-dir.")
+    key = request_key(request)
+    lock = FileLock(locks / f"{key}.lock")
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        log.warning("Another diffferv run is working on the cache entry %s; waiting for it to finish.", root / key)
+        lock.acquire()
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+class _ManifestShape(BaseModel):
+    """The types of the manifest fields this module reads (a hand-edited manifest is caught here)."""
+
+    model_config = ConfigDict(extra="allow", strict=True)
+
+    format: int
+    request: dict
+    finished_steps: int = -1
+    feature_steps: int = Field(0, ge=0)
+    encoded: bool = False
+    features_stored: bool = False
+    files: dict[str, str] = {}
+    # absent until the step that writes them; never null
+    frames: int = Field(None, ge=1)
+    latent_size: list[int] = Field(None, min_length=2, max_length=2)
+    timesteps: list[int] = None
+
+    @model_validator(mode="after")
+    def _written_together(self) -> _ManifestShape:
+        if "trajectories.safetensors" in self.files and (self.frames is None or self.latent_size is None):
+            raise ValueError("trajectories without frames and latent size")
+        if self.finished_steps > 0 and self.timesteps is None:
+            raise ValueError("finished steps without timesteps")
+        return self
 
 
 @dataclass
@@ -108,11 +162,12 @@ class CacheEntry:
 
     def save_manifest(self) -> None:
         self.manifest["updated"] = time.strftime("%Y-%m-%dT%H:%M:%S")
-        atomic_write_bytes(self.manifest_path, json.dumps(self.manifest, indent=2, sort_keys=True).encode())
+        atomic_write_bytes(self.manifest_path, to_json(self.manifest, sort_keys=True).encode())
 
     # -- tensors -----------------------------------------------------------------------------------
     def _write_tensors(self, relative: str, tensors: dict[str, torch.Tensor]) -> None:
         data = save({name: tensor.detach().contiguous().cpu() for name, tensor in tensors.items()})
+        (self.folder / relative).parent.mkdir(parents=True, exist_ok=True)
         atomic_write_bytes(self.folder / relative, data)
         self.manifest.setdefault("files", {})[relative] = hashlib.sha256(data).hexdigest()
 
@@ -127,9 +182,14 @@ class CacheEntry:
         try:
             from safetensors.torch import load
 
-            return load(data)
+            tensors = load(data)
         except (SafetensorError, ValueError, RuntimeError) as err:
             raise UserError(f"The cache file {path} cannot be read ({err}); rerun with --force.") from err
+        for name, tensor in tensors.items():
+            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+                raise UserError(f"The cache file {path} holds NaN or infinite values ({name}); rerun with --force "
+                                "to recompute it.")
+        return tensors
 
     def latent_name(self, index: int) -> str:
         return f"latents/step-{index:03d}.safetensors"
@@ -138,6 +198,9 @@ class CacheEntry:
         return f"features/step-{step:03d}-w{window:03d}.safetensors"
 
     def write_latent(self, index: int, latent: torch.Tensor) -> None:
+        if not bool(torch.isfinite(latent).all()):
+            raise UserError(f"The inversion produced NaN or infinite latents at step {index} (the model's "
+                            f"dtype {self.manifest['request'].get('unet_dtype')} may overflow); try --dtype fp32.")
         self._write_tensors(self.latent_name(index), {"latent": latent.float()})
 
     def read_latent(self, index: int) -> torch.Tensor:
@@ -160,7 +223,9 @@ class CacheEntry:
 
 
 def open_entry(root: Path, request: dict[str, Any], *, force: bool = False) -> CacheEntry:
-    """The cache folder for `request`: existing and matching, or new (also when `force`)."""
+    """The cache folder for `request`: existing and matching, or new (also when `force`).
+
+    Call it inside `entry_lock(root, request)` when the entry may be written."""
     key = request_key(request)
     folder = root / key
     entry = CacheEntry(folder)
@@ -169,9 +234,10 @@ def open_entry(root: Path, request: dict[str, Any], *, force: bool = False) -> C
     if entry.manifest_path.is_file():
         try:
             manifest = json.loads(entry.manifest_path.read_text())
-        except (OSError, ValueError) as err:
+            _ManifestShape.model_validate(manifest)
+        except (OSError, ValueError, ValidationError) as err:
             raise UserError(f"The cache manifest {entry.manifest_path} is broken ({err.__class__.__name__}); "
-                            "rerun with --force to recompute.") from err
+                            "rerun with --force to recompute.") from None
         if manifest.get("format") != FORMAT_VERSION or manifest.get("request") != _jsonable(request):
             raise UserError(f"The cache at {folder} does not match this request; rerun with --force to recompute.")
         entry.manifest = manifest
@@ -186,15 +252,6 @@ def open_entry(root: Path, request: dict[str, Any], *, force: bool = False) -> C
                       "created": time.strftime("%Y-%m-%dT%H:%M:%S"), "finished_steps": -1, "files": {}}
     entry.save_manifest()
     return entry
-
-
-def find_entry(root: Path, request: dict[str, Any]) -> CacheEntry | None:
-    """The complete cache entry for `request`, if one exists (raises on a broken one)."""
-    folder = root / request_key(request)
-    if not (folder / "manifest.json").is_file():
-        return None
-    entry = open_entry(root, request)
-    return entry if entry.complete else None
 
 
 def _jsonable(value: Any) -> Any:

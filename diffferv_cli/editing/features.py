@@ -31,10 +31,14 @@ def _same_tensor(first: torch.Tensor, second: torch.Tensor) -> bool:
 
 
 class FeatureRecorder:
-    """Records the features of branch 0 (inversion runs one branch) for one step; `reset()` between steps."""
+    """Records the features of branch 0 (inversion runs one branch) for one step; `reset()` between steps.
 
-    def __init__(self, dtype: torch.dtype = torch.float16):
+    With `keep=False` it records nothing but still asks for explicit cross-attention maps, so that the
+    UNet computes exactly what it computes while recording (inversion runs both modes this way)."""
+
+    def __init__(self, dtype: torch.dtype = torch.float16, keep: bool = True):
         self.dtype = dtype
+        self.keep = keep
         self.features: dict[str, torch.Tensor] = {}
 
     def reset(self) -> None:
@@ -42,16 +46,18 @@ class FeatureRecorder:
 
     def self_attention(self, ctx, layer, kind, query, key):
         # (branches, frames, heads, tokens, head_dim) -> stored (frames, heads, tokens, head_dim)
-        self.features[feature_key(layer, f"{kind}.q")] = query[0].to(self.dtype).clone()
-        if not _same_tensor(query, key):
-            self.features[feature_key(layer, f"{kind}.k")] = key[0].to(self.dtype).clone()
+        if self.keep:
+            self.features[feature_key(layer, f"{kind}.q")] = query[0].to(self.dtype).clone()
+            if not _same_tensor(query, key):
+                self.features[feature_key(layer, f"{kind}.k")] = key[0].to(self.dtype).clone()
         return query, key
 
     def wants_cross_maps(self, ctx, layer) -> bool:
         return True
 
     def cross_attention(self, ctx, layer, probs):
-        self.features[feature_key(layer, "cross")] = probs[0].to(self.dtype).clone()
+        if self.keep:
+            self.features[feature_key(layer, "cross")] = probs[0].to(self.dtype).clone()
         return probs
 
 

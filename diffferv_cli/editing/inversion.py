@@ -13,6 +13,10 @@ Preservation Feature Caching").
 The latent fed to the UNet at step i is exactly z_i, which is what lets editing recompute the features
 later instead of storing them (see sampling.py): editing runs the same windows (recorded in the cache
 request), so the source branch of window W sees exactly what the inversion's pass over W saw.
+
+One latent path for both feature modes: the UNet of every inversion step runs with a `FeatureRecorder`
+(explicit cross-attention maps), keeping the features only in disk mode. The latents, and so the cache
+entry shared by both modes, are therefore bit-identical whichever mode made them; disk mode adds files.
 """
 
 from __future__ import annotations
@@ -27,7 +31,8 @@ from diffferv_cli.config import InversionConfig
 from diffferv_cli.editing.cache import (
     CacheEntry,
     cache_root,
-    file_sha256,
+    entry_lock,
+    frames_sha256,
     links_from_tensors,
     links_to_tensors,
     open_entry,
@@ -55,11 +60,12 @@ class InversionOutcome:
     steps_run: int  # UNet passes this call ran (0 when the cache already held everything)
 
 
-def cache_request(clip, components, config: InversionConfig, source_sha256: str) -> dict:
-    """Everything that determines the inversion's result, and nothing else (feature mode is not in it:
-    latents are the same in both modes; disk mode only adds feature files)."""
+def cache_request(clip, components, config: InversionConfig) -> dict:
+    """Everything that determines the inversion's result, and nothing else: the decoded selected frames
+    (hashed), the model, the settings. Feature mode is not in it: the latents are the same in both modes
+    (see the module notes); disk mode only adds feature files."""
     request = {
-        "source_sha256": source_sha256,
+        "frames_sha256": frames_sha256(clip.frames),
         "selection": {"start": clip.spec.start, "frames": clip.spec.frames, "stride": clip.spec.stride,
                       "indices": list(clip.frame_indices)},
         "working_size": list(clip.geometry.working_size),
@@ -133,17 +139,27 @@ def inverse_scheduler(components, steps: int) -> DDIMInverseScheduler:
 
 def invert(components, clip, config: InversionConfig, *, cache_dir=None, force: bool = False,
            progress: Progress = None) -> InversionOutcome:
-    """Invert `clip` (or resume / reuse its cached inversion) and return the cache entry."""
+    """Invert `clip` (or resume / reuse its cached inversion) and return the cache entry. Holds the
+    entry's lock meanwhile: a concurrent run on the same entry waits, then reuses the result."""
+    report = progress or (lambda stage, done, total: None)
+    request = cache_request(clip, components, config)
+    root = cache_root(cache_dir)
+    with entry_lock(root, request):
+        entry = open_entry(root, request, force=force)
+        ran = _run(components, clip, config, entry, report)
+    return InversionOutcome(entry, ran)
+
+
+def _run(components, clip, config: InversionConfig, entry: CacheEntry, report) -> int:
+    """The inversion steps `entry` lacks (all, some after an interruption, or none); UNet passes run."""
     from diffferv_cli.temporal.flow import DISFlow, flow_pairs
     from diffferv_cli.temporal.trajectories import link_clip, token_grids
 
-    report = progress or (lambda stage, done, total: None)
-    request = cache_request(clip, components, config, file_sha256(clip.info.path))
-    entry = open_entry(cache_root(cache_dir), request, force=force)
     manifest = entry.manifest
     want_features = config.feature_mode == "disk"
     if entry.complete and (entry.has_features or not want_features):
-        return InversionOutcome(entry, 0)
+        return 0
+    manifest.setdefault("source", {"path": str(clip.info.path)})
 
     frames = len(clip.frames)
     size = latent_size(clip, components)
@@ -168,7 +184,8 @@ def invert(components, clip, config: InversionConfig, *, cache_dir=None, force: 
     scheduler = inverse_scheduler(components, steps)
     manifest["timesteps"] = [int(t) for t in scheduler.timesteps]
     prompt = encode_prompts(components, [config.prompt])  # (1, 77, hidden)
-    recorder = FeatureRecorder(dtype=components.dtype) if want_features else None
+    # the same control in both modes, so that both compute the same latents (module notes)
+    recorder = FeatureRecorder(dtype=components.dtype, keep=want_features)
     plan = window_plan(entry, components, ("source",))
     latent = entry.read_latent(start)  # float32 (m, 4, h, w)
     stage = f"invert: {plan.passes(steps - start)}" + (f" (from step {start})" if start else "")
@@ -180,33 +197,32 @@ def invert(components, clip, config: InversionConfig, *, cache_dir=None, force: 
             timestep = scheduler.timesteps[step]
             blended = plan.blend(tuple(latent.shape[1:]))
             for index, (window, context) in enumerate(zip(plan.windows, plan.contexts, strict=True)):
-                if recorder:
-                    recorder.reset()
+                recorder.reset()
                 ctx = context.at_step(step, timestep, control=recorder)
                 text = prompt.repeat(window.frames, 1, 1)  # (L, 77, hidden)
                 window_latent = latent[window.slice].to(components.device, components.dtype)
                 noise = components.unet(window_latent, timestep, encoder_hidden_states=text,
                                         cross_attention_kwargs={"ctx": ctx}).sample
                 blended.add(index, noise)
-                if recorder:
+                if want_features:
                     entry.write_features(step, recorder.features, window=index)
                 done += window.frames
                 report(stage, done, total)
             noise = blended.result
             if step + 1 <= entry.finished_steps:
-                # features added to a finished inversion: keep the cached path, whose latents are the ones
-                # recompute mode feeds, so that both modes see the same features
+                # features added to a finished inversion: keep the cached path (recomputing it gives the
+                # same latents; reading them is cheaper and keeps the files' hashes)
                 latent = entry.read_latent(step + 1)
             else:
                 latent = scheduler.step(noise, timestep, latent).prev_sample  # z_{step+1}
                 entry.write_latent(step + 1, latent)
-            if recorder:
+            if want_features:
                 manifest["feature_steps"] = step + 1
             manifest["finished_steps"] = max(entry.finished_steps, step + 1)
             manifest["features_stored"] = int(manifest.get("feature_steps", 0)) >= steps
             entry.save_manifest()
             ran += 1
-    return InversionOutcome(entry, ran)
+    return ran
 
 
 def _geometry_dict(clip) -> dict:
