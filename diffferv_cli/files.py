@@ -73,6 +73,17 @@ def atomic_path(path: Path | str, mode: int | None = None) -> Iterator[Path]:
     _fsync_folder(path.parent)
 
 
+def fsync_tree(folder: Path | str) -> None:
+    """Flush every file under `folder`, then the folders themselves (before renaming the folder into place)."""
+    folder = Path(folder)
+    for path in sorted(folder.rglob("*")):
+        if path.is_file():
+            with open(path, "rb") as written:
+                os.fsync(written.fileno())
+    for path in [*sorted(p for p in folder.rglob("*") if p.is_dir()), folder]:
+        _fsync_folder(path)
+
+
 def atomic_write_bytes(path: Path | str, data: bytes) -> None:
     with atomic_path(path) as temp:
         temp.write_bytes(data)

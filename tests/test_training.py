@@ -199,12 +199,64 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path):
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-0000002", "step-0000004", "step-0000005"]
     assert not (out / "model_index.json").exists()
 
+    # the files of the old pickle-based layout, planted with a payload: a resume must never unpickle them
+    marker = tmp_path / "pickle-ran"
+    for checkpoint in (out / "checkpoints").iterdir():
+        for name in ("custom_checkpoint_0.pkl", "random_states_0.pkl", "optimizer.bin", "scheduler.bin",
+                     "pytorch_model.bin", "model.safetensors.pkl"):
+            (checkpoint / name).write_bytes(_payload(marker))
     for resume in ("latest", str(out / "checkpoints" / "step-0000002")):
         resumed = build_tiny_random(0)
         result = train(resumed, _config(tmp_path / "b", faces, **settings, resume=resume))
         assert result.resumed_from == (5 if resume == "latest" else 2)
         got = _weights(resumed.unet)
         assert all(torch.equal(got[name], expected[name]) for name in expected), resume
+    assert not marker.exists()
+
+
+class _Payload:
+    """Unpickling this creates a file: proof that a pickle was loaded."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (str(self.marker), "w"))
+
+
+def _payload(marker: Path) -> bytes:
+    import pickle
+
+    return pickle.dumps(_Payload(marker))
+
+
+def test_checkpoint_holds_no_pickle_and_old_or_tampered_ones_are_refused(tmp_path):
+    faces = _folder(tmp_path / "faces", 2)
+    train(build_tiny_random(0), _config(tmp_path, faces, steps=3, checkpoint_every=2, ema=True))
+    checkpoint = tmp_path / "out" / "checkpoints" / "step-0000002"
+    assert sorted(p.name for p in checkpoint.iterdir()) == [
+        "ema.json", "ema.safetensors", "lr_scheduler.json", "optimizer.json", "optimizer.safetensors",
+        "train_state.json", "unet.safetensors"]
+    for path in checkpoint.iterdir():  # JSON or safetensors, nothing else
+        data = path.read_bytes()
+        assert path.suffix == ".json" and json.loads(data) is not None or data[8:9] == b"{", path
+
+    def resume_with(**changes) -> None:
+        state = json.loads((checkpoint / "train_state.json").read_text())
+        (checkpoint / "train_state.json").write_text(json.dumps({**state, **changes}))
+        train(build_tiny_random(0), _config(tmp_path, faces, steps=4, ema=True, resume=str(checkpoint)))
+
+    original = (checkpoint / "train_state.json").read_text()
+    with pytest.raises(UserError, match="older format"):
+        resume_with(format=1)
+    for bad in (dict(step="2"), dict(step=None), dict(seed=[0]), dict(fingerprint=5)):
+        (checkpoint / "train_state.json").write_text(original)
+        with pytest.raises(UserError, match="unreadable train_state.json"):
+            resume_with(**bad)
+    (checkpoint / "train_state.json").write_text(original)
+    (checkpoint / "ema.json").write_text(json.dumps({"dict": [["decay", {"object": "os.system"}]]}))
+    with pytest.raises(UserError, match="cannot be loaded"):
+        resume_with()
 
 
 def test_exported_folder_loads_with_model_and_runs_edit(tmp_path):

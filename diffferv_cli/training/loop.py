@@ -7,10 +7,14 @@ through accelerate, so the same code runs on a CPU, one GPU or many (`accelerate
 ...`, torchrun, multi-node), with mixed precision, gradient accumulation and gradient checkpointing.
 
 Determinism and resume: which image the n-th sample shows, and its augmentation, are pure functions of n
-(`train_data.SamplePlan`); the noise, timesteps and VAE sample of micro-batch m on process p come from a
-generator seeded with (seed, m, p). A checkpoint (`OUT/checkpoints/step-NNNNNNN/`: accelerate state with
-the UNet in safetensors, optimizer, LR scheduler, RNG, EMA, plus `train_state.json`) therefore holds all
-that a resumed run needs to give the same weights as an uninterrupted one.
+(`data.SamplePlan`); the noise, timesteps and VAE sample of micro-batch m on process p come from a
+generator seeded with (seed, m, p). A checkpoint (`OUT/checkpoints/step-NNNNNNN/`, see `checkpoint.py`:
+UNet, optimizer, LR scheduler and EMA in safetensors + JSON, never a pickle) therefore holds all that a
+resumed run needs to give the same weights as an uninterrupted one.
+
+A run is `_setup` (data, optimizer, schedule, accelerate, resume), then per micro-batch `_micro_step`
+(loss, backward, optimizer step when accumulation completes), after each optimizer step `_after_step`
+(divergence check, EMA, progress, checkpoint, validation), and `_finish` (export).
 
 Output folder (`--out`):
     model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/   a diffusers model: --model OUT
@@ -22,10 +26,11 @@ Output folder (`--out`):
 from __future__ import annotations
 
 import json
-import shutil
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -33,13 +38,15 @@ import torch.nn.functional as F
 
 from diffferv_cli.config import TrainConfig
 from diffferv_cli.errors import UserError
+from diffferv_cli.files import atomic_path, atomic_write_json, atomic_write_text
+from diffferv_cli.training.checkpoint import (
+    CHECKPOINTS,
+    load_checkpoint,
+    resume_folder,
+    run_state,
+    save_checkpoint,
+)
 from diffferv_cli.training.data import ImageSet, TrainSamples, collate, scan_images
-
-STATE_FILE = "train_state.json"
-CHECKPOINTS = "checkpoints"
-STATE_FORMAT = 1
-# Settings a resumed run must share with its checkpoint (they decide which sample is which).
-RESUME_KEYS = ("batch_size", "grad_accum", "prior_ratio", "seed", "resolution", "num_processes")
 
 
 class TrainingInterrupted(UserError):
@@ -88,7 +95,7 @@ def train(components, cfg: TrainConfig, *, cpu: bool = False, progress: Progress
     from accelerate.utils import ProjectConfiguration
 
     faces, prior = prepare_data(cfg)
-    resume_dir = _resume_folder(Path(cfg.out), cfg.resume)
+    resume_dir = resume_folder(Path(cfg.out), cfg.resume)
 
     try:
         accelerator = Accelerator(mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.grad_accum,
@@ -96,7 +103,8 @@ def train(components, cfg: TrainConfig, *, cpu: bool = False, progress: Progress
     except ValueError as err:
         raise UserError(f"Cannot train with --mixed-precision {cfg.mixed_precision} here ({err}).") from None
     try:
-        return _train(accelerator, components, cfg, faces, prior, resume_dir, progress, on_step)
+        run = _setup(accelerator, components, cfg, faces, prior, resume_dir)
+        return _train(run, progress, on_step)
     finally:  # accelerate keeps process-wide state; a later run in this process starts clean
         from accelerate.state import AcceleratorState, GradientState
 
@@ -104,8 +112,70 @@ def train(components, cfg: TrainConfig, *, cpu: bool = False, progress: Progress
         GradientState._reset_state()
 
 
-def _train(accelerator, components, cfg: TrainConfig, faces: ImageSet, prior: ImageSet | None,
-           resume_dir: Path | None, progress: ProgressFn | None, on_step) -> TrainResult:
+@dataclass
+class _Run:
+    """What one training run holds from setup to export (built by `_setup`)."""
+
+    accelerator: Any
+    components: Any
+    cfg: TrainConfig
+    unet: Any  # prepared by accelerate (maybe wrapped for DDP)
+    optimizer: Any
+    lr_scheduler: Any
+    loader: Any
+    ema: Any  # diffusers EMAModel or None
+    noise_scheduler: Any
+    weight_dtype: torch.dtype
+    state: dict  # what checkpoints record about the run (checkpoint.run_state)
+    start_step: int
+    samples_per_step: int
+
+    @property
+    def out(self) -> Path:
+        return Path(self.cfg.out)
+
+
+def _train(run: _Run, progress: ProgressFn | None, on_step) -> TrainResult:
+    """The loop: micro-batches (`_micro_step`) until `cfg.steps` optimizer steps, the bookkeeping after
+    each (`_after_step`), a checkpoint on Ctrl-C, then the export (`_finish`)."""
+    accelerator, cfg = run.accelerator, run.cfg
+    result = TrainResult(out=run.out, steps=run.start_step, resumed_from=run.start_step)
+    skipped: set[str] = set()
+    step, micro = run.start_step, run.start_step * cfg.grad_accum
+    micro_losses: list[float] = []
+    saved_at = run.start_step
+    try:
+        for batch in run.loader:
+            if step >= cfg.steps:
+                break
+            skipped.update(batch["skipped"])
+            micro_losses.append(_micro_step(run, batch, micro))
+            micro += 1
+            if not accelerator.sync_gradients:
+                continue
+            step += 1  # one optimizer step done
+            result.steps = step
+            result.losses.append(sum(micro_losses) / len(micro_losses))
+            micro_losses = []
+            if _after_step(run, step, result, len(skipped), progress):
+                saved_at = step
+            if on_step is not None:
+                on_step(step)
+    except KeyboardInterrupt:
+        if step > saved_at:
+            _checkpoint(run, step)
+        raise TrainingInterrupted(
+            f"Interrupted after step {step} of {cfg.steps}; its checkpoint is in {run.out / CHECKPOINTS}, "
+            "continue with the same command and --resume latest.") from None
+    result.skipped = sorted(skipped)
+    _finish(run, result)
+    return result
+
+
+def _setup(accelerator, components, cfg: TrainConfig, faces: ImageSet, prior: ImageSet | None,
+           resume_dir: Path | None) -> _Run:
+    """Check the output folder, freeze VAE and text encoder, build optimizer, LR schedule, data loader
+    and EMA, hand them to accelerate, and restore a checkpoint when resuming."""
     from diffusers import DDPMScheduler
     from diffusers.optimization import get_scheduler
 
@@ -118,14 +188,12 @@ def _train(accelerator, components, cfg: TrainConfig, faces: ImageSet, prior: Im
     device = accelerator.device
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
 
-    unet, vae, text_encoder, tokenizer = components.unet, components.vae, components.text_encoder, components.tokenizer
-    vae.requires_grad_(False).eval().to(device, dtype=weight_dtype)
-    text_encoder.requires_grad_(False).eval().to(device, dtype=weight_dtype)
+    unet = components.unet
+    components.vae.requires_grad_(False).eval().to(device, dtype=weight_dtype)
+    components.text_encoder.requires_grad_(False).eval().to(device, dtype=weight_dtype)
     unet.requires_grad_(True).train()
     if cfg.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
-    noise_scheduler = DDPMScheduler.from_config(components.scheduler_config)
-    scaling = float(getattr(vae.config, "scaling_factor", 0.18215))
 
     optimizer = _optimizer(cfg, unet.parameters())
     lr_scheduler = get_scheduler("constant_with_warmup", optimizer,
@@ -145,71 +213,76 @@ def _train(accelerator, components, cfg: TrainConfig, faces: ImageSet, prior: Im
 
         ema = EMAModel(accelerator.unwrap_model(unet).parameters(), decay=cfg.ema_decay)
         ema.to(device)
-        accelerator.register_for_checkpointing(ema)
 
-    state = _run_state(cfg, components, accelerator.num_processes)
+    state = run_state(cfg, components, accelerator.num_processes)
     start_step = 0
     if resume_dir is not None:
-        start_step = _load_checkpoint(accelerator, resume_dir, state)
+        start_step = load_checkpoint(accelerator, unet, optimizer, lr_scheduler, ema, resume_dir, state)
+        accelerator.step = start_step * cfg.grad_accum  # accelerate's micro-batch count (accumulation phase)
         loader = accelerator.skip_first_batches(loader, start_step * cfg.grad_accum)
+    return _Run(accelerator, components, cfg, unet, optimizer, lr_scheduler, loader, ema,
+                DDPMScheduler.from_config(components.scheduler_config), weight_dtype, state, start_step,
+                samples_per_step)
 
-    result = TrainResult(out=out, steps=start_step, resumed_from=start_step)
-    skipped: set[str] = set()
-    step, micro = start_step, start_step * cfg.grad_accum
-    step_losses: list[float] = []
-    saved_at = start_step
-    try:
-        for batch in loader:
-            if step >= cfg.steps:
-                break
-            skipped.update(batch["skipped"])
-            generator = _micro_generator(cfg.seed, micro, accelerator.process_index)
-            with accelerator.accumulate(unet):
-                loss = _diffusion_loss(batch, unet, vae, text_encoder, tokenizer, noise_scheduler, scaling,
-                                       weight_dtype, device, generator)
-                accelerator.backward(loss)
-                if accelerator.sync_gradients and cfg.max_grad_norm:
-                    accelerator.clip_grad_norm_(unet.parameters(), cfg.max_grad_norm)
-                optimizer.step()
-                lr_scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-            micro += 1
-            step_losses.append(accelerator.gather(loss.detach()[None]).mean().item())
-            if not accelerator.sync_gradients:
-                continue
-            # one optimizer step done
-            step += 1
-            if ema is not None:
-                ema.step(accelerator.unwrap_model(unet).parameters())
-            result.losses.append(sum(step_losses) / len(step_losses))
-            step_losses = []
-            result.steps = step
-            if progress is not None and accelerator.is_main_process:
-                progress(TrainProgress(step, cfg.steps, result.losses[-1], lr_scheduler.get_last_lr()[0],
-                                       step * samples_per_step, len(skipped)))
-            if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < cfg.steps:
-                result.checkpoints.append(_save_checkpoint(accelerator, out, step, state, cfg.keep_checkpoints))
-                saved_at = step
-            if cfg.validate_every and cfg.validation_prompts and step % cfg.validate_every == 0:
-                _validate(accelerator, components, unet, cfg, out / "validation" / f"step-{step:07d}", ema)
-            if on_step is not None:
-                on_step(step)
-    except KeyboardInterrupt:
-        if step > saved_at:
-            _save_checkpoint(accelerator, out, step, state, cfg.keep_checkpoints)
-        raise TrainingInterrupted(
-            f"Interrupted after step {step} of {cfg.steps}; its checkpoint is in {out / CHECKPOINTS}, "
-            "continue with the same command and --resume latest.") from None
 
+def _micro_step(run: _Run, batch: dict, micro: int) -> float:
+    """Loss, backward and (when accumulation completes) the optimizer step of micro-batch `micro`; returns
+    the loss averaged over processes."""
+    accelerator, cfg, components = run.accelerator, run.cfg, run.components
+    generator = _micro_generator(cfg.seed, micro, accelerator.process_index)
+    with accelerator.accumulate(run.unet):
+        loss = _diffusion_loss(batch, run.unet, components.vae, components.text_encoder, components.tokenizer,
+                               run.noise_scheduler, float(getattr(components.vae.config, "scaling_factor", 0.18215)),
+                               run.weight_dtype, accelerator.device, generator)
+        accelerator.backward(loss)
+        if accelerator.sync_gradients and cfg.max_grad_norm:
+            accelerator.clip_grad_norm_(run.unet.parameters(), cfg.max_grad_norm)
+        run.optimizer.step()
+        run.lr_scheduler.step()
+        run.optimizer.zero_grad(set_to_none=True)
+    return accelerator.gather(loss.detach()[None]).mean().item()
+
+
+def _after_step(run: _Run, step: int, result: TrainResult, skipped: int, progress: ProgressFn | None) -> bool:
+    """After optimizer step `step`: divergence check, EMA, progress, checkpoint, validation images.
+    Returns whether a checkpoint was written."""
+    accelerator, cfg = run.accelerator, run.cfg
+    loss = result.losses[-1]
+    if not math.isfinite(loss) and cfg.mixed_precision != "fp16":  # fp16's loss scaler skips such steps itself
+        raise UserError(f"Training diverged at step {step} (loss {loss}); nothing was exported. Lower --lr "
+                        f"(now {cfg.lr:g}) or keep --max-grad-norm.")
+    if run.ema is not None:
+        run.ema.step(accelerator.unwrap_model(run.unet).parameters())
+    if progress is not None and accelerator.is_main_process:
+        progress(TrainProgress(step, cfg.steps, loss, run.lr_scheduler.get_last_lr()[0],
+                               step * run.samples_per_step, skipped))
+    saved = False
+    if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < cfg.steps:
+        result.checkpoints.append(_checkpoint(run, step))
+        saved = True
+    if cfg.validate_every and cfg.validation_prompts and step % cfg.validate_every == 0:
+        _validate(accelerator, run.components, run.unet, cfg, run.out / "validation" / f"step-{step:07d}", run.ema)
+    return saved
+
+
+def _checkpoint(run: _Run, step: int) -> Path:
+    return save_checkpoint(run.accelerator, run.unet, run.optimizer, run.lr_scheduler, run.ema, run.out, step,
+                           run.state, run.cfg.keep_checkpoints)
+
+
+def _finish(run: _Run, result: TrainResult) -> None:
+    """The trained (or EMA) weights as a diffusers folder, on the main process."""
+    accelerator = run.accelerator
     accelerator.wait_for_everyone()
-    result.skipped = sorted(skipped)
     if accelerator.is_main_process:
-        trained = accelerator.unwrap_model(unet)
-        if ema is not None:
-            ema.copy_to(trained.parameters())
-        _export(components, trained, out, cfg, result)
+        trained = accelerator.unwrap_model(run.unet)
+        if run.ema is not None:
+            run.ema.copy_to(trained.parameters())
+        if not all(bool(torch.isfinite(p).all()) for p in trained.parameters()):
+            raise UserError(f"Training diverged: the weights hold NaN or infinity after {result.steps} steps; "
+                            f"nothing was exported. Lower --lr (now {run.cfg.lr:g}).")
+        _export(run.components, trained, run.out, run.cfg, result)
     accelerator.end_training()
-    return result
 
 
 # ---------------------------------------------------------------------------------------- the loss
@@ -272,74 +345,6 @@ def _check_out_folder(out: Path, resuming: bool) -> None:
         raise UserError(f"Cannot write to --out {out} ({err.strerror or err}).") from None
 
 
-def _run_state(cfg: TrainConfig, components, num_processes: int) -> dict:
-    return {"format": STATE_FORMAT, "base_model": components.model_id, "fingerprint": components.fingerprint,
-            "batch_size": cfg.batch_size, "grad_accum": cfg.grad_accum, "prior_ratio": cfg.prior_ratio,
-            "seed": cfg.seed, "resolution": cfg.resolution, "num_processes": num_processes, "step": 0}
-
-
-def _checkpoints(out: Path) -> list[Path]:
-    """Finished checkpoints, oldest first."""
-    folder = out / CHECKPOINTS
-    if not folder.is_dir():
-        return []
-    found = [p for p in folder.glob("step-*") if p.is_dir() and (p / STATE_FILE).is_file()]
-    return sorted(found, key=lambda p: p.name)
-
-
-def _resume_folder(out: Path, resume: str | None) -> Path | None:
-    if resume is None:
-        return None
-    if resume == "latest":
-        found = _checkpoints(out)
-        if not found:
-            raise UserError(f"--resume latest: no checkpoint in {out / CHECKPOINTS}.")
-        return found[-1]
-    folder = Path(resume)
-    if not (folder / STATE_FILE).is_file():
-        raise UserError(f"--resume {folder}: not a checkpoint folder (no {STATE_FILE}).")
-    return folder
-
-
-def _load_checkpoint(accelerator, folder: Path, state: dict) -> int:
-    try:
-        saved = json.loads((folder / STATE_FILE).read_text())
-    except (OSError, json.JSONDecodeError) as err:
-        raise UserError(f"Checkpoint {folder} is unreadable ({err}).") from None
-    if saved.get("fingerprint") != state["fingerprint"]:
-        raise UserError(f"Checkpoint {folder} was trained from model {saved.get('base_model')!r}, not "
-                        f"{state['base_model']!r}; pass the same --model or start a new --out.")
-    changed = [key for key in RESUME_KEYS if saved.get(key) != state[key]]
-    if changed:
-        detail = ", ".join(f"{key} {saved.get(key)} -> {state[key]}" for key in changed)
-        raise UserError(f"Checkpoint {folder} was made with other settings ({detail}); resume with the same ones.")
-    try:
-        accelerator.load_state(str(folder))
-    except (OSError, RuntimeError, KeyError, ValueError) as err:
-        raise UserError(f"Checkpoint {folder} cannot be loaded ({str(err).splitlines()[0]}).") from None
-    return int(saved["step"])
-
-
-def _save_checkpoint(accelerator, out: Path, step: int, state: dict, keep: int) -> Path:
-    """Write to step-N.partial, then rename: a checkpoint folder exists only when complete."""
-    final = out / CHECKPOINTS / f"step-{step:07d}"
-    partial = final.with_name(final.name + ".partial")
-    if accelerator.is_main_process and partial.exists():
-        shutil.rmtree(partial)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(partial), safe_serialization=True)
-    if accelerator.is_main_process:
-        (partial / STATE_FILE).write_text(json.dumps({**state, "step": step}, indent=2))
-        if final.exists():
-            shutil.rmtree(final)
-        partial.rename(final)
-        if keep:
-            for old in _checkpoints(out)[:-keep]:
-                shutil.rmtree(old, ignore_errors=True)
-    accelerator.wait_for_everyone()
-    return final
-
-
 def _export(components, trained_unet, out: Path, cfg: TrainConfig, result: TrainResult) -> None:
     """The trained model as a diffusers folder (loadable with --model OUT), plus train_info.json."""
     from dataclasses import replace
@@ -350,10 +355,11 @@ def _export(components, trained_unet, out: Path, cfg: TrainConfig, result: Train
     exported = replace(components, unet=trained_unet, vae=components.vae.to("cpu", dtype=torch.float32),
                        text_encoder=components.text_encoder.to("cpu", dtype=torch.float32))
     save_components(exported, out)
+    last_loss = result.losses[-1] if result.losses else None
     info = {"base_model": components.model_id, "base_fingerprint": components.fingerprint, "steps": result.steps,
-            "last_loss": result.losses[-1] if result.losses else None, "skipped_images": result.skipped,
-            "settings": json.loads(cfg.model_dump_json())}
-    (out / "train_info.json").write_text(json.dumps(info, indent=2))
+            "last_loss": last_loss if last_loss is not None and math.isfinite(last_loss) else None,
+            "skipped_images": result.skipped, "settings": json.loads(cfg.model_dump_json())}
+    atomic_write_json(out / "train_info.json", info)
 
 
 def _validate(accelerator, components, unet, cfg: TrainConfig, folder: Path, ema) -> None:
@@ -380,8 +386,9 @@ def _validate(accelerator, components, unet, cfg: TrainConfig, folder: Path, ema
             image = pipe(prompt, height=cfg.resolution, width=cfg.resolution,
                          num_inference_steps=cfg.validation_steps, guidance_scale=cfg.validation_guidance,
                          generator=generator).images[0]
-        image.save(folder / f"{index:02d}.png")
-    (folder / "prompts.txt").write_text("\n".join(cfg.validation_prompts) + "\n")
+        with atomic_path(folder / f"{index:02d}.png") as temp:
+            image.save(temp, format="PNG")
+    atomic_write_text(folder / "prompts.txt", "\n".join(cfg.validation_prompts) + "\n")
     if ema is not None:
         ema.restore(model.parameters())
     model.train()
