@@ -1,4 +1,10 @@
-"""Typed, frozen configuration objects. The CLI builds them; the library only reads them."""
+"""Typed, frozen configuration objects. The CLI builds them; the library only reads them.
+
+Every number is checked here, once: floats must be finite (`allow_inf_nan=False`: `--guidance inf` or
+`--lr nan` is refused, not turned into a black video or NaN weights) and within a range; integers have an
+upper bound too, so that a huge value (`--seed 2**64`, `--steps 10**30`) is one sentence, not an overflow
+deep inside torch. `MAX_COUNT` bounds counts (frames, steps, batch sizes); `MAX_SEED` seeds.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +14,9 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 DEFAULT_SOURCE_PROMPT = "a photo of a person"
+MAX_COUNT = 2**31 - 1
+MAX_SEED = 2**63 - 1  # torch generators take 64 bits; the seed plus a small offset must still fit
+MAX_GUIDANCE = 50.0
 
 # Default window: 24 frames. An edit at 512x512 in recompute mode runs 3 branches, a batch of 72. The
 # CPU measurement in the README (bench/bench_edit_memory.py: 16 frames, batch 48, float32, 10.9 GiB peak
@@ -17,7 +26,7 @@ DEFAULT_WINDOW_FRAMES = 24
 
 
 class Frozen(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
 
 class ClipSpec(Frozen):
@@ -27,11 +36,11 @@ class ClipSpec(Frozen):
     rounded to a multiple of `multiple` (the UNet needs /64 at SD1.5 resolution) by a small center crop
     or pad, which is recorded and undone on output."""
 
-    start: int = Field(0, ge=0, description="first frame (0-based, in decoded frame order)")
-    frames: int | None = Field(None, ge=1, description="how many frames; all remaining when None")
-    stride: int = Field(1, ge=1, description="take every n-th frame")
+    start: int = Field(0, ge=0, le=MAX_COUNT, description="first frame (0-based, in decoded frame order)")
+    frames: int | None = Field(None, ge=1, le=MAX_COUNT, description="how many frames; all remaining when None")
+    stride: int = Field(1, ge=1, le=MAX_COUNT, description="take every n-th frame")
     short_side: int = Field(512, ge=16, le=2048)
-    multiple: int = Field(64, ge=8)
+    multiple: int = Field(64, ge=8, le=256)
     region: tuple[int, int, int, int] | None = Field(
         None, description="(x, y, width, height) of the part of the displayed frame that is edited; None: all")
 
@@ -49,7 +58,7 @@ class ClipSpec(Frozen):
 class TemporalConfig(Frozen):
     """Paper section 3.3: SWCFA window and the two switches of the Table 5 ablation."""
 
-    window: int = Field(3, ge=1, description="SWCFA window length w (frames), eq. 6")
+    window: int = Field(3, ge=1, le=MAX_COUNT, description="SWCFA window length w (frames), eq. 6")
     swcfa: bool = True
     tta: bool = True
 
@@ -87,7 +96,7 @@ class EditConfig(Frozen):
     tau_app: float = Field(0.9, ge=0.0, le=1.0, description="inject SWCFA Q,K while t > (1-tau_app)*T")
     tau_motion: float = Field(1.0, ge=0.0, le=1.0, description="inject TTA Q,K while t > (1-tau_motion)*T")
     tau_cross: float = Field(1.0, ge=0.0, le=1.0, description="replace shared-word cross-attention maps while t > (1-tau_cross)*T")
-    guidance: float = Field(5.0, ge=0.0, description="g in noise = neg + g*(pos - neg)")
+    guidance: float = Field(5.0, ge=0.0, le=MAX_GUIDANCE, description="g in noise = neg + g*(pos - neg)")
     inject: bool = True
     exact: bool = False  # correct the edit path with the cached inversion path (reconstruction is then exact)
 
@@ -119,13 +128,13 @@ class TrainConfig(Frozen):
     prior_ratio: float = Field(0.1, ge=0.0, lt=1.0, description="share of samples drawn from `prior`")
     captions: Path | None = Field(None, description="JSONL or CSV manifest (file,text) for the face images")
     prior_captions: Path | None = Field(None, description="JSONL or CSV manifest for the prior images")
-    steps: int = Field(10_000, ge=1, description="optimizer steps")
-    batch_size: int = Field(8, ge=1, description="samples per process per micro-batch")
-    grad_accum: int = Field(1, ge=1)
-    lr: float = Field(2.5e-6, gt=0.0)
-    lr_warmup_steps: int = Field(0, ge=0)
+    steps: int = Field(10_000, ge=1, le=MAX_COUNT, description="optimizer steps")
+    batch_size: int = Field(8, ge=1, le=65536, description="samples per process per micro-batch")
+    grad_accum: int = Field(1, ge=1, le=65536)
+    lr: float = Field(2.5e-6, gt=0.0, le=1.0)
+    lr_warmup_steps: int = Field(0, ge=0, le=MAX_COUNT)
     max_grad_norm: float | None = Field(1.0, gt=0.0)
-    resolution: int = Field(512, ge=8, multiple_of=8)
+    resolution: int = Field(512, ge=8, le=8192, multiple_of=8)
     center_crop: bool = False
     max_zoom: float = Field(1.3, ge=1.0, le=4.0, description="face zoom-in drawn from [1, max_zoom]")
     max_rotation: float = Field(15.0, ge=0.0, le=45.0, description="face rotation in degrees, +-")
@@ -134,12 +143,12 @@ class TrainConfig(Frozen):
     use_8bit_adam: bool = False
     ema: bool = False
     ema_decay: float = Field(0.9999, gt=0.0, lt=1.0)
-    checkpoint_every: int = Field(1000, ge=0, description="0: no checkpoints")
-    keep_checkpoints: int = Field(3, ge=0, description="most recent checkpoints kept; 0 keeps all")
+    checkpoint_every: int = Field(1000, ge=0, le=MAX_COUNT, description="0: no checkpoints")
+    keep_checkpoints: int = Field(3, ge=0, le=MAX_COUNT, description="most recent checkpoints kept; 0 keeps all")
     resume: str | None = Field(None, description="'latest' or a checkpoint folder")
-    validate_every: int = Field(0, ge=0, description="0: no validation images")
+    validate_every: int = Field(0, ge=0, le=MAX_COUNT, description="0: no validation images")
     validation_prompts: tuple[str, ...] = ()
-    validation_steps: int = Field(25, ge=1, description="DDIM steps of a validation image")
-    validation_guidance: float = Field(7.5, ge=0.0)
-    seed: int = Field(0, ge=0)
-    workers: int = Field(2, ge=0, description="data-loading processes")
+    validation_steps: int = Field(25, ge=1, le=1000, description="DDIM steps of a validation image")
+    validation_guidance: float = Field(7.5, ge=0.0, le=MAX_GUIDANCE)
+    seed: int = Field(0, ge=0, le=MAX_SEED)
+    workers: int = Field(2, ge=0, le=1024, description="data-loading processes")

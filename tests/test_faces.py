@@ -7,12 +7,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from diffferv_cli import components
 from diffferv_cli.evaluation import faces, metrics
 
 
 @pytest.fixture(scope="session")
 def analyzer():
-    backend = faces.load_face_backend()
+    backend = components.load_face_backend()
     if backend.analyzer is None:
         pytest.skip(f"face analyzer unavailable: {backend.reason}")
     return backend.analyzer
@@ -43,10 +44,10 @@ def _video_frames(path: Path, indices: list[int]) -> list[np.ndarray]:
 
 
 def test_missing_dlib_is_reported_not_raised(monkeypatch):
-    real_find_spec = faces.importlib.util.find_spec
-    monkeypatch.setattr(faces.importlib.util, "find_spec",
+    real_find_spec = components.importlib.util.find_spec
+    monkeypatch.setattr(components.importlib.util, "find_spec",
                         lambda name, *a: None if name == "dlib" else real_find_spec(name, *a))
-    backend = faces.load_face_backend.__wrapped__()
+    backend = components.load_face_backend.__wrapped__()
     assert backend.analyzer is None
     assert "dlib is not installed" in backend.reason and "pip install" in backend.reason
 
@@ -55,7 +56,7 @@ def test_landmark_backend_never_downloads(monkeypatch, tmp_path):
     import torch
 
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))  # an empty hub cache
-    backend, reason = faces.get_landmark_backend()
+    backend, reason = components.load_landmark_backend()
     assert backend is None and reason
 
 

@@ -58,8 +58,11 @@ def test_pixel_metrics_reject_different_shapes():
 
 
 def test_lpips_is_unavailable_rather_than_faked():
-    status = metrics.lpips_status()
-    if status is not None:  # here: lpips / torchvision do not import
+    from diffferv_cli.components import load_lpips
+
+    model, reason = load_lpips()
+    if model is None:  # here: lpips / torchvision do not import
+        assert reason
         frames = np.zeros((1, 8, 8, 3), np.uint8)
         result = metrics.lpips_per_frame(frames, frames)
         assert isinstance(result, metrics.Unavailable)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Annotated
@@ -12,6 +11,7 @@ from rich.table import Table
 
 from diffferv_cli.cli import console, err_console
 from diffferv_cli.errors import UserError
+from diffferv_cli.files import atomic_write_text, to_json
 
 InputArg = Annotated[Path, typer.Argument(help="Video or folder of frames.", show_default=False)]
 
@@ -41,11 +41,27 @@ def eval_command(
     attribute_model: Annotated[Path | None, typer.Option("--attribute-model", help="Local image-classification model folder (for TACR/NAPR).")] = None,
     target_attribute: Annotated[str | None, typer.Option("--target-attribute", help="The edited attribute, one of the model's labels.")] = None,
     clip_model: Annotated[Path | None, typer.Option("--clip-model", help="Local CLIP model folder (for CLIP-IQA).")] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing --json file.")] = False,
 ) -> None:
     """Compare an edited video with its original: reconstruction, identity, temporal metrics."""
+    if json_out is not None:
+        _check_json_target(json_out, [original, edited], overwrite)
     _run(original, edited, json_out, start=start, frames=frames, stride=stride, size=size,
          similarity=similarity, temporal=not no_temporal, attribute_model=attribute_model,
          target_attribute=target_attribute, clip_model=clip_model)
+
+
+def _check_json_target(path: Path, inputs: list[Path], overwrite: bool) -> None:
+    """Before any work: never over an input, never over an existing file without --overwrite."""
+    for source in inputs:
+        if path.exists() and source.exists() and path.resolve() == source.resolve():
+            raise UserError(f"--json {path} is one of the inputs; choose another file.")
+    if path.is_dir():
+        raise UserError(f"--json {path} is a folder; give a file name.")
+    if path.exists() and not overwrite:
+        raise UserError(f"{path} already exists; pass --overwrite or another --json file.")
+    if not path.parent.is_dir():
+        raise UserError(f"The folder of --json {path} does not exist.")
 
 
 def _run(original: Path, edited: Path, json_out: Path | None, **options) -> None:
@@ -70,7 +86,7 @@ def _run(original: Path, edited: Path, json_out: Path | None, **options) -> None
     console.print(table)
     if json_out is not None:
         try:
-            json_out.write_text(json.dumps(report.to_json(), indent=2) + "\n")
+            atomic_write_text(json_out, to_json(report.to_json()))
         except OSError as err:
             raise UserError(f"Cannot write {json_out} ({err.strerror}).") from None
         console.print(f"wrote {json_out}")

@@ -117,12 +117,8 @@ def caption_cmd(
     device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda, cuda:1.")] = "auto",
 ) -> None:
     """Write a caption beside every image of FOLDER with a vision-language model."""
-    from diffferv_cli.training.captioning import (
-        DEFAULT_INSTRUCTION,
-        DEFAULT_PREFIX,
-        caption_folder,
-        load_captioner,
-    )
+    from diffferv_cli.components import load_captioner
+    from diffferv_cli.training.captioning import DEFAULT_INSTRUCTION, DEFAULT_PREFIX, caption_folder
 
     if not folder.is_dir():
         raise UserError(f"{folder} is not a folder of images.")

@@ -26,7 +26,9 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from diffferv_cli.config import MAX_GUIDANCE
 from diffferv_cli.errors import UserError
+from diffferv_cli.files import read_small_file
 
 try:
     import tomllib
@@ -35,20 +37,21 @@ except ModuleNotFoundError:  # Python 3.10
 
 SUBJECT = "{subject}"
 DEFAULT_SOURCE_TEMPLATE = "a photo of a {subject}"
+MAX_PRESET_BYTES = 64 * 1024
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 
 class Preset(BaseModel):
     """One edit: a source/edit prompt pair plus the injection and guidance settings."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
     name: str = Field(description="the file stem")
     description: str
     source_prompt: str = DEFAULT_SOURCE_TEMPLATE
     edit_prompt: str
     tau_app: float = Field(0.9, ge=0.0, le=1.0)
-    guidance: float = Field(5.0, ge=0.0, le=50.0)
+    guidance: float = Field(5.0, ge=0.0, le=MAX_GUIDANCE)
     subject: str = Field("person", min_length=1)
 
     @field_validator("name")
@@ -96,11 +99,10 @@ def builtin_dir() -> Path:
 
 
 def _read(path: Path) -> Preset:
+    raw = read_small_file(path, MAX_PRESET_BYTES, "preset file")  # refuses devices and FIFOs: never blocks
     try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise UserError(f"Preset file {path} does not exist.") from None
-    except (OSError, UnicodeDecodeError) as err:
+        data = tomllib.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as err:
         raise UserError(f"Cannot read preset file {path}: {err}.") from None
     except tomllib.TOMLDecodeError as err:
         raise UserError(f"Preset file {path.name} is not valid TOML: {err}.") from None

@@ -36,10 +36,8 @@ Scale and conventions (all math in float64):
 
 from __future__ import annotations
 
-import importlib.util
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Literal
 
 import cv2
@@ -130,35 +128,16 @@ def ssim(source: np.ndarray, edited: np.ndarray) -> float:
 
 # LPIPS ----------------------------------------------------------------------------------------------
 
-_ALEXNET_WEIGHTS = "alexnet-owt-7be5be79.pth"  # what torchvision's alexnet(pretrained=True) loads
-
-
-def lpips_status() -> Unavailable | None:
-    """None when LPIPS (AlexNet) can run offline here, else why not. Imports nothing heavy on failure."""
-    if importlib.util.find_spec("lpips") is None:
-        return Unavailable("the lpips package is not installed (pip install lpips)")
-    try:
-        import lpips  # noqa: F401  (imports torchvision)
-    except Exception as err:  # noqa: BLE001 - any import failure means "not usable here"
-        return Unavailable(f"the lpips package does not import ({type(err).__name__}: {err})")
-    import torch
-
-    weights = Path(torch.hub.get_dir()) / "checkpoints" / _ALEXNET_WEIGHTS
-    if not weights.is_file():
-        return Unavailable(f"torchvision's AlexNet weights are not in {weights.parent} (never downloaded here)")
-    return None
-
-
 def lpips_per_frame(source: np.ndarray, edited: np.ndarray) -> np.ndarray | Unavailable:
     """(m,) LPIPS (AlexNet, v0.1) or `Unavailable`. Frames go in as [-1, 1] tensors, as lpips expects."""
-    missing = lpips_status()
-    if missing is not None:
-        return missing
-    import lpips
     import torch
 
+    from diffferv_cli.components import load_lpips
+
+    model, reason = load_lpips()
+    if model is None:
+        return Unavailable(reason)
     _check_pair(source, edited)
-    model = lpips.LPIPS(net="alex", verbose=False).eval()
     values = []
     with torch.no_grad():
         for a, b in zip(_as_clip(source), _as_clip(edited), strict=True):

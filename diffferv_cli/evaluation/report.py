@@ -28,26 +28,26 @@ from pathlib import Path
 from typing import Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
+from diffferv_cli.config import MAX_COUNT, Frozen
 from diffferv_cli.errors import UserError
 from diffferv_cli.evaluation import metrics
 
 Progress = Callable[[str, int, int], None] | None
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 SIZE_MULTIPLE = 8
+MAX_SHORT_SIDE = 2048  # ClipSpec's bound; larger videos are compared with --size
 CLIP_IQA_PROMPTS = ("Good photo.", "Bad photo.")
 
 
-class EvalConfig(BaseModel):
+class EvalConfig(Frozen):
     """What to compare and how. The CLI builds it; `evaluate` only reads it."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    start: int = Field(0, ge=0)
-    frames: int | None = Field(None, ge=1)
-    stride: int = Field(1, ge=1)
-    size: int | None = Field(None, ge=16, description="short side to compare at; None = native size")
+    start: int = Field(0, ge=0, le=MAX_COUNT)
+    frames: int | None = Field(None, ge=1, le=MAX_COUNT)
+    stride: int = Field(1, ge=1, le=MAX_COUNT)
+    size: int | None = Field(None, ge=16, le=MAX_SHORT_SIDE, description="short side to compare at; None = native size")
     similarity: Literal["dlib", "cosine"] = "dlib"
     temporal: bool = True
     flow_preset: Literal["ultrafast", "fast", "medium"] = "medium"
@@ -131,21 +131,34 @@ def native_size(path: Path) -> tuple[int, int]:
     if not path.exists():
         raise UserError(f"{path} does not exist.")
     if path.is_dir():
-        from PIL import Image, UnidentifiedImageError
-
         first = _frame_files(path)[0]
-        try:
-            with Image.open(first) as image:
-                return image.size
-        except (UnidentifiedImageError, OSError) as err:
-            raise UserError(f"Cannot read the frame {first} ({err}).") from None
+        with _open_frame(first) as image:
+            return image.size
     from diffferv_cli.video.io import probe
 
     info = probe(path)
     return int(info.width), int(info.height)
 
 
+def _open_frame(path: Path):
+    """A frame image opened (header only), refused when it cannot be read or has more pixels than PIL's
+    decompression-bomb limit: nothing is decoded before that check."""
+    from PIL import Image, UnidentifiedImageError
+
+    from diffferv_cli.files import open_image
+
+    try:
+        return open_image(path)
+    except Image.DecompressionBombError as err:
+        raise UserError(f"The frame {path} is too large to decode ({err}).") from None
+    except (UnidentifiedImageError, OSError, ValueError) as err:
+        raise UserError(f"Cannot read the frame {path} ({err}).") from None
+
+
 def _short_side(width: int, height: int, size: int | None) -> int:
+    if size is None and min(width, height) > MAX_SHORT_SIDE:
+        raise UserError(f"The videos are {width}x{height}, larger than eval compares at native size (short side "
+                        f"up to {MAX_SHORT_SIDE}); pass --size {MAX_SHORT_SIDE // 4} or another short side.")
     short = size if size is not None else min(width, height)
     return max(short // SIZE_MULTIPLE * SIZE_MULTIPLE, 2 * SIZE_MULTIPLE)
 
@@ -179,8 +192,6 @@ def read_frames(path: Path, config: EvalConfig, short_side: int) -> np.ndarray:
     if not path.exists():
         raise UserError(f"{path} does not exist.")
     if path.is_dir():
-        from PIL import Image, UnidentifiedImageError
-
         from diffferv_cli.video.io import frame_selection, working_geometry
 
         files = _frame_files(path)
@@ -188,11 +199,11 @@ def read_frames(path: Path, config: EvalConfig, short_side: int) -> np.ndarray:
         geometry = working_geometry(native_size(path), spec)
         frames = []
         for index in frame_selection(len(files), spec, name=path.name):
-            try:
-                with Image.open(files[index]) as image:
+            with _open_frame(files[index]) as image:
+                try:
                     frames.append(_fit(np.asarray(image.convert("RGB")), geometry))
-            except (UnidentifiedImageError, OSError) as err:
-                raise UserError(f"Cannot read the frame {files[index]} ({err}).") from None
+                except (OSError, ValueError) as err:
+                    raise UserError(f"Cannot read the frame {files[index]} ({err}).") from None
         if len({frame.shape for frame in frames}) > 1:
             raise UserError(f"The frames in {path} do not all have the same size.")
         return np.stack(frames)
@@ -253,7 +264,8 @@ def _reconstruction(report: EvalReport, source: np.ndarray, result: np.ndarray) 
 
 def _identity(report: EvalReport, source: np.ndarray, result: np.ndarray, config: EvalConfig,
               progress: Callable[[str, int, int], None]) -> None:
-    from diffferv_cli.evaluation.faces import largest_face_descriptor, load_face_backend
+    from diffferv_cli.components import load_face_backend
+    from diffferv_cli.evaluation.faces import largest_face_descriptor
 
     backend = load_face_backend()
     names = ("idp", "tl_id", "tg_id")
@@ -301,9 +313,12 @@ def _attributes(report: EvalReport, source: np.ndarray, result: np.ndarray, conf
         report.add("attributes", "tacr", why, better="higher")
         report.add("attributes", "napr", why, better="higher")
         return
+    from diffferv_cli.components import load_attribute_classifier
+
+    classifier = load_attribute_classifier(config.attribute_model)
     try:
-        labels, source_predictions = classify_attributes(config.attribute_model, source)
-        _, edited_predictions = classify_attributes(config.attribute_model, result)
+        labels, source_predictions = classify_attributes(classifier, source)
+        _, edited_predictions = classify_attributes(classifier, result)
     except UserError:
         raise
     except Exception as err:  # noqa: BLE001 - a model that does not load is the user's input
@@ -318,17 +333,14 @@ def _attributes(report: EvalReport, source: np.ndarray, result: np.ndarray, conf
     report.add("attributes", "napr", rates.napr, f"{len(labels) - 1} other attributes unchanged", "higher")
 
 
-def classify_attributes(model: Path, frames: np.ndarray) -> tuple[list[str], np.ndarray]:
-    """(labels, binary predictions (m, labels)) from a local transformers image-classification model.
+def classify_attributes(classifier, frames: np.ndarray) -> tuple[list[str], np.ndarray]:
+    """(labels, binary predictions (m, labels)) from a transformers image-classification pipeline
+    (`components.load_attribute_classifier`).
 
     Multi-label models (`problem_type == "multi_label_classification"`, CelebA-style) give sigmoid
     scores thresholded at 0.5; single-label models give the arg-max label as the only positive."""
     from PIL import Image
-    from transformers import pipeline
 
-    if not Path(model).exists():
-        raise UserError(f"The attribute model {model} does not exist (a local folder is expected).")
-    classifier = pipeline("image-classification", model=str(model), device=-1)
     config = classifier.model.config
     labels = [config.id2label[i] for i in range(len(config.id2label))]
     multi_label = config.problem_type == "multi_label_classification"
@@ -348,9 +360,12 @@ def _clip_iqa(report: EvalReport, source: np.ndarray, result: np.ndarray, config
         report.add("quality", "clip_iqa", metrics.Unavailable("pass --clip-model (a CLIP model folder)"),
                    better="higher")
         return
+    from diffferv_cli.components import load_clip
+
+    clip, processor = load_clip(config.clip_model)
     try:
-        edited_scores = clip_iqa(config.clip_model, result)
-        source_scores = clip_iqa(config.clip_model, source)
+        edited_scores = clip_iqa(clip, processor, result)
+        source_scores = clip_iqa(clip, processor, source)
     except UserError:
         raise
     except Exception as err:  # noqa: BLE001
@@ -360,19 +375,14 @@ def _clip_iqa(report: EvalReport, source: np.ndarray, result: np.ndarray, config
                "higher", edited_scores)
 
 
-def clip_iqa(model: Path, frames: np.ndarray, batch: int = 8) -> np.ndarray:
-    """CLIP-IQA per frame with a local CLIP model folder (transformers `CLIPModel` + `CLIPProcessor`).
+def clip_iqa(clip, processor, frames: np.ndarray, batch: int = 8) -> np.ndarray:
+    """CLIP-IQA per frame with a transformers `CLIPModel` + `CLIPProcessor` (`components.load_clip`).
 
     The original CLIP-IQA uses a ResNet-50 CLIP without positional embeddings; any CLIP checkpoint works
     here, so values are comparable only between runs with the same model."""
     import torch
     from PIL import Image
-    from transformers import CLIPModel, CLIPProcessor
 
-    if not Path(model).exists():
-        raise UserError(f"The CLIP model {model} does not exist (a local folder is expected).")
-    clip = CLIPModel.from_pretrained(str(model), local_files_only=True).eval()
-    processor = CLIPProcessor.from_pretrained(str(model), local_files_only=True)
     with torch.no_grad():
         text = processor(text=list(CLIP_IQA_PROMPTS), return_tensors="pt", padding=True)
         text_features = clip.get_text_features(input_ids=text["input_ids"], attention_mask=text["attention_mask"])

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from diffferv_cli.errors import UserError
+from diffferv_cli.files import atomic_write_text, open_image
 from diffferv_cli.training.data import IMAGE_SUFFIXES, UNREADABLE, image_files
 
 DEFAULT_INSTRUCTION = ("Write one short caption for this photo, starting with 'a photo of'. Name the person's "
@@ -24,21 +25,6 @@ class CaptionResult:
     written: list[Path] = field(default_factory=list)
     kept: list[Path] = field(default_factory=list)  # already had a caption
     unreadable: list[Path] = field(default_factory=list)
-
-
-def load_captioner(model: str, device: str = "auto"):
-    """The transformers pipeline for `model` (hub id or local folder); UserError when unavailable."""
-    import torch
-    from transformers import pipeline
-
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        return pipeline("image-text-to-text", model=model, device=device)
-    except (OSError, ValueError, KeyError) as err:
-        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
-        raise UserError(f"Captioning model {model!r} cannot be loaded ({reason}); pass --model with a local "
-                        "folder or a hub id that is cached.") from None
 
 
 def caption_images(pipe, images: list, *, instruction: str = DEFAULT_INSTRUCTION, prefix: str = DEFAULT_PREFIX,
@@ -65,8 +51,6 @@ def caption_folder(folder: Path, pipe, *, overwrite: bool = False, batch_size: i
                    instruction: str = DEFAULT_INSTRUCTION, prefix: str = DEFAULT_PREFIX, max_new_tokens: int = 60,
                    progress: Callable[[int, int], None] | None = None) -> CaptionResult:
     """Write `<image>.txt` beside every image under `folder` (recursively)."""
-    from PIL import Image
-
     folder = Path(folder)
     if not folder.is_dir():
         raise UserError(f"{folder} is not a folder of images.")
@@ -84,7 +68,7 @@ def caption_folder(folder: Path, pipe, *, overwrite: bool = False, batch_size: i
         batch, images = [], []
         for file in todo[begin:begin + batch_size]:
             try:
-                with Image.open(file) as image:
+                with open_image(file) as image:
                     images.append(image.convert("RGB"))
                 batch.append(file)
             except UNREADABLE:
@@ -93,14 +77,8 @@ def caption_folder(folder: Path, pipe, *, overwrite: bool = False, batch_size: i
             captions = caption_images(pipe, images, instruction=instruction, prefix=prefix,
                                       max_new_tokens=max_new_tokens)
             for file, caption in zip(batch, captions, strict=True):
-                _write_atomic(file.with_suffix(".txt"), caption + "\n")
+                atomic_write_text(file.with_suffix(".txt"), caption + "\n")
                 result.written.append(file)
         if progress is not None:
             progress(min(begin + batch_size, len(todo)), len(todo))
     return result
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    partial = path.with_name(path.name + ".partial")
-    partial.write_text(text, encoding="utf-8")
-    partial.replace(path)

@@ -39,10 +39,12 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from diffferv_cli.errors import UserError
+from diffferv_cli.files import open_image, read_small_file
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 CAPTION_KEYS = ("text", "caption")
 FILE_KEYS = ("file", "image", "path")
+MAX_MANIFEST_BYTES = 256 << 20
 UNREADABLE = (OSError, UnidentifiedImageError, ValueError, SyntaxError, Image.DecompressionBombError)
 
 
@@ -134,25 +136,28 @@ def _caption_for(file: Path, relative: str, table: dict[str, str] | None) -> str
 def _read_manifest(manifest: Path, root: Path) -> dict[str, str]:
     """{relative path or file name: caption} from a JSONL or CSV manifest."""
     manifest = Path(manifest)
-    if not manifest.is_file():
-        raise UserError(f"Caption manifest {manifest} does not exist.")
     rows: Iterable[dict]
-    text = manifest.read_text(encoding="utf-8", errors="replace")
+    text = read_small_file(manifest, MAX_MANIFEST_BYTES, "caption manifest").decode("utf-8", errors="replace")
     try:
         if manifest.suffix.lower() in (".jsonl", ".json"):
             rows = [json.loads(line) for line in text.splitlines() if line.strip()]
         else:
             rows = list(csv.DictReader(io.StringIO(text)))
-    except (json.JSONDecodeError, csv.Error) as err:
-        raise UserError(f"Cannot read caption manifest {manifest} ({err}).") from err
+    except (json.JSONDecodeError, csv.Error, RecursionError) as err:
+        raise UserError(f"Cannot read caption manifest {manifest} ({type(err).__name__}: "
+                        f"{str(err).splitlines()[0] if str(err) else ''}).") from None
     table = {}
     for number, row in enumerate(rows, 1):
-        file = next((row[k] for k in FILE_KEYS if isinstance(row, dict) and row.get(k)), None)
-        caption = next((row[k] for k in CAPTION_KEYS if isinstance(row, dict) and row.get(k)), None)
+        where = f"Caption manifest {manifest}, row {number}"
+        if not isinstance(row, dict):
+            raise UserError(f"{where}: expected an object such as {{\"file\": \"a.jpg\", \"text\": \"...\"}}, "
+                            f"not {_json_type(row)}.")
+        file = _field(row, FILE_KEYS, where)
+        caption = _field(row, CAPTION_KEYS, where)
         if file is None or caption is None:
-            raise UserError(f"Caption manifest {manifest}, row {number}: needs a file and a text field "
+            raise UserError(f"{where}: needs a file and a text field "
                             f"(one of {'/'.join(FILE_KEYS)} and {'/'.join(CAPTION_KEYS)}).")
-        path = Path(str(file))
+        path = Path(file)
         if path.is_absolute():
             try:
                 path = path.relative_to(root.resolve())
@@ -160,6 +165,24 @@ def _read_manifest(manifest: Path, root: Path) -> dict[str, str]:
                 path = Path(path.name)
         table[path.as_posix()] = str(caption)
     return table
+
+
+def _json_type(value) -> str:
+    names = {dict: "an object", list: "a list", str: "a string", bool: "true/false", int: "a number",
+             float: "a number", type(None): "null"}
+    return names.get(type(value), type(value).__name__)
+
+
+def _field(row: dict, keys: tuple[str, ...], where: str) -> str | None:
+    """The first of `keys` present in `row` (None when none is), which must be a non-empty string."""
+    for key in keys:
+        if key in row:
+            value = row[key]
+            if not isinstance(value, str):
+                raise UserError(f"{where}: {key!r} must be a string, not {_json_type(value)}.")
+            if value.strip():
+                return value
+    return None
 
 
 def _scan_shard(shard: Path) -> list[tuple[str, ImageItem | None]]:
@@ -197,7 +220,9 @@ def _json_caption(raw: str) -> str | None:
         data = json.loads(raw)
     except json.JSONDecodeError:
         return None
-    return next((str(data[k]) for k in CAPTION_KEYS if isinstance(data, dict) and data.get(k)), None)
+    if not isinstance(data, dict):
+        return None
+    return next((data[k] for k in CAPTION_KEYS if isinstance(data.get(k), str) and data[k].strip()), None)
 
 
 # ------------------------------------------------------------------------------------ sample plan
@@ -243,7 +268,7 @@ def _permutation(seed: int, pool: int, epoch: int, size: int) -> np.ndarray:
 
 def decode_image(data: bytes) -> np.ndarray:
     """RGB uint8 (H, W, 3); raises one of UNREADABLE for anything that is not a whole image."""
-    with Image.open(io.BytesIO(data)) as image:
+    with open_image(io.BytesIO(data)) as image:  # the pixel count is checked before decoding
         image.load()
         return np.asarray(image.convert("RGB"))
 
