@@ -323,25 +323,74 @@ def load_components(
     return comps.to(torch_device)
 
 
-def _load_hub(model: str, revision: str | None, dtype: torch.dtype) -> Components:
-    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
-    parts = None
-    for local_only in (True, False):
-        if not local_only and offline:
-            break
+HUB_PROBE_SECONDS = 5.0  # how long to wait for any answer from the hub before saying it cannot be reached
+
+
+def hub_offline() -> bool:
+    """HF_HUB_OFFLINE set to a true value (huggingface_hub's own rule)."""
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in ("1", "ON", "YES", "TRUE")
+
+
+def hub_reachable(timeout: float = HUB_PROBE_SECONDS) -> tuple[bool, str]:
+    """(True, "") when the Hugging Face endpoint answers anything at all within `timeout` seconds, else
+    (False, why). One request, no retries, through huggingface_hub's own HTTP session (so its proxy and
+    endpoint settings apply); run in a helper thread, so that a name lookup that hangs cannot hold the
+    caller past `timeout` either."""
+    import threading
+
+    from huggingface_hub import constants, get_session
+
+    answer: dict[str, str] = {}
+
+    def probe() -> None:
         try:
-            parts = _load_from_pretrained(model, local_only, revision, dtype)
-            break
-        except (OSError, ValueError) as err:
-            last_error = err
+            get_session().head(constants.ENDPOINT, timeout=timeout)
+            answer["ok"] = ""
+        except Exception as err:  # noqa: BLE001 - any failure means "not reachable"
+            answer["error"] = (str(err).splitlines() or [type(err).__name__])[0] or type(err).__name__
+
+    thread = threading.Thread(target=probe, name="diffferv-hub-probe", daemon=True)
+    thread.start()
+    thread.join(timeout)
+    if "ok" in answer:
+        return True, ""
+    return False, answer.get("error", f"no answer within {timeout:g} s")
+
+
+def _load_hub(model: str, revision: str | None, dtype: torch.dtype) -> Components:
+    """The local Hugging Face cache first; the network only when the model is not there, HF_HUB_OFFLINE
+    is not set and one quick request shows that the hub answers, so that a machine without network fails
+    in seconds rather than after the download's retries."""
+    parts = None
+    if _in_hub_cache(model, revision):  # asked without importing diffusers: the failure path stays quick
+        try:
+            parts = _load_from_pretrained(model, True, revision, dtype)
+        except (OSError, ValueError):  # partly cached: the hub may complete it
+            parts = None
     if parts is None:
-        reason = "not in the Hugging Face cache and the hub cannot be reached"
-        if offline:
-            reason = "not in the Hugging Face cache and HF_HUB_OFFLINE is set"
-        raise _not_available(model, reason) from last_error
+        if hub_offline():
+            raise _not_available(model, "not in the Hugging Face cache and HF_HUB_OFFLINE is set") from None
+        reachable, why = hub_reachable()
+        if not reachable:
+            raise _not_available(model, f"not in the Hugging Face cache and the hub cannot be reached: {why}") from None
+        try:
+            parts = _load_from_pretrained(model, False, revision, dtype)
+        except (OSError, ValueError) as err:
+            reason = (str(err).splitlines() or [type(err).__name__])[0]
+            raise _not_available(model, f"the download from the hub failed: {reason}") from None
     commit = _hub_commit(model, revision)
     return Components(*parts, scheduler_config=dict(SD15_SCHEDULER), model_id=model,
                       fingerprint=f"hub-{model}@{commit or revision or 'main'}")
+
+
+def _in_hub_cache(model: str, revision: str | None) -> bool:
+    """Whether the local Hugging Face cache holds the model's UNet config (the rest is checked on load)."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        return isinstance(try_to_load_from_cache(model, "unet/config.json", revision=revision), str)
+    except Exception:  # noqa: BLE001 - an unusable cache is a cache without the model
+        return False
 
 
 def _hub_commit(model: str, revision: str | None) -> str | None:
