@@ -26,6 +26,10 @@ def register(app: typer.Typer) -> None:
     app.command("caption")(caption_cmd)
 
 
+# TrainConfig fields whose option is not the field name with dashes
+_OPTION_OF = {"lr_warmup_steps": "--warmup", "use_8bit_adam": "--8bit-adam", "validation_prompts": "--validation-prompt"}
+
+
 def _is_main_process() -> bool:
     return os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0")) == "0"
 
@@ -78,7 +82,9 @@ def train_cmd(
             seed=seed, workers=workers)
     except ValueError as err:
         first = err.errors()[0]
-        raise UserError(f"Invalid training setting --{str(first['loc'][-1]).replace('_', '-')}: {first['msg']}.") from None
+        field = str(first["loc"][0]) if first["loc"] else "setting"
+        option = _OPTION_OF.get(field, "--" + field.replace("_", "-"))
+        raise UserError(f"Invalid training setting {option}: {first['msg']}.") from None
     components = load_components(model, device="cpu", dtype="fp32")
     if components.is_random:
         err_console.print(f"[yellow]Model: {components.label}[/yellow]")
