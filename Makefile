@@ -12,8 +12,8 @@ install:  ## install diffferv (editable) with the test tools; torch 2.13.0 is th
 test:  ## the default test suite (CPU, offline, a few minutes)
 	$(PYTHON) -m pytest -q
 
-test-slow:  ## the slow tests too
-	$(PYTHON) -m pytest -q -m "slow or not slow"
+test-slow:  ## the default suite plus the tests marked slow (e.g. two real processes on one cache entry)
+	$(PYTHON) -m pytest -q -m "not gpu"
 
 lint:
 	$(PYTHON) -m ruff check diffferv_cli tests bench

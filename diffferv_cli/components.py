@@ -23,7 +23,6 @@ from __future__ import annotations
 import functools
 import hashlib
 import importlib.util
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -451,7 +450,9 @@ def save_components(comps: Components, folder: Path) -> None:
         "feature_extractor": [None, None],
         "requires_safety_checker": False,
     }
-    (folder / "model_index.json").write_text(json.dumps(index, indent=2))
+    from diffferv_cli.files import atomic_write_json
+
+    atomic_write_json(folder / "model_index.json", index)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -117,12 +117,13 @@ def read_small_file(path: Path | str, limit: int, what: str) -> bytes:
         raise UserError(f"The {what} {path} does not exist.") from None
     except OSError as err:
         raise UserError(f"Cannot read the {what} {path} ({err.strerror}).") from None
-    with os.fdopen(handle, "rb") as file:
-        info = os.fstat(file.fileno())
+    info = os.fstat(handle)
+    if not stat.S_ISREG(info.st_mode):
+        os.close(handle)
         if stat.S_ISDIR(info.st_mode):
             raise UserError(f"The {what} {path} is a folder, not a file.")
-        if not stat.S_ISREG(info.st_mode):
-            raise UserError(f"The {what} {path} is not a regular file (a device, FIFO or socket).")
+        raise UserError(f"The {what} {path} is not a regular file (a device, FIFO or socket).")
+    with os.fdopen(handle, "rb") as file:
         if info.st_size > limit:
             raise UserError(f"The {what} {path} is {info.st_size} bytes; at most {limit} are accepted.")
         try:

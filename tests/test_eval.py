@@ -128,7 +128,6 @@ def test_unreadable_inputs_are_user_errors(texture_folders, tmp_path):
 
 
 def test_unreadable_video_is_a_user_error(texture_folders, tmp_path):
-    pytest.importorskip("diffferv_cli.video.io", reason="diffferv_cli.video.io is not written yet")
     bogus = tmp_path / "bogus.mp4"
     bogus.write_bytes(b"\x00" * 1000)
     code, output = _eval(bogus, bogus)
@@ -136,7 +135,8 @@ def test_unreadable_video_is_a_user_error(texture_folders, tmp_path):
 
 
 def test_video_against_itself(tmp_path):
-    video = pytest.importorskip("diffferv_cli.video.io", reason="diffferv_cli.video.io is not written yet")
+    from diffferv_cli.video import io as video
+
     clip = video.make_test_clip(tmp_path / "clip.mp4", width=64, height=48, frames=4, fps=8)
     out = tmp_path / "video.json"
     code, output = _eval(clip, clip, "--json", out, "--no-temporal")
@@ -148,8 +148,8 @@ def test_video_against_itself(tmp_path):
 
 def test_a_video_and_its_frames_compare_equal(tmp_path):
     """Folders of frames go through read_clip's geometry: an odd long side is padded the same way."""
-    video = pytest.importorskip("diffferv_cli.video.io", reason="diffferv_cli.video.io is not written yet")
     from diffferv_cli.config import ClipSpec
+    from diffferv_cli.video import io as video
 
     clip_path = video.make_test_clip(tmp_path / "clip.mp4", width=70, height=48, frames=3, fps=8)
     clip = video.read_clip(clip_path, ClipSpec(short_side=48, multiple=8))
@@ -183,7 +183,6 @@ def face_folders(fixtures_dir, tmp_path_factory) -> tuple[Path, Path]:
 
 @pytest.mark.fixtures
 def test_identity_on_a_real_face(face_folders):
-    pytest.importorskip("dlib")
     original, blurred = face_folders
     same = evaluate(original, original, EvalConfig(temporal=False))
     assert same.value("idp") == pytest.approx(1.0)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import cv2
 import numpy as np
 import pytest
-import torch
 
 from diffferv_cli.temporal.flow import ClipFlow, DISFlow, compute_flow, occlusion_mask
 
@@ -145,21 +144,6 @@ def test_resized_many_matches_resized():
         np.testing.assert_allclose(many[(height, width)].forward, one.forward, atol=1e-5)
         np.testing.assert_allclose(many[(height, width)].backward, one.backward, atol=1e-5)
         np.testing.assert_array_equal(many[(height, width)].occlusion, one.occlusion)
-
-
-def test_tensor_round_trip_for_the_cache():
-    forward = constant_flow(2, 6, 10, 1.25, -30.5)
-    occluded = np.zeros((2, 6, 10), bool)
-    occluded[1, 2, 3] = True
-    flow = ClipFlow(forward, -forward, occluded)
-    tensors = flow.to_tensors()
-    assert tensors["forward"].dtype == torch.float16 and tensors["occlusion"].dtype == torch.bool
-    back = ClipFlow.from_tensors(tensors)
-    assert back.forward.dtype == np.float32
-    np.testing.assert_array_equal(back.forward, forward)  # these values are exact in float16
-    np.testing.assert_array_equal(back.occlusion, occluded)
-    exact = ClipFlow.from_tensors(flow.to_tensors(torch.float32))
-    np.testing.assert_array_equal(exact.backward, flow.backward)
 
 
 def test_clip_flow_checks_shapes():

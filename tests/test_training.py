@@ -259,6 +259,18 @@ def test_checkpoint_holds_no_pickle_and_old_or_tampered_ones_are_refused(tmp_pat
         resume_with()
 
 
+def test_a_diverging_run_stops_and_exports_nothing(tmp_path, monkeypatch):
+    from diffferv_cli.training import loop
+
+    real_loss = loop._diffusion_loss
+    monkeypatch.setattr(loop, "_diffusion_loss", lambda *args: real_loss(*args) * float("nan"))
+    faces = _folder(tmp_path / "faces", 2)
+    with pytest.raises(UserError, match="diverged at step 1 .*--lr"):
+        train(build_tiny_random(0), _config(tmp_path, faces, steps=3))
+    assert not (tmp_path / "out" / "model_index.json").exists()
+    assert not (tmp_path / "out" / "train_info.json").exists()
+
+
 def test_exported_folder_loads_with_model_and_runs_edit(tmp_path):
     from diffferv_cli.components import load_components
     from diffferv_cli.video.io import make_test_clip, probe

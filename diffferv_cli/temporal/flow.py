@@ -18,7 +18,6 @@ from typing import Literal, Protocol
 
 import cv2
 import numpy as np
-import torch
 
 DISPreset = Literal["ultrafast", "fast", "medium"]
 
@@ -162,25 +161,6 @@ class ClipFlow:
                 occluded_u8[pair] * np.uint8(255), (width, height), interpolation=interpolation
             )
         return forward, backward, occluded.astype(np.float32) / np.float32(255)
-
-    def to_tensors(self, dtype: torch.dtype = torch.float16) -> dict[str, torch.Tensor]:
-        """Tensors for the cache (safetensors): flows in `dtype` (float16 by default: at working size the
-        vectors are mostly below 64 px, where float16 keeps 0.03 px or better, below DIS's own error; resize
-        first to store less), occlusion as bool."""
-        return {
-            "forward": torch.from_numpy(self.forward).to(dtype),
-            "backward": torch.from_numpy(self.backward).to(dtype),
-            "occlusion": torch.from_numpy(self.occlusion),
-        }
-
-    @classmethod
-    def from_tensors(cls, tensors: dict[str, torch.Tensor]) -> ClipFlow:
-        """Inverse of `to_tensors` (flows back to float32 numpy)."""
-        return cls(
-            forward=tensors["forward"].detach().cpu().to(torch.float32).numpy(),
-            backward=tensors["backward"].detach().cpu().to(torch.float32).numpy(),
-            occlusion=tensors["occlusion"].detach().cpu().to(torch.bool).numpy(),
-        )
 
 
 def _halve(*fields: np.ndarray) -> tuple[np.ndarray, ...]:
