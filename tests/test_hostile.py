@@ -213,6 +213,31 @@ def test_tar_shard_caption_of_the_wrong_type_counts_as_missing(tmp_path):
         scan_images(shards)
 
 
+def test_oversized_captions(faces, tmp_path):
+    import io
+    import tarfile
+
+    from diffferv_cli.errors import UserError
+    from diffferv_cli.training.data import scan_images
+
+    folder = tmp_path / "sidecars"
+    folder.mkdir()
+    cv2.imwrite(str(folder / "a.png"), np.zeros((8, 8, 3), np.uint8))
+    (folder / "a.txt").write_text("a photo " * 20_000)  # 160 kB
+    _one_line_error(_invoke(_train_args(folder, tmp_path)), "caption file", "at most")
+
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    png = cv2.imencode(".png", np.zeros((8, 8, 3), np.uint8))[1].tobytes()
+    with tarfile.open(shards / "000000.tar", "w") as tar:
+        for name, data in (("a.png", png), ("a.txt", b"a photo " * 20_000), ("b.png", png), ("b.txt", b"a face")):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    with pytest.raises(UserError, match="1 of 2 images"):
+        scan_images(shards)
+
+
 # ---------------------------------------------------------------------------------------- device files
 
 

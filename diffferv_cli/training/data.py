@@ -45,6 +45,7 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 CAPTION_KEYS = ("text", "caption")
 FILE_KEYS = ("file", "image", "path")
 MAX_MANIFEST_BYTES = 256 << 20
+MAX_CAPTION_BYTES = 64 << 10  # one caption (sidecar file or shard member); a larger one is not a caption
 UNREADABLE = (OSError, UnidentifiedImageError, ValueError, SyntaxError, Image.DecompressionBombError)
 
 
@@ -128,7 +129,8 @@ def _caption_for(file: Path, relative: str, table: dict[str, str] | None) -> str
         text = table.get(relative, table.get(file.name))
     else:
         sidecar = file.with_suffix(".txt")
-        text = sidecar.read_text(encoding="utf-8", errors="replace") if sidecar.is_file() else None
+        text = (read_small_file(sidecar, MAX_CAPTION_BYTES, "caption file").decode("utf-8", errors="replace")
+                if sidecar.is_file() else None)
     text = text.strip() if text else None
     return text or None
 
@@ -200,7 +202,7 @@ def _scan_shard(shard: Path) -> list[tuple[str, ImageItem | None]]:
                 extension = "." + extension.lower() if dot else ""
                 if extension in IMAGE_SUFFIXES:
                     images[key] = member
-                elif extension in (".txt", ".caption", ".json"):
+                elif extension in (".txt", ".caption", ".json") and member.size <= MAX_CAPTION_BYTES:
                     raw = tar.extractfile(member).read().decode("utf-8", errors="replace")
                     text = _json_caption(raw) if extension == ".json" else raw
                     if text and text.strip():
