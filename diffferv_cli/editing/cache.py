@@ -13,9 +13,9 @@ One folder per (decoded frames, frame selection, working size, model, inversion 
 `<root>` is `--cache-dir`, else `$DIFFFERV_CACHE`, else `$XDG_CACHE_HOME/diffferv` (~/.cache/diffferv).
 
 The key hashes the decoded, selected frames at working size (`frames_sha256`), not the input file: the
-inversion depends on those pixels only, they are in memory anyway, and hashing them costs about as much
-as decoding a tenth of them, whatever the size of the file (a multi-GB 4K clip of which 16 frames are
-used is not read twice). A different decoder build that decodes other pixels gets another entry.
+inversion depends on those pixels only, they are in memory anyway, and the cost is one pass over them
+whatever the size of the file (a multi-GB 4K clip of which 16 frames are used is not read a second
+time). A different decoder build that decodes other pixels gets another entry.
 
 Every write goes to a temporary file in the same folder and is renamed into place (`files.atomic_path`),
 and the manifest is rewritten after each finished step, so an interrupted inversion resumes from its
