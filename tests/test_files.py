@@ -9,7 +9,14 @@ import stat
 import pytest
 
 from diffferv_cli.errors import UserError
-from diffferv_cli.files import atomic_path, atomic_write_json, atomic_write_text, open_image, read_small_file, to_json
+from diffferv_cli.files import (
+    atomic_path,
+    atomic_write_json,
+    atomic_write_text,
+    open_image,
+    read_small_file,
+    to_json,
+)
 
 
 def test_atomic_write_replaces_whole_files_and_leaves_nothing_behind(tmp_path):
