@@ -9,7 +9,7 @@ deep inside torch. `MAX_COUNT` bounds counts (frames, steps, batch sizes); `MAX_
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -17,6 +17,7 @@ DEFAULT_SOURCE_PROMPT = "a photo of a person"
 MAX_COUNT = 2**31 - 1
 MAX_SEED = 2**63 - 1  # torch generators take 64 bits; the seed plus a small offset must still fit
 MAX_GUIDANCE = 50.0
+Pixels = Annotated[int, Field(ge=0, le=MAX_COUNT)]
 
 # Default window: 24 frames. An edit at 512x512 in recompute mode runs 3 branches, a batch of 72. The
 # CPU measurement in the README (bench/bench_edit_memory.py: 16 frames, batch 48, float32, 10.9 GiB peak
@@ -41,7 +42,7 @@ class ClipSpec(Frozen):
     stride: int = Field(1, ge=1, le=MAX_COUNT, description="take every n-th frame")
     short_side: int = Field(512, ge=16, le=2048)
     multiple: int = Field(64, ge=8, le=256)
-    region: tuple[int, int, int, int] | None = Field(
+    region: tuple[Pixels, Pixels, Pixels, Pixels] | None = Field(
         None, description="(x, y, width, height) of the part of the displayed frame that is edited; None: all")
 
     @model_validator(mode="after")
@@ -71,8 +72,8 @@ class InversionConfig(Frozen):
     feature_mode: Literal["recompute", "disk"] = "recompute"
     temporal: TemporalConfig = TemporalConfig()
     flow_preset: Literal["ultrafast", "fast", "medium"] = "medium"
-    window_frames: int = Field(DEFAULT_WINDOW_FRAMES, ge=1, description="frames per temporal window of every UNet pass")
-    window_overlap: int | None = Field(None, ge=0, description="frames shared by neighbouring windows "
+    window_frames: int = Field(DEFAULT_WINDOW_FRAMES, ge=1, le=MAX_COUNT, description="frames per temporal window of every UNet pass")
+    window_overlap: int | None = Field(None, ge=0, le=MAX_COUNT, description="frames shared by neighbouring windows "
                                        "(default: a quarter of the window, at least the SWCFA window)")
 
     @model_validator(mode="after")
@@ -111,9 +112,9 @@ class CompositeConfig(Frozen):
 
     mode: Literal["residual", "replace"] = "residual"
     threshold: float = Field(0.1, gt=0.0, le=1.0, description="low-passed |E - R| (0..1 scale) above which the edit replaces the source")
-    lowpass: float = Field(2.0, ge=0.0, description="Gaussian sigma of the low-pass on |E - R|")
-    feather: float = Field(4.0, ge=0.0, description="Gaussian sigma of the mask's soft edge")
-    border: float = Field(16.0, ge=0.0, description="width of the ramp joining an edited region to the rest of the frame")
+    lowpass: float = Field(2.0, ge=0.0, le=256.0, description="Gaussian sigma of the low-pass on |E - R|")
+    feather: float = Field(4.0, ge=0.0, le=256.0, description="Gaussian sigma of the mask's soft edge")
+    border: float = Field(16.0, ge=0.0, le=2048.0, description="width of the ramp joining an edited region to the rest of the frame")
 
 
 class TrainConfig(Frozen):

@@ -18,7 +18,14 @@ import pytest
 from typer.testing import CliRunner
 
 from diffferv_cli.cli import app
-from diffferv_cli.config import ClipSpec, EditConfig, InversionConfig, TemporalConfig, TrainConfig
+from diffferv_cli.config import (
+    ClipSpec,
+    CompositeConfig,
+    EditConfig,
+    InversionConfig,
+    TemporalConfig,
+    TrainConfig,
+)
 from diffferv_cli.editing.presets import Preset
 from diffferv_cli.evaluation.report import EvalConfig
 
@@ -92,7 +99,8 @@ def test_train_refuses_non_finite_and_huge_numbers(faces, tmp_path, option, valu
 
 
 @pytest.mark.parametrize("option, value", [("--start", str(2**64)), ("--frames", str(10**30)),
-                                           ("--stride", str(2**63)), ("--window", str(2**64)), ("--steps", "1001")])
+                                           ("--stride", str(2**63)), ("--window", str(2**64)), ("--steps", "1001"),
+                                           ("--window-frames", str(2**64)), ("--region", f"0,0,{2**64},8")])
 def test_invert_refuses_huge_counts(clip_path, tmp_path, option, value):
     args = _edit_args(clip_path, tmp_path)
     args[0] = "invert"
@@ -112,9 +120,15 @@ def _float_and_int_fields(model) -> tuple[list[str], list[str]]:
     return floats, ints
 
 
+def _huge(model, name: str):
+    """2**64 in the shape of the field (a tuple field gets a tuple of them)."""
+    annotation = str(model.model_fields[name].annotation)
+    return (2**64,) * annotation.count("int") if "tuple" in annotation else 2**64
+
+
 CONFIG_MODELS = [
     (ClipSpec, {}), (TemporalConfig, {}), (InversionConfig, {}), (EditConfig, {"prompt_edit": "x"}),
-    (TrainConfig, {"faces": Path("f"), "out": Path("o")}), (EvalConfig, {}),
+    (CompositeConfig, {}), (TrainConfig, {"faces": Path("f"), "out": Path("o")}), (EvalConfig, {}),
     (Preset, {"name": "p", "description": "d", "edit_prompt": "a photo of an old {subject}"}),
 ]
 
@@ -133,7 +147,7 @@ def test_every_number_of_every_config_is_bounded(model, required):
                 model(**{**required, name: bad})
     for name in ints:
         with pytest.raises(ValidationError):
-            model(**{**required, name: 2**64})
+            model(**{**required, name: _huge(model, name)})
     assert floats or ints or model is TemporalConfig
 
 
