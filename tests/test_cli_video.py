@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import pytest
-from media import audio_only, empty_file, text_as_video
+from media import audio_only, empty_file, make_test_clip, text_as_video
 from typer.testing import CliRunner
 
 from diffferv_cli.cli import app
-from diffferv_cli.video.io import make_test_clip
 
 
 def invoke(*args: str):

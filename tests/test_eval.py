@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from media import make_test_clip
 from typer.testing import CliRunner
 
 from diffferv_cli.cli import app
@@ -128,7 +129,6 @@ def test_unreadable_inputs_are_user_errors(texture_folders, tmp_path):
 
 
 def test_unreadable_video_is_a_user_error(texture_folders, tmp_path):
-    pytest.importorskip("diffferv_cli.video.io", reason="diffferv_cli.video.io is not written yet")
     bogus = tmp_path / "bogus.mp4"
     bogus.write_bytes(b"\x00" * 1000)
     code, output = _eval(bogus, bogus)
@@ -136,8 +136,7 @@ def test_unreadable_video_is_a_user_error(texture_folders, tmp_path):
 
 
 def test_video_against_itself(tmp_path):
-    video = pytest.importorskip("diffferv_cli.video.io", reason="diffferv_cli.video.io is not written yet")
-    clip = video.make_test_clip(tmp_path / "clip.mp4", width=64, height=48, frames=4, fps=8)
+    clip = make_test_clip(tmp_path / "clip.mp4", width=64, height=48, frames=4, fps=8)
     out = tmp_path / "video.json"
     code, output = _eval(clip, clip, "--json", out, "--no-temporal")
     assert code == 0, output
@@ -148,11 +147,11 @@ def test_video_against_itself(tmp_path):
 
 def test_a_video_and_its_frames_compare_equal(tmp_path):
     """Folders of frames go through read_clip's geometry: an odd long side is padded the same way."""
-    video = pytest.importorskip("diffferv_cli.video.io", reason="diffferv_cli.video.io is not written yet")
     from diffferv_cli.config import ClipSpec
+    from diffferv_cli.video.io import read_clip
 
-    clip_path = video.make_test_clip(tmp_path / "clip.mp4", width=70, height=48, frames=3, fps=8)
-    clip = video.read_clip(clip_path, ClipSpec(short_side=48, multiple=8))
+    clip_path = make_test_clip(tmp_path / "clip.mp4", width=70, height=48, frames=3, fps=8)
+    clip = read_clip(clip_path, ClipSpec(short_side=48, multiple=8))
     left, top, right, bottom = clip.geometry.crop  # negative: padding added on that side
     assert clip.frames.shape[1:3] == (48, 72) and (left, right) == (-1, -1)
     folder = _write_frames(tmp_path / "frames", clip.frames[:, :, -left:clip.frames.shape[2] + right])

@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+from media import make_test_clip
 
 from diffferv_cli.config import ClipSpec, EditConfig, InversionConfig
 from diffferv_cli.editing.inversion import invert
@@ -18,8 +19,6 @@ SPEC = ClipSpec(short_side=64, multiple=16, frames=4)
 
 @pytest.fixture(scope="module")
 def clip_path(tmp_path_factory):
-    from diffferv_cli.video.io import make_test_clip
-
     return make_test_clip(tmp_path_factory.mktemp("clip") / "clip.mp4", width=96, height=64, frames=6, fps=24,
                           audio=True)
 
@@ -123,7 +122,7 @@ def test_injection_brings_reconstruction_closer(clip, tmp_path):
 
 def test_changed_inputs_make_new_cache_entries(tiny, clip, clip_path, tmp_path):
     from diffferv_cli.components import build_tiny_random
-    from diffferv_cli.video.io import make_test_clip, read_clip
+    from diffferv_cli.video.io import read_clip
 
     base = invert(tiny, clip, _inversion(), cache_dir=tmp_path).entry.folder
     folders = {base}
@@ -196,7 +195,7 @@ def test_cli_edit_end_to_end(clip_path, tmp_path):
     from typer.testing import CliRunner
 
     from diffferv_cli.cli import app
-    from diffferv_cli.video.io import probe
+    from diffferv_cli.video.probe import probe
 
     out = tmp_path / "edited.mp4"
     args = ["edit", str(clip_path), "--preset", "age", "--model", "tiny-random", "--size", "64", "--steps", "2",

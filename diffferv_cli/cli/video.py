@@ -46,7 +46,8 @@ def presets_cmd(folder: PresetDirOpt = None) -> None:
 def probe_cmd(clip: ClipArg, start: StartOpt = 0, frames: FramesOpt = None, stride: StrideOpt = 1,
               size: SizeOpt = 512, multiple: MultipleOpt = 64) -> None:
     """Show a video's properties and the frames and working size diffferv would use."""
-    from diffferv_cli.video.io import frame_selection, probe, working_geometry
+    from diffferv_cli.video.geometry import frame_selection, working_geometry
+    from diffferv_cli.video.probe import probe
 
     spec = clip_spec(start, frames, stride, size, multiple)
     info = probe(clip)

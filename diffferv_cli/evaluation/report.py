@@ -139,7 +139,7 @@ def native_size(path: Path) -> tuple[int, int]:
                 return image.size
         except (UnidentifiedImageError, OSError) as err:
             raise UserError(f"Cannot read the frame {first} ({err}).") from None
-    from diffferv_cli.video.io import probe
+    from diffferv_cli.video.probe import probe
 
     info = probe(path)
     return int(info.width), int(info.height)
@@ -181,7 +181,7 @@ def read_frames(path: Path, config: EvalConfig, short_side: int) -> np.ndarray:
     if path.is_dir():
         from PIL import Image, UnidentifiedImageError
 
-        from diffferv_cli.video.io import frame_selection, working_geometry
+        from diffferv_cli.video.geometry import frame_selection, working_geometry
 
         files = _frame_files(path)
         spec = _spec(config, short_side)
