@@ -443,3 +443,46 @@ def test_packet_timing_reference_cases():
     assert packet_timing(no_stamps, Fraction(1, 90000), Fraction(25)) == (3, Fraction(25), False)
     one = [(0, 1001)]
     assert packet_timing(one, Fraction(1, 30000), None) == (1, Fraction(30000, 1001), False)
+
+
+# Side by side ----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kind, spec", [
+    (dict(width=160, height=96, frames=8), ClipSpec(start=1, stride=2, frames=3, short_side=64, multiple=64)),
+    (dict(width=97, height=65, frames=6, vfr=True, audio=True), ClipSpec(short_side=48, multiple=16)),
+])
+def test_side_by_side_is_source_beside_output_at_output_size(media, tmp_path, kind, spec):
+    from diffferv_cli.video.io import write_side_by_side
+
+    source = make_test_clip(media / ("sbs-" + "-".join(f"{k}{v}" for k, v in kind.items()) + ".mp4"), **kind)
+    clip = read_clip(source, spec)
+    assert clip.geometry.crop != (0, 0, 0, 0)  # the working frames carry a mirrored pad
+    edited = write_video(clip.frames[:, :, ::-1], tmp_path / "edited.mp4", clip.fps, geometry=clip.geometry,
+                         audio_from=source)  # a visible "edit": the working frames mirrored
+    side = write_side_by_side(clip, edited, tmp_path / "side.mp4")
+    width, height = kind["width"], kind["height"]
+    info, result = probe(side), probe(edited)
+    assert (info.width, info.height) == (2 * width, height + height % 2)  # no pad, at the output's size
+    assert (info.frame_count, info.fps_fraction) == (len(clip.frame_indices), result.fps_fraction)
+    assert info.has_audio == result.has_audio
+    brightness = decode_all(side)[:, :height].mean(axis=-1)  # odd sizes blur chroma on re-encoding
+    left, right = brightness[:, :, :width], brightness[:, :, width:]
+    originals = decode_all(source)[list(clip.frame_indices)].mean(axis=-1)
+    outputs = decode_all(edited)[:, :height, :width].mean(axis=-1)
+    print(f"side by side {width}x{height}: left PSNR {psnr(originals, left):.1f} dB, "
+          f"right {psnr(outputs, right):.1f} dB, left vs output {psnr(outputs, left):.1f} dB")
+    assert psnr(originals, left) > 28 and psnr(outputs, right) > 28  # measured 30-42 dB
+    assert psnr(outputs, left) < 20  # the halves are not the same picture
+
+
+def test_side_by_side_refuses_its_inputs(clip_path, tmp_path):
+    from diffferv_cli.video.io import write_side_by_side
+
+    clip = read_clip(clip_path, SMALL)
+    edited = write_video(clip.frames, tmp_path / "edited.mp4", clip.fps, geometry=clip.geometry)
+    before = edited.read_bytes()
+    with pytest.raises(UserError, match="is the input"):
+        write_side_by_side(clip, edited, edited)
+    with pytest.raises(UserError, match="is the input"):
+        write_side_by_side(clip, edited, clip_path)
+    assert edited.read_bytes() == before

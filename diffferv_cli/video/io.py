@@ -444,11 +444,12 @@ def write_side_by_side(clip: Clip, edited, out_path, *, input_paths: Sequence[Pa
     constant_rate = dict(settb=f"{rate.denominator}/{rate.numerator}", setpts="N")
 
     def upright(video, size: tuple[int, int]):
+        video = video.filter("format", "rgb24")  # before cropping: yuv420p cannot be cropped to odd sizes
         if size == (width + width % 2, height + height % 2) and size != (width, height):
             video = video.filter("crop", width, height, 0, 0)  # the column/row write_video added
         elif size != (width, height):
             video = video.filter("scale", width, height, flags="bicubic")
-        video = video.filter("format", "rgb24").filter("setsar", 1)
+        video = video.filter("setsar", 1)
         for name, value in constant_rate.items():
             video = video.filter(name, value)
         return video
@@ -457,9 +458,9 @@ def write_side_by_side(clip: Clip, edited, out_path, *, input_paths: Sequence[Pa
     original = _selected(source["V:0"], clip.frame_indices).filter("scale", width, height, flags="bicubic")
     edited_input = ffmpeg.input(file_url(edited))
     pair = ffmpeg.filter([upright(original, (width, height)), upright(edited_input["V:0"], (result.width, result.height))],
-                         "hstack", inputs=2, shortest=1)
+                         "hstack", inputs=2)
     streams = [_to_yuv420p(pair, (2 * width, height))]
-    options = _h264_options(crf, preset) | {"fps_mode": "passthrough", "frames:v": count}
+    options = _h264_options(crf, preset) | {"r": f"{rate.numerator}/{rate.denominator}", "frames:v": count}
     if result.has_audio:
         streams.append(edited_input["a:0"])
         options["acodec"] = "copy"
