@@ -58,11 +58,9 @@ LosslessOpt = Annotated[bool, typer.Option("--lossless", help="Write lossless RG
 
 
 def _spec(start: int, frames: int | None, stride: int, size: int, model: str) -> ClipSpec:
-    multiple = 16 if model == "tiny-random" else 64
-    try:
-        return ClipSpec(start=start, frames=frames, stride=stride, short_side=size, multiple=multiple)
-    except ValueError as err:
-        raise UserError(f"Invalid frame selection or size: {err.errors()[0]['msg']}.") from None
+    from diffferv_cli.cli.video import clip_spec  # the same working size `probe --model` shows
+
+    return clip_spec(start, frames, stride, size, model=model)
 
 
 def _inversion(prompt: str | None, steps: int, window: int, no_swcfa: bool, no_tta: bool, features: str,
