@@ -128,7 +128,24 @@ def _load(clip_path: Path, spec: ClipSpec, model: str, device: str, dtype: str, 
     components = load_components(model, device=device, dtype=dtype)
     if components.is_random:
         err_console.print(f"[yellow]Model: {components.label}[/yellow]")
+    _warn_without_face(clip)
     return clip, components
+
+
+def _warn_without_face(clip) -> None:
+    """One line when a quick look (3 frames) finds no face; DIFFFERV_NO_FACE_CHECK=1 skips the look."""
+    import os
+
+    if os.environ.get("DIFFFERV_NO_FACE_CHECK", "") not in ("", "0"):
+        return
+    from diffferv_cli.evaluation.faces import look_for_a_face
+
+    check = look_for_a_face(clip.frames)
+    if check is not None and check.found_in is None:
+        numbers = ", ".join(str(clip.frame_indices[position]) for position in check.checked)
+        err_console.print(f"Warning: no face found in frames {numbers} of {clip.info.path.name}; diffferv edits "
+                          "faces, so expect little change.", style="yellow", markup=False, highlight=False,
+                          soft_wrap=True)
 
 
 def invert_cmd(
