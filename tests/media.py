@@ -9,17 +9,10 @@ from pathlib import Path
 import ffmpeg
 import numpy as np
 
-from diffferv_cli.video.io import ffmpeg_exe
+from diffferv_cli.video.io import ffmpeg_exe, run_ffmpeg
 from diffferv_cli.video.probe import as_rate, file_url, probe
 
 MUXERS = {".mkv": "matroska", ".webm": "webm", ".mov": "mov", ".avi": "avi"}
-
-
-def _ffmpeg(graph) -> None:
-    done = subprocess.run([ffmpeg_exe(), "-hide_banner", "-nostdin", "-loglevel", "error", "-y",
-                           *ffmpeg.get_args(graph)], capture_output=True, check=False)
-    if done.returncode:
-        raise RuntimeError(f"ffmpeg failed: {done.stderr.decode(errors='replace').strip()}")
 
 
 def make_test_clip(path, *, width: int = 96, height: int = 64, frames: int = 8, fps: float = 24,
@@ -58,14 +51,14 @@ def make_test_clip(path, *, width: int = 96, height: int = 64, frames: int = 8, 
         streams.append(ffmpeg.input(f"sine=frequency=440:sample_rate=44100:duration={duration:.6f}", f="lavfi").audio)
         output_options.update(acodec="libopus" if path.suffix.lower() == ".webm" else "aac")
     if rotation % 360 == 0:
-        _ffmpeg(ffmpeg.output(*streams, file_url(path), **output_options))
+        run_ffmpeg(ffmpeg.output(*streams, file_url(path), **output_options), "make a test clip")
         return path
     upright = path.with_name(f".{path.stem}.unrotated{path.suffix}")
     try:
-        _ffmpeg(ffmpeg.output(*streams, file_url(upright), **output_options))
+        run_ffmpeg(ffmpeg.output(*streams, file_url(upright), **output_options), "make a test clip")
         # the display matrix (counter-clockwise degrees) is set on a stream copy
-        _ffmpeg(ffmpeg.input(file_url(upright), display_rotation=-(rotation % 360))
-                .output(file_url(path), c="copy", format=output_options["format"]))
+        run_ffmpeg(ffmpeg.input(file_url(upright), display_rotation=-(rotation % 360))
+                   .output(file_url(path), c="copy", format=output_options["format"]), "rotate a test clip")
     finally:
         upright.unlink(missing_ok=True)
     return path

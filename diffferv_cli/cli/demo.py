@@ -8,7 +8,6 @@ must run from an installed package with no test media and no network. The test s
 from __future__ import annotations
 
 import argparse
-import subprocess
 from pathlib import Path
 
 from rich.console import Console
@@ -16,22 +15,21 @@ from rich.console import Console
 
 def demo_clip(path: Path, *, width: int = 160, height: int = 96, frames: int = 8, fps: int = 24) -> Path:
     """A moving test pattern with a tone, as H.264/AAC MP4 (written to a temp name, then renamed)."""
-    from diffferv_cli.errors import UserError
-    from diffferv_cli.video.io import ffmpeg_exe
+    import ffmpeg
+
+    from diffferv_cli.video.io import run_ffmpeg
     from diffferv_cli.video.probe import file_url
 
     temp = path.with_name(f".{path.name}.partial.mp4")
-    args = [ffmpeg_exe(), "-hide_banner", "-nostdin", "-loglevel", "error", "-y",
-            "-f", "lavfi", "-i", f"testsrc2=size={width}x{height}:rate={fps}",
-            "-f", "lavfi", "-i", f"sine=frequency=440:sample_rate=44100:duration={frames / fps:.6f}",
-            "-frames:v", str(frames), "-c:v", "libx264", "-preset", "veryfast", "-crf", "18", "-pix_fmt", "yuv420p",
-            "-c:a", "aac", "-f", "mp4", file_url(temp)]
-    done = subprocess.run(args, capture_output=True, text=True, check=False)
-    if done.returncode:
+    video = ffmpeg.input(f"testsrc2=size={width}x{height}:rate={fps}", f="lavfi").video
+    audio = ffmpeg.input(f"sine=frequency=440:sample_rate=44100:duration={frames / fps:.6f}", f="lavfi").audio
+    try:
+        run_ffmpeg(ffmpeg.output(video, audio, file_url(temp), format="mp4", vcodec="libx264", preset="veryfast",
+                                 crf=18, pix_fmt="yuv420p", acodec="aac", **{"frames:v": frames}),
+                   "make the demo clip")
+        temp.replace(path)
+    finally:
         temp.unlink(missing_ok=True)
-        reason = (done.stderr.strip().splitlines() or ["no message"])[-1]
-        raise UserError(f"ffmpeg could not make the demo clip: {reason}.")
-    temp.replace(path)
     return path
 
 

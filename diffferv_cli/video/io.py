@@ -119,6 +119,12 @@ def _run(args: list[str], what: str, *, check: bool = True) -> subprocess.Comple
     return done
 
 
+def run_ffmpeg(graph, what: str) -> None:
+    """Run an ffmpeg-python graph to completion (names in it should be `file_url`s); a failure is a
+    `UserError` saying ffmpeg could not `what`, with ffmpeg's reason."""
+    _run(_command(graph), what)
+
+
 class _FFmpeg:
     """One running ffmpeg with a pipe to or from it. Its stderr is drained by a thread (no pipe ever
     blocks); on leaving the `with` block it is waited for, and a non-zero exit becomes `UserError`.
