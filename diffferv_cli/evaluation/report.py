@@ -1,10 +1,11 @@
 """`diffferv eval`: compare an edited video with its original (paper section 4.2), honestly.
 
-Both inputs are videos or folders of frames (png/jpg/webp/bmp, natural sort order). Frames are compared at the native size, or with `size` at that short side, through
-`video.read_clip`'s geometry with multiples of 8: the short side rounded down to a multiple of 8 (so
-native sizes like 640x360 stay untouched), the long side mirror-padded up to one. Folders of frames go
-through the same geometry, so a video and its frames compare equal. The original and the edited video
-must have the same native size: anything else is a `UserError`.
+Both inputs are videos or folders of frames (png/jpg/webp/bmp, natural sort order). Frames are compared
+at the native size, or with `size` at that short side, through `video.read_clip`'s geometry with
+multiples of 8: the short side rounded down to a multiple of 8 (so native sizes like 640x360 stay
+untouched), the long side mirror-padded up to one. Folders of frames go through the same geometry, so a
+video and its frames compare equal. The original and the edited video must have the same native size:
+anything else is a `UserError`.
 
 Which frames are compared: `start`/`frames`/`stride` select frames of the EDITED video. Its frame j is
 frame `original_start + j * original_stride` of the original, where the two come from the options, else
@@ -245,14 +246,9 @@ def alignment(edited: Path, config: EvalConfig):
     return mapping, f"original frame = {start} + {stride} x edited frame, from {origin}"
 
 
-def load_pair(original: Path, edited: Path, config: EvalConfig) -> tuple[np.ndarray, np.ndarray]:
-    """Both clips' compared frames at one size; UserError when they cannot be compared."""
-    source, result, _, _ = _load_pair(original, edited, config)
-    return source, result
-
-
-def _load_pair(original: Path, edited: Path, config: EvalConfig):
-    """(original frames, edited frames, the original's frame numbers, how they were aligned)."""
+def load_pair(original: Path, edited: Path, config: EvalConfig):
+    """(original frames, edited frames, the original's frame numbers, how they were aligned), both at
+    one size; a `UserError` when they cannot be compared."""
     original_size, edited_size = native_size(original), native_size(edited)
     if original_size != edited_size:
         raise UserError(f"The original is {original_size[0]}x{original_size[1]} but the edited video is "
@@ -292,7 +288,7 @@ def _load_pair(original: Path, edited: Path, config: EvalConfig):
 def evaluate(original: Path, edited: Path, config: EvalConfig, progress: Progress = None) -> EvalReport:
     """All metrics of section 4.2 that can be computed here, as an `EvalReport`."""
     report_progress = progress or (lambda stage, done, total: None)
-    source, result, numbers, how = _load_pair(Path(original), Path(edited), config)
+    source, result, numbers, how = load_pair(Path(original), Path(edited), config)
     count, height, width, _ = source.shape
     report = EvalReport(str(original), str(edited), count, height, width, config, original_frames=numbers,
                         alignment=how)
