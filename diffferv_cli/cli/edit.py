@@ -121,14 +121,16 @@ def _load(clip_path: Path, spec: ClipSpec, model: str, device: str, dtype: str, 
     from diffferv_cli.editing.region import parse_region, resolve_region
     from diffferv_cli.video.io import read_clip
 
-    spec, note = resolve_region(clip_path, spec, parse_region(region), progress=lambda d, t: report("faces", d, t))
+    wanted = parse_region(region)
+    spec, note = resolve_region(clip_path, spec, wanted, progress=lambda d, t: report("faces", d, t))
     if note:
         err_console.print(note, highlight=False)
     clip = read_clip(clip_path, spec, progress=lambda d, t: report("decode", d, t))
     components = load_components(model, device=device, dtype=dtype)
     if components.is_random:
         err_console.print(f"[yellow]Model: {components.label}[/yellow]")
-    _warn_without_face(clip)
+    if wanted != "auto":  # --region auto searched every selected frame and said what it found
+        _warn_without_face(clip)
     return clip, components
 
 
