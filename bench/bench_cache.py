@@ -14,7 +14,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import report  # noqa: E402
+from common import make_test_clip, report  # noqa: E402
 
 
 def main() -> None:
@@ -27,7 +27,7 @@ def main() -> None:
     from diffferv_cli.components import build_tiny_random
     from diffferv_cli.config import ClipSpec, InversionConfig
     from diffferv_cli.editing.inversion import invert
-    from diffferv_cli.video.io import make_test_clip, read_clip
+    from diffferv_cli.video.io import read_clip
 
     with tempfile.TemporaryDirectory() as work:
         work = Path(work)

@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import report  # noqa: E402
+from common import make_test_clip, report  # noqa: E402
 
 
 def cpu_time(fn, repeat: int) -> float:
@@ -77,7 +77,8 @@ def main() -> None:
     from diffferv_cli.config import ClipSpec, CompositeConfig, EditConfig, InversionConfig
     from diffferv_cli.editing.composite import composite_frame
     from diffferv_cli.editing.job import run_reconstruction, source_resolution_metrics
-    from diffferv_cli.video.io import make_test_clip, read_clip, working_geometry
+    from diffferv_cli.video.geometry import working_geometry
+    from diffferv_cli.video.io import read_clip
     from diffferv_cli.video.stream import stream_frames
 
     columns = ("PSNR dB", "SSIM", "ms", "% of one UNet call", "% of a 50-step edit", "goal")

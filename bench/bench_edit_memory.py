@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import report  # noqa: E402
+from common import TESTS, report  # noqa: E402
 
 CHILD = r"""
 import json, resource, sys, time
@@ -26,7 +26,9 @@ from pathlib import Path
 import torch
 from diffferv_cli.components import build_full_size_random, pick_dtype
 from diffferv_cli.config import ClipSpec, EditConfig, InversionConfig
-from diffferv_cli.video.io import make_test_clip, read_clip
+from diffferv_cli.video.io import read_clip
+sys.path.insert(0, sys.argv[7])
+from media import make_test_clip
 from diffferv_cli.editing.job import run_edits
 size, frames, steps, device, work, width = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], Path(sys.argv[5]), int(sys.argv[6])
 device = torch.device(device)
@@ -53,7 +55,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as work:
         started = time.perf_counter()
         done = subprocess.run([sys.executable, "-c", CHILD, str(args.size), str(args.frames), str(args.steps),
-                               args.device, work, str(args.width)], capture_output=True, text=True)
+                               args.device, work, str(args.width), str(TESTS)], capture_output=True, text=True)
         if done.returncode:
             sys.exit(done.stderr[-2000:])
         child = json.loads(done.stdout.strip().splitlines()[-1])

@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import report  # noqa: E402
+from common import make_test_clip, report  # noqa: E402
 
 
 def _step_times(run) -> list[float]:
@@ -43,7 +43,7 @@ def main() -> None:
     from diffferv_cli.config import ClipSpec, EditConfig, InversionConfig
     from diffferv_cli.editing.inversion import invert
     from diffferv_cli.editing.sampling import edit
-    from diffferv_cli.video.io import make_test_clip, read_clip
+    from diffferv_cli.video.io import read_clip
 
     device = torch.device(args.device)
     components = build_full_size_random().to(device, pick_dtype(device))

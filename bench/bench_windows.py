@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -28,7 +29,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import report  # noqa: E402
+from common import TESTS, report  # noqa: E402
 
 CHILD = r"""
 import json, resource, sys, time
@@ -37,7 +38,9 @@ import torch
 torch.set_num_threads(int(sys.argv[6]))
 from diffferv_cli.components import build_full_size_random, build_tiny_random
 from diffferv_cli.config import ClipSpec, EditConfig, InversionConfig
-from diffferv_cli.video.io import make_test_clip, read_clip
+from diffferv_cli.video.io import read_clip
+sys.path.insert(0, __import__('os').environ['DIFFFERV_TESTS'])
+from media import make_test_clip
 from diffferv_cli.editing.job import run_edits
 model, size, frames, steps, window, work = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]), Path(sys.argv[7])
 video = make_test_clip(work / "clip.mp4", width=size, height=size, frames=frames, fps=24)
@@ -96,7 +99,8 @@ print(json.dumps({"diff_edges": float(difference[near_edge].mean()), "diff_centr
 
 def _child(script: str, args: list[str]) -> dict:
     with tempfile.TemporaryDirectory() as work:
-        done = subprocess.run([sys.executable, "-c", script, *args, work], capture_output=True, text=True)
+        done = subprocess.run([sys.executable, "-c", script, *args, work], capture_output=True, text=True,
+                              env={**os.environ, "DIFFFERV_TESTS": str(TESTS)})
         if done.returncode:
             sys.exit(done.stderr[-3000:])
         return json.loads(done.stdout.strip().splitlines()[-1])

@@ -25,6 +25,16 @@ from pathlib import Path
 import numpy as np
 
 RESULTS = Path(__file__).resolve().parent / "results"
+TESTS = Path(__file__).resolve().parents[1] / "tests"  # holds media.py: synthetic clips for benchmarks too
+
+
+def make_test_clip(path, **options):
+    """A synthetic clip (tests/media.py's generator, shared with the test suite)."""
+    if str(TESTS) not in sys.path:
+        sys.path.insert(0, str(TESTS))
+    from media import make_test_clip as make
+
+    return make(path, **options)
 
 
 def machine() -> dict:

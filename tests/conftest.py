@@ -27,8 +27,10 @@ def tiny():
 
 @pytest.fixture(autouse=True)
 def _isolated_cache(tmp_path, monkeypatch):
-    """Every test gets its own diffferv cache folder."""
+    """Every test gets its own diffferv cache folder, and no look for faces in its (faceless) synthetic
+    clips unless it asks (tests/test_faces.py)."""
     monkeypatch.setenv("DIFFFERV_CACHE", str(tmp_path / "diffferv-cache"))
+    monkeypatch.setenv("DIFFFERV_NO_FACE_CHECK", "1")
 
 
 @pytest.fixture(scope="session")

@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
-from media import audio_only, empty_file, text_as_video
+from media import audio_only, empty_file, make_test_clip, text_as_video
 from typer.testing import CliRunner
 
 from diffferv_cli.cli import app
-from diffferv_cli.video.io import make_test_clip
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def invoke(*args: str):
@@ -81,3 +88,58 @@ def test_probe_bad_input_is_one_line_exit_2(tmp_path, make, options, message):
     before = sorted(tmp_path.iterdir())
     assert_user_error(invoke("probe", path, *options), message)
     assert sorted(tmp_path.iterdir()) == before
+
+
+# What the light commands import ----------------------------------------------------------------------
+
+HEAVY = ("torch", "diffusers", "transformers")
+
+
+def imported_modules(*args: str) -> set[str]:
+    """Every module `python -X importtime -m diffferv_cli ARGS` imports (run in a fresh interpreter)."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run([sys.executable, "-X", "importtime", "-m", "diffferv_cli", *map(str, args)],
+                          capture_output=True, text=True, env=env, cwd=REPO, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return {line.rsplit("|", 1)[1].strip() for line in done.stderr.splitlines() if line.startswith("import time:")}
+
+
+@pytest.mark.parametrize("args, allowed", [
+    (["--help"], ()),
+    (["presets"], ()),
+    (["probe", "{clip}"], ()),
+    (["doctor"], ("torch",)),  # it reports torch's version and the device; nothing else heavy
+])
+def test_light_commands_do_not_import_the_diffusion_stack(media, args, allowed):
+    clip = make_test_clip(media / "light.mp4", frames=2)
+    modules = imported_modules(*(arg.format(clip=clip) for arg in args))
+    assert "diffferv_cli.cli" in modules  # the parse really saw our imports
+    assert not {name for name in HEAVY if name not in allowed} & modules
+
+
+def _find(tree, key: str):
+    """The first value stored under `key` anywhere in a JSON tree."""
+    if isinstance(tree, dict):
+        if key in tree:
+            return tree[key]
+        tree = list(tree.values())
+    if isinstance(tree, list):
+        return next((found for item in tree if (found := _find(item, key)) is not None), None)
+    return None
+
+
+def test_probe_and_invert_agree_on_the_working_size(media, tmp_path):
+    """probe shows the working size invert then uses, for the model given: 1920x1080 at --size 512 is
+    910x512 scaled, 960x512 for SD1.5 (/64) and 912x512 for tiny-random (/16)."""
+    hd = make_test_clip(media / "hd.mp4", width=1920, height=1080, frames=1, pattern="color=c=gray")
+    assert "960x512 (scaled to 910x512" in invoke("probe", hd).stdout
+    assert "912x512 (scaled to 910x512" in invoke("probe", hd, "--model", "tiny-random").stdout
+    # the same check through a real inversion, small: 1440x1080 at --size 64 is 85x64 scaled, 96x64 at /16
+    path = make_test_clip(media / "4x3.mp4", width=1440, height=1080, frames=1, pattern="color=c=gray")
+    assert "128x64 (scaled to 85x64" in invoke("probe", path, "--size", "64").stdout
+    assert "96x64 (scaled to 85x64" in invoke("probe", path, "--size", "64", "--model", "tiny-random").stdout
+    result = invoke("invert", path, "--model", "tiny-random", "--size", "64", "--steps", "1",
+                    "--flow-preset", "ultrafast", "--cache-dir", tmp_path / "cache", "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    manifest = json.loads(next((tmp_path / "cache").rglob("manifest.json")).read_text())
+    assert _find(manifest, "working_size") == [96, 64]

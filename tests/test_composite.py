@@ -15,7 +15,7 @@ from diffferv_cli.editing.composite import (
     composite_frames,
     undo_pad,
 )
-from diffferv_cli.video.io import _scaled_to_working, working_geometry
+from diffferv_cli.video.geometry import scaled_to_working, working_geometry
 
 SPEC = ClipSpec(short_side=64, multiple=16)
 CONFIG = CompositeConfig()
@@ -28,7 +28,7 @@ def _random(shape, seed=0) -> np.ndarray:
 def _working(image: np.ndarray, geometry) -> np.ndarray:
     """What read_clip makes of a source box: resize to the scaled size, then the mirrored pad."""
     scaled = cv2.resize(image, geometry.scaled_size, interpolation=cv2.INTER_AREA)
-    return np.ascontiguousarray(_scaled_to_working(scaled, geometry.crop))
+    return np.ascontiguousarray(scaled_to_working(scaled, geometry.crop))
 
 
 def _smooth(height: int, width: int) -> np.ndarray:
@@ -94,7 +94,7 @@ def reference_composite(source, edited, reference, geometry, config, region=None
 def test_undo_pad_inverts_the_working_pad(size):
     geometry = working_geometry(size, SPEC)
     scaled = _random((2, geometry.scaled_size[1], geometry.scaled_size[0], 3))
-    working = _scaled_to_working(scaled, geometry.crop)
+    working = scaled_to_working(scaled, geometry.crop)
     assert working.shape[1:3] == geometry.working_size[::-1]
     assert np.array_equal(undo_pad(working, geometry), scaled)
 

@@ -6,13 +6,14 @@ import json
 
 import numpy as np
 import pytest
-from media import decode_all, psnr
+from media import decode_all, make_test_clip, psnr
 from typer.testing import CliRunner
 
 from diffferv_cli.cli import app
 from diffferv_cli.config import ClipSpec, CompositeConfig, InversionConfig
 from diffferv_cli.editing.job import output_frames, write_result
-from diffferv_cli.video.io import make_test_clip, probe, read_clip
+from diffferv_cli.video.io import read_clip
+from diffferv_cli.video.probe import probe
 
 TINY = ["--model", "tiny-random", "--size", "64", "--steps", "2", "--flow-preset", "ultrafast", "--device", "cpu"]
 
@@ -75,7 +76,7 @@ def test_replace_is_the_working_render_scaled_up(awkward, tmp_path):
     replace = CompositeConfig(mode="replace")
     handed = np.stack(list(output_frames(clip, reference, replace).frames))
     assert handed.shape == (3, 65, 47, 3)
-    from diffferv_cli.video.io import to_source_resolution
+    from diffferv_cli.video.geometry import to_source_resolution
 
     assert np.abs(handed.astype(int) - to_source_resolution(reference, clip.geometry)).max() <= 1
 

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from media import make_test_clip
 from typer.testing import CliRunner
 
 from diffferv_cli.cli import app
@@ -135,9 +136,7 @@ def test_unreadable_video_is_a_user_error(texture_folders, tmp_path):
 
 
 def test_video_against_itself(tmp_path):
-    from diffferv_cli.video import io as video
-
-    clip = video.make_test_clip(tmp_path / "clip.mp4", width=64, height=48, frames=4, fps=8)
+    clip = make_test_clip(tmp_path / "clip.mp4", width=64, height=48, frames=4, fps=8)
     out = tmp_path / "video.json"
     code, output = _eval(clip, clip, "--json", out, "--no-temporal")
     assert code == 0, output
@@ -149,10 +148,10 @@ def test_video_against_itself(tmp_path):
 def test_a_video_and_its_frames_compare_equal(tmp_path):
     """Folders of frames go through read_clip's geometry: an odd long side is padded the same way."""
     from diffferv_cli.config import ClipSpec
-    from diffferv_cli.video import io as video
+    from diffferv_cli.video.io import read_clip
 
-    clip_path = video.make_test_clip(tmp_path / "clip.mp4", width=70, height=48, frames=3, fps=8)
-    clip = video.read_clip(clip_path, ClipSpec(short_side=48, multiple=8))
+    clip_path = make_test_clip(tmp_path / "clip.mp4", width=70, height=48, frames=3, fps=8)
+    clip = read_clip(clip_path, ClipSpec(short_side=48, multiple=8))
     left, top, right, bottom = clip.geometry.crop  # negative: padding added on that side
     assert clip.frames.shape[1:3] == (48, 72) and (left, right) == (-1, -1)
     folder = _write_frames(tmp_path / "frames", clip.frames[:, :, -left:clip.frames.shape[2] + right])
@@ -247,3 +246,76 @@ def test_user_supplied_attribute_and_clip_models(texture_folders, tmp_path):
                         "--target-attribute", "Smiling, Eyeglasses, Young")
     _one_sentence_error(*_eval(original, blurred, "--no-temporal", "--clip-model", tmp_path / "nowhere"),
                         "does not exist")
+
+
+# Edits of a frame selection ---------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def selection_pair(tmp_path_factory) -> tuple[Path, Path, Path]:
+    """A 12-frame clip, an "edit" of its frames 3, 5, 7 (the frames themselves, written by write_video
+    with the selection in the metadata), and the same video with its metadata stripped."""
+    from diffferv_cli.config import ClipSpec
+    from diffferv_cli.video.geometry import SourceFrames
+    from diffferv_cli.video.io import ffmpeg_exe, read_clip, write_video
+    from diffferv_cli.video.probe import file_url
+
+    root = tmp_path_factory.mktemp("selection")
+    original = make_test_clip(root / "clip.mp4", width=64, height=48, frames=12, fps=24,
+                              pattern="life=ratio=0.5:mold=10")  # every frame differs a lot from the next
+    clip = read_clip(original, ClipSpec(start=3, stride=2, frames=3, short_side=48, multiple=16))
+    edited = write_video(clip.frames, root / "clip.edit.mp4", clip.fps, geometry=clip.geometry,
+                         source_frames=SourceFrames.of(clip.frame_indices, 12))
+    stripped = root / "clip.stripped.mp4"
+    import subprocess
+
+    subprocess.run([ffmpeg_exe(), "-v", "error", "-nostdin", "-i", file_url(edited), "-map_metadata", "-1",
+                    "-c", "copy", file_url(stripped)], check=True)
+    return original, edited, stripped
+
+
+def _report(*args) -> dict:
+    code, output = _eval(*args)
+    assert code == 0, output
+    return json.loads(Path(args[args.index("--json") + 1]).read_text())
+
+
+def test_an_edit_of_a_selection_is_compared_with_the_frames_it_came_from(selection_pair, tmp_path):
+    original, edited, stripped = selection_pair
+    report = _report(original, edited, "--no-temporal", "--json", tmp_path / "tag.json")
+    assert report["frames"] == 3 and report["original_frames"] == [3, 5, 7]
+    assert "metadata" in report["alignment"]
+    assert report["metrics"]["psnr"]["value"] > 30  # the same pictures, re-encoded once (measured 35 dB)
+    # --start/--stride/--frames pick frames of the edited video: its frame 2 is the original's frame 7
+    late = _report(original, edited, "--no-temporal", "--start", "2", "--json", tmp_path / "late.json")
+    assert late["original_frames"] == [7] and late["metrics"]["psnr"]["value"] > 30
+
+
+def test_without_metadata_the_original_takes_its_own_selection(selection_pair, tmp_path):
+    original, edited, stripped = selection_pair
+    _one_sentence_error(*_eval(original, stripped, "--no-temporal"), "12 selected frames", "has 3",
+                        "--original-start")
+    given = _report(original, stripped, "--no-temporal", "--original-start", "3", "--original-stride", "2",
+                    "--json", tmp_path / "given.json")
+    tagged = _report(original, edited, "--no-temporal", "--json", tmp_path / "tagged.json")
+    assert given["original_frames"] == [3, 5, 7] and "--original-start" in given["alignment"]
+    assert given["metrics"]["psnr"]["value"] == tagged["metrics"]["psnr"]["value"]
+    shifted = _report(original, stripped, "--no-temporal", "--original-start", "4", "--original-stride", "2",
+                      "--json", tmp_path / "shifted.json")
+    assert shifted["original_frames"] == [4, 6, 8]
+    assert shifted["metrics"]["psnr"]["value"] < tagged["metrics"]["psnr"]["value"] - 10  # measured 8 vs 35 dB
+    _one_sentence_error(*_eval(original, stripped, "--original-start", "9", "--original-stride", "2"),
+                        "frames 9..13 of the original", "has 12 frames")
+
+
+def test_eval_reads_the_selection_of_a_real_edit(tmp_path):
+    """End to end: `edit --start --stride --frames` with the tiny model, then `eval ORIGINAL EDITED`."""
+    original = make_test_clip(tmp_path / "clip.mp4", width=96, height=64, frames=10, fps=24)
+    out = tmp_path / "clip.age.mp4"
+    result = CliRunner().invoke(app, ["edit", str(original), "--preset", "age", "--model", "tiny-random", "--size",
+                                      "64", "--steps", "2", "--start", "2", "--stride", "3", "--frames", "3",
+                                      "--flow-preset", "ultrafast", "--cache-dir", str(tmp_path / "cache"),
+                                      "--device", "cpu", "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    report = _report(original, out, "--no-temporal", "--json", tmp_path / "edit.json")
+    assert report["frames"] == 3 and report["original_frames"] == [2, 5, 8]

@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+from media import make_test_clip
 
 from diffferv_cli.config import ClipSpec, EditConfig, InversionConfig
 from diffferv_cli.editing.inversion import invert
@@ -18,8 +19,6 @@ SPEC = ClipSpec(short_side=64, multiple=16, frames=4)
 
 @pytest.fixture(scope="module")
 def clip_path(tmp_path_factory):
-    from diffferv_cli.video.io import make_test_clip
-
     return make_test_clip(tmp_path_factory.mktemp("clip") / "clip.mp4", width=96, height=64, frames=6, fps=24,
                           audio=True)
 
@@ -123,7 +122,7 @@ def test_injection_brings_reconstruction_closer(clip, tmp_path):
 
 def test_changed_inputs_make_new_cache_entries(tiny, clip, clip_path, tmp_path):
     from diffferv_cli.components import build_tiny_random
-    from diffferv_cli.video.io import make_test_clip, read_clip
+    from diffferv_cli.video.io import read_clip
 
     base = invert(tiny, clip, _inversion(), cache_dir=tmp_path).entry.folder
     folders = {base}
@@ -196,7 +195,8 @@ def test_cli_edit_end_to_end(clip_path, tmp_path):
     from typer.testing import CliRunner
 
     from diffferv_cli.cli import app
-    from diffferv_cli.video.io import probe
+    from diffferv_cli.video.geometry import SourceFrames
+    from diffferv_cli.video.probe import probe
 
     out = tmp_path / "edited.mp4"
     args = ["edit", str(clip_path), "--preset", "age", "--model", "tiny-random", "--size", "64", "--steps", "2",
@@ -209,11 +209,30 @@ def test_cli_edit_end_to_end(clip_path, tmp_path):
     assert (edited.width, edited.height) == (source.width, source.height)
     assert abs(edited.fps - source.fps) < 1e-3
     assert edited.has_audio
-    assert out.with_suffix(".side-by-side.mp4").is_file()
+    assert edited.source_frames == SourceFrames(start=0, stride=1, count=4, source_count=6)
+    side = probe(out.with_suffix(".side-by-side.mp4"))
+    assert (side.width, side.height, side.frame_count) == (2 * source.width, source.height, 4)
     again = CliRunner().invoke(app, args)
     assert again.exit_code == 2 and "already exists" in again.output
     rerun = CliRunner().invoke(app, [*args, "--overwrite"])
     assert rerun.exit_code == 0 and "cached inversion" in rerun.output
+
+
+def test_an_existing_side_by_side_is_refused_before_any_work(clip_path, tmp_path):
+    from typer.testing import CliRunner
+
+    from diffferv_cli.cli import app
+
+    out = tmp_path / "edited.mp4"
+    side = tmp_path / "edited.side-by-side.mp4"
+    side.write_bytes(b"an earlier comparison")
+    args = ["edit", str(clip_path), "--preset", "age", "--model", "tiny-random", "--size", "64", "--steps", "2",
+            "--frames", "2", "--flow-preset", "ultrafast", "--cache-dir", str(tmp_path / "cache"), "-o", str(out),
+            "--device", "cpu"]
+    result = CliRunner().invoke(app, [*args, "--side-by-side"])
+    assert result.exit_code == 2 and "edited.side-by-side.mp4 already exists" in " ".join(result.output.split())
+    assert side.read_bytes() == b"an earlier comparison"
+    assert not out.exists() and not (tmp_path / "cache").exists()  # refused before inverting
 
 
 def test_cli_reconstruct_prints_metrics(clip_path, tmp_path):

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from media import decode_all
+from media import decode_all, make_test_clip
 from typer.testing import CliRunner
 
 from diffferv_cli.config import ClipSpec
@@ -13,7 +13,7 @@ from diffferv_cli.editing import region as regions
 from diffferv_cli.editing.region import fit_working_aspect, head_box, parse_region, track_faces
 from diffferv_cli.errors import UserError
 from diffferv_cli.evaluation.faces import Box
-from diffferv_cli.video.io import make_test_clip, working_geometry
+from diffferv_cli.video.geometry import working_geometry
 
 SPEC = ClipSpec()  # short side 512, multiple 64
 

@@ -272,8 +272,10 @@ def test_a_diverging_run_stops_and_exports_nothing(tmp_path, monkeypatch):
 
 
 def test_exported_folder_loads_with_model_and_runs_edit(tmp_path):
+    from media import make_test_clip
+
     from diffferv_cli.components import load_components
-    from diffferv_cli.video.io import make_test_clip, probe
+    from diffferv_cli.video.probe import probe
 
     faces = _folder(tmp_path / "faces", 4)
     out = tmp_path / "model"

@@ -1,4 +1,4 @@
-"""video.py on clips made by ffmpeg's lavfi sources in temp folders (all small: the file runs in seconds)."""
+"""video/ (probe, io, geometry) on clips made by ffmpeg's lavfi sources in temp folders (all small: the file runs in seconds)."""
 
 from __future__ import annotations
 
@@ -7,21 +7,19 @@ import tracemalloc
 
 import numpy as np
 import pytest
-from media import audio_only, decode_all, empty_file, files_in, psnr, text_as_video
+from media import audio_only, decode_all, empty_file, files_in, make_test_clip, psnr, text_as_video
 
 from diffferv_cli.config import ClipSpec
 from diffferv_cli.errors import UserError
-from diffferv_cli.video.io import (
+from diffferv_cli.video.geometry import (
     Geometry,
-    ffmpeg_version,
     frame_selection,
-    make_test_clip,
-    probe,
-    read_clip,
+    scaled_to_working,
     to_source_resolution,
     working_geometry,
-    write_video,
 )
+from diffferv_cli.video.io import ffmpeg_version, read_clip, write_video
+from diffferv_cli.video.probe import probe
 
 SMALL = ClipSpec(short_side=64, multiple=16)
 
@@ -350,9 +348,7 @@ def test_pad_is_undone_exactly():
     source = rng.integers(0, 256, (2, 64, 80, 3), dtype=np.uint8)
     geometry = working_geometry((80, 64), ClipSpec(short_side=64, multiple=32))  # 80 -> 96: pad 8 + 8
     assert geometry.crop == (-8, 0, -8, 0)
-    from diffferv_cli.video.io import _scaled_to_working
-
-    working = _scaled_to_working(source, geometry.crop)
+    working = scaled_to_working(source, geometry.crop)
     assert working.shape == (2, 64, 96, 3)
     assert np.array_equal(working[:, :, 8:88], source)
     assert np.array_equal(working[:, :, 7], source[:, :, 1])  # mirrored, not black
@@ -369,3 +365,124 @@ def test_a_cropped_geometry_is_undone_to_full_size():
 def test_absurd_aspect_ratio_is_a_user_error():
     with pytest.raises(UserError, match="too elongated"):
         working_geometry((4000, 100), ClipSpec())
+
+
+# Names that look like URLs -------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", ["concat:a.mp4|b.mp4", "file:x.mp4", "-", "pipe:0.mp4", "http:clip.mp4"])
+def test_a_file_name_is_never_read_as_a_protocol(tmp_path, monkeypatch, name):
+    """ffmpeg reads names as URLs: `concat:a.mp4|b.mp4` would be a.mp4 then b.mp4 (10 frames, 96x64),
+    `file:x.mp4` the file x.mp4, `-` stdin. The real file by that name (3 frames, 64x48) must be read."""
+    monkeypatch.chdir(tmp_path)
+    make_test_clip(tmp_path / "a.mp4", frames=5)
+    make_test_clip(tmp_path / "b.mp4", frames=5)
+    make_test_clip(tmp_path / "x.mp4", frames=5)
+    odd = make_test_clip(tmp_path / name, width=64, height=48, frames=3, audio=True)
+    assert odd.name == name and odd.is_file()
+    for path in (odd, type(odd)(name)):  # absolute, and relative to the working folder
+        info = probe(path)
+        assert (info.frame_count, info.width, info.height, info.has_audio) == (3, 64, 48, True)
+        clip = read_clip(path, ClipSpec(short_side=48, multiple=16))
+        assert np.array_equal(clip.frames, decode_all(tmp_path / name))
+    out = write_video(clip.frames, tmp_path / f"{name}.out.mp4", 24, audio_from=odd)  # the audio input too
+    assert probe(out).frame_count == 3 and probe(out).has_audio
+
+
+# PyAV probing details ------------------------------------------------------------------------------
+
+def test_anamorphic_video_is_as_wide_as_displayed(media):
+    path = make_test_clip(media / "anamorphic.mp4", width=64, height=64, frames=2, sar="2/1")
+    info = probe(path)
+    assert (info.width, info.height) == (128, 64)
+    clip = read_clip(path, ClipSpec(short_side=64, multiple=16))
+    assert clip.geometry.scaled_size == (128, 64)
+
+
+def test_frame_selection_is_recorded_in_the_output(clip_path, tmp_path):
+    from diffferv_cli.video.geometry import SourceFrames
+
+    clip = read_clip(clip_path, ClipSpec(start=1, stride=3, short_side=64, multiple=16))
+    assert clip.frame_indices == (1, 4, 7)
+    recorded = SourceFrames.of(clip.frame_indices, source_count=8)
+    out = write_video(clip.frames, tmp_path / "out.mp4", clip.fps, geometry=clip.geometry, source_frames=recorded)
+    assert probe(out).source_frames == SourceFrames(start=1, stride=3, count=3, source_count=8)
+    assert probe(clip_path).source_frames is None
+    plain = write_video(clip.frames, tmp_path / "plain.mp4", clip.fps)
+    assert probe(plain).source_frames is None
+
+
+def test_selection_tag_round_trip_and_composition():
+    from diffferv_cli.video.geometry import SourceFrames
+    from diffferv_cli.video.probe import parse_selection_tag, selection_tag
+
+    frames = SourceFrames(start=100, stride=2, count=12, source_count=472)
+    assert selection_tag(frames) == "diffferv source frames: start=100 stride=2 count=12 of 472"
+    assert parse_selection_tag(selection_tag(frames)) == frames
+    assert parse_selection_tag("diffferv source frames: start=0 stride=0 count=3") is None
+    assert parse_selection_tag("Encoded by a phone") is None and parse_selection_tag(None) is None
+    # frames 1, 3, 5 of the derived video are source frames 102, 106, 110
+    assert frames.then(1, 2, 3).indices == (102, 106, 110)
+    assert SourceFrames.of((4, 7, 10)) == SourceFrames(4, 3, 3)
+    with pytest.raises(ValueError):
+        SourceFrames.of((1, 2, 4))
+
+
+def test_packet_timing_reference_cases():
+    from fractions import Fraction
+
+    from diffferv_cli.video.probe import packet_timing
+
+    ntsc_ms = [(round(i * 1001 / 30), 33) for i in range(10)]  # Matroska: 1 ms ticks, 33/34 ms steps
+    assert packet_timing(ntsc_ms, Fraction(1, 1000), Fraction(30000, 1001)) == (10, Fraction(30000, 1001), False)
+    regular = [(512 * i, 512) for i in (0, 2, 1, 3)]  # decode order; 1/12288 s ticks -> 24 fps
+    assert packet_timing(regular, Fraction(1, 12288), None) == (4, Fraction(24), False)
+    uneven = [(0, 1), (3, 1), (4, 1), (7, 1)]  # 1.5 / 0.5 periods of 1/24 s in 1/48 s ticks
+    count, rate, variable = packet_timing(uneven, Fraction(1, 48), Fraction(24))
+    assert (count, variable) == (4, True) and rate == Fraction(4 * 48, 8)
+    no_stamps = [(None, 0)] * 3
+    assert packet_timing(no_stamps, Fraction(1, 90000), Fraction(25)) == (3, Fraction(25), False)
+    one = [(0, 1001)]
+    assert packet_timing(one, Fraction(1, 30000), None) == (1, Fraction(30000, 1001), False)
+
+
+# Side by side ----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kind, spec", [
+    (dict(width=160, height=96, frames=8), ClipSpec(start=1, stride=2, frames=3, short_side=64, multiple=64)),
+    (dict(width=97, height=65, frames=6, vfr=True, audio=True), ClipSpec(short_side=48, multiple=16)),
+])
+def test_side_by_side_is_source_beside_output_at_output_size(media, tmp_path, kind, spec):
+    from diffferv_cli.video.io import write_side_by_side
+
+    source = make_test_clip(media / ("sbs-" + "-".join(f"{k}{v}" for k, v in kind.items()) + ".mp4"), **kind)
+    clip = read_clip(source, spec)
+    assert clip.geometry.crop != (0, 0, 0, 0)  # the working frames carry a mirrored pad
+    edited = write_video(clip.frames[:, :, ::-1], tmp_path / "edited.mp4", clip.fps, geometry=clip.geometry,
+                         audio_from=source)  # a visible "edit": the working frames mirrored
+    side = write_side_by_side(clip, edited, tmp_path / "side.mp4")
+    width, height = kind["width"], kind["height"]
+    info, result = probe(side), probe(edited)
+    assert (info.width, info.height) == (2 * width, height + height % 2)  # no pad, at the output's size
+    assert (info.frame_count, info.fps_fraction) == (len(clip.frame_indices), result.fps_fraction)
+    assert info.has_audio == result.has_audio
+    brightness = decode_all(side)[:, :height].mean(axis=-1)  # odd sizes blur chroma on re-encoding
+    left, right = brightness[:, :, :width], brightness[:, :, width:]
+    originals = decode_all(source)[list(clip.frame_indices)].mean(axis=-1)
+    outputs = decode_all(edited)[:, :height, :width].mean(axis=-1)
+    print(f"side by side {width}x{height}: left PSNR {psnr(originals, left):.1f} dB, "
+          f"right {psnr(outputs, right):.1f} dB, left vs output {psnr(outputs, left):.1f} dB")
+    assert psnr(originals, left) > 28 and psnr(outputs, right) > 28  # measured 30-42 dB
+    assert psnr(outputs, left) < 20  # the halves are not the same picture
+
+
+def test_side_by_side_refuses_its_inputs(clip_path, tmp_path):
+    from diffferv_cli.video.io import write_side_by_side
+
+    clip = read_clip(clip_path, SMALL)
+    edited = write_video(clip.frames, tmp_path / "edited.mp4", clip.fps, geometry=clip.geometry)
+    before = edited.read_bytes()
+    with pytest.raises(UserError, match="is the input"):
+        write_side_by_side(clip, edited, edited)
+    with pytest.raises(UserError, match="is the input"):
+        write_side_by_side(clip, edited, clip_path)
+    assert edited.read_bytes() == before

@@ -5,11 +5,13 @@ from __future__ import annotations
 import cv2
 import numpy as np
 import pytest
-from media import decode_all, files_in, psnr
+from media import decode_all, files_in, make_test_clip, psnr
 
 from diffferv_cli.config import ClipSpec
 from diffferv_cli.errors import UserError
-from diffferv_cli.video.io import FrameStream, frame_selection, make_test_clip, probe, read_clip, write_video
+from diffferv_cli.video.geometry import frame_selection
+from diffferv_cli.video.io import FrameStream, read_clip, write_video
+from diffferv_cli.video.probe import probe
 from diffferv_cli.video.stream import stream_frames
 
 

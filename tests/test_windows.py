@@ -142,7 +142,9 @@ STEPS = 2
 
 @pytest.fixture(scope="module")
 def clip(tmp_path_factory):
-    from diffferv_cli.video.io import make_test_clip, read_clip
+    from media import make_test_clip
+
+    from diffferv_cli.video.io import read_clip
 
     path = make_test_clip(tmp_path_factory.mktemp("clip") / "clip.mp4", width=96, height=64, frames=12, fps=24)
     return read_clip(path, ClipSpec(short_side=64, multiple=16))
@@ -275,7 +277,8 @@ def test_cli_help_says_the_default_window():
 def test_streamed_write_equals_the_array_write(tmp_path):
     from media import decode_all
 
-    from diffferv_cli.video.io import FrameStream, probe, write_video
+    from diffferv_cli.video.io import FrameStream, write_video
+    from diffferv_cli.video.probe import probe
 
     rng = np.random.default_rng(1)
     frames = rng.integers(0, 255, (5, 32, 48, 3), dtype=np.uint8)

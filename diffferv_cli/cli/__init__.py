@@ -63,13 +63,19 @@ app = _App(
 )
 
 
+# Commands that load no model: they must not pay for importing torch/diffusers (seconds of CPU).
+LIGHT_COMMANDS = frozenset({"presets", "probe", "doctor"})
+
+
 @app.callback()
-def _quiet_libraries() -> None:
+def _quiet_libraries(ctx: typer.Context) -> None:
     """diffusers/transformers chatter (weight-loading bars, dtype notes) would bury our own output."""
     import logging
     import os
 
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    if ctx.invoked_subcommand in LIGHT_COMMANDS:
+        return
     for name in ("diffusers", "transformers", "accelerate"):
         logging.getLogger(name).setLevel(logging.ERROR)
     try:

@@ -26,6 +26,12 @@ def run_checks() -> list[Check]:
         checks.append(Check("ffmpeg", True, ffmpeg_version()))
     except Exception as err:  # noqa: BLE001 - doctor reports every failure
         checks.append(Check("ffmpeg", False, str(err)))
+    try:
+        import av
+
+        checks.append(Check("PyAV", True, f"av {av.__version__}, FFmpeg {av.ffmpeg_version_info} libraries (probing)"))
+    except ImportError as err:
+        checks.append(Check("PyAV", False, f"{err} (pip install av)"))
     device = pick_device(None)
     detail = f"torch {torch.__version__}, device {device}"
     if device.type == "cuda":

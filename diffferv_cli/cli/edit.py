@@ -58,11 +58,9 @@ LosslessOpt = Annotated[bool, typer.Option("--lossless", help="Write lossless RG
 
 
 def _spec(start: int, frames: int | None, stride: int, size: int, model: str) -> ClipSpec:
-    multiple = 16 if model == "tiny-random" else 64
-    try:
-        return ClipSpec(start=start, frames=frames, stride=stride, short_side=size, multiple=multiple)
-    except ValueError as err:
-        raise UserError(f"Invalid frame selection or size: {err.errors()[0]['msg']}.") from None
+    from diffferv_cli.cli.video import clip_spec  # the same working size `probe --model` shows
+
+    return clip_spec(start, frames, stride, size, model=model)
 
 
 def _inversion(prompt: str | None, steps: int, window: int, no_swcfa: bool, no_tta: bool, features: str,
@@ -123,14 +121,33 @@ def _load(clip_path: Path, spec: ClipSpec, model: str, device: str, dtype: str, 
     from diffferv_cli.editing.region import parse_region, resolve_region
     from diffferv_cli.video.io import read_clip
 
-    spec, note = resolve_region(clip_path, spec, parse_region(region), progress=lambda d, t: report("faces", d, t))
+    wanted = parse_region(region)
+    spec, note = resolve_region(clip_path, spec, wanted, progress=lambda d, t: report("faces", d, t))
     if note:
         err_console.print(note, highlight=False)
     clip = read_clip(clip_path, spec, progress=lambda d, t: report("decode", d, t))
     components = load_components(model, device=device, dtype=dtype)
     if components.is_random:
         err_console.print(f"[yellow]Model: {components.label}[/yellow]")
+    if wanted != "auto":  # --region auto searched every selected frame and said what it found
+        _warn_without_face(clip)
     return clip, components
+
+
+def _warn_without_face(clip) -> None:
+    """One line when a quick look (3 frames) finds no face; DIFFFERV_NO_FACE_CHECK=1 skips the look."""
+    import os
+
+    if os.environ.get("DIFFFERV_NO_FACE_CHECK", "") not in ("", "0"):
+        return
+    from diffferv_cli.evaluation.faces import look_for_a_face
+
+    check = look_for_a_face(clip.frames)
+    if check is not None and check.found_in is None:
+        numbers = ", ".join(str(clip.frame_indices[position]) for position in check.checked)
+        err_console.print(f"Warning: no face found in frames {numbers} of {clip.info.path.name}; diffferv edits "
+                          "faces, so expect little change.", style="yellow", markup=False, highlight=False,
+                          soft_wrap=True)
 
 
 def invert_cmd(

@@ -32,9 +32,11 @@ def eval_command(
     original: InputArg,
     edited: InputArg,
     json_out: Annotated[Path | None, typer.Option("--json", help="Write the metrics (and per-frame values) here.")] = None,
-    start: Annotated[int, typer.Option("--start", help="First frame (0-based), both sides.")] = 0,
+    start: Annotated[int, typer.Option("--start", help="First frame (0-based) of the edited video.")] = 0,
     frames: Annotated[int | None, typer.Option("--frames", help="Number of frames (default: all).")] = None,
     stride: Annotated[int, typer.Option("--stride", help="Take every n-th frame.")] = 1,
+    original_start: Annotated[int | None, typer.Option("--original-start", help="The original's frame shown as the edited video's frame 0 (default: read from the edited file, which diffferv writes it into).")] = None,
+    original_stride: Annotated[int | None, typer.Option("--original-stride", help="Original frames per edited frame (default: read from the edited file).")] = None,
     size: Annotated[int | None, typer.Option("--size", help="Compare at this short side (default: native size).")] = None,
     similarity: Annotated[str, typer.Option("--identity-similarity", help="dlib (1 - distance) or cosine.")] = "dlib",
     no_temporal: Annotated[bool, typer.Option("--no-temporal", help="Skip the flow-warping error.")] = False,
@@ -46,8 +48,8 @@ def eval_command(
     """Compare an edited video with its original: reconstruction, identity, temporal metrics."""
     if json_out is not None:
         _check_json_target(json_out, [original, edited], overwrite)
-    _run(original, edited, json_out, start=start, frames=frames, stride=stride, size=size,
-         similarity=similarity, temporal=not no_temporal, attribute_model=attribute_model,
+    _run(original, edited, json_out, start=start, frames=frames, stride=stride, original_start=original_start,
+         original_stride=original_stride, size=size, similarity=similarity, temporal=not no_temporal, attribute_model=attribute_model,
          target_attribute=target_attribute, clip_model=clip_model)
 
 
@@ -73,7 +75,7 @@ def _run(original: Path, edited: Path, json_out: Path | None, **options) -> None
         config = EvalConfig(**options)
     except ValueError as err:
         first = err.errors()[0]
-        raise UserError(f"Invalid option --{first['loc'][-1]}: {first['msg']}.") from None
+        raise UserError(f"Invalid option --{str(first['loc'][-1]).replace('_', '-')}: {first['msg']}.") from None
 
     with err_console.status("evaluating") as status:
         report = evaluate(original, edited, config,
@@ -84,6 +86,9 @@ def _run(original: Path, edited: Path, json_out: Path | None, **options) -> None
         arrow = {"lower": " ↓", "higher": " ↑"}.get(result.better, "")
         table.add_row(f"{result.name}{arrow}", _format(result.value), result.note)
     console.print(table)
+    shown = report.original_frames
+    numbers = ", ".join(map(str, shown)) if len(shown) <= 6 else f"{shown[0]}, {shown[1]}, ..., {shown[-1]}"
+    console.print(f"Original frames compared: {numbers} ({report.alignment})")
     if json_out is not None:
         try:
             atomic_write_text(json_out, to_json(report.to_json()))

@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from diffferv_cli.cli import console
+from diffferv_cli.cli import ModelOpt, console
 from diffferv_cli.config import ClipSpec
 from diffferv_cli.errors import UserError
 
@@ -17,12 +17,23 @@ StartOpt = Annotated[int, typer.Option("--start", help="First frame (0-based).")
 FramesOpt = Annotated[int | None, typer.Option("--frames", help="Number of frames (default: all).")]
 StrideOpt = Annotated[int, typer.Option("--stride", help="Take every n-th frame.")]
 SizeOpt = Annotated[int, typer.Option("--size", help="Short side of the working size.")]
-MultipleOpt = Annotated[int, typer.Option("--multiple", help="Working sides are multiples of this (64 for SD1.5).")]
+MultipleOpt = Annotated[int | None, typer.Option("--multiple", help="Working sides are multiples of this (default: what --model needs, 64 for SD1.5, 16 for tiny-random).")]
 PresetDirOpt = Annotated[Path | None, typer.Option("--dir", help="Also list the presets in this folder.")]
 
 
-def clip_spec(start: int, frames: int | None, stride: int, size: int, multiple: int = 64) -> ClipSpec:
-    """A ClipSpec from CLI options; invalid values are a one-sentence `UserError`."""
+def size_multiple(model: str) -> int:
+    """What the working sides must be multiples of for `model`'s UNet: the VAE divides by 8 and each
+    UNet down block by 2 more, so SD1.5 (3 halvings) needs 64 and `tiny-random` (1 halving) 16."""
+    return 16 if model == "tiny-random" else 64
+
+
+def clip_spec(start: int, frames: int | None, stride: int, size: int, multiple: int | None = None, *,
+              model: str | None = None) -> ClipSpec:
+    """The ClipSpec for CLI options: the one function `probe`, `invert`, `edit` and `reconstruct` use,
+    so that `probe --model M` shows the working size `invert --model M` will use. `multiple` defaults
+    to `size_multiple(model)`. Invalid values are a one-sentence `UserError`."""
+    if multiple is None:
+        multiple = size_multiple(model or "")
     try:
         return ClipSpec(start=start, frames=frames, stride=stride, short_side=size, multiple=multiple)
     except ValueError as err:
@@ -44,11 +55,13 @@ def presets_cmd(folder: PresetDirOpt = None) -> None:
 
 
 def probe_cmd(clip: ClipArg, start: StartOpt = 0, frames: FramesOpt = None, stride: StrideOpt = 1,
-              size: SizeOpt = 512, multiple: MultipleOpt = 64) -> None:
-    """Show a video's properties and the frames and working size diffferv would use."""
-    from diffferv_cli.video.io import frame_selection, probe, working_geometry
+              size: SizeOpt = 512, model: ModelOpt = "stable-diffusion-v1-5/stable-diffusion-v1-5",
+              multiple: MultipleOpt = None) -> None:
+    """Show a video's properties and the frames and working size diffferv would use (for --model)."""
+    from diffferv_cli.video.geometry import frame_selection, working_geometry
+    from diffferv_cli.video.probe import probe
 
-    spec = clip_spec(start, frames, stride, size, multiple)
+    spec = clip_spec(start, frames, stride, size, multiple, model=model)
     info = probe(clip)
     indices = frame_selection(info.frame_count, spec, name=clip.name)
     geometry = working_geometry((info.width, info.height), spec)

@@ -36,6 +36,11 @@ def output_path(clip_path: Path, label: str, out: Path | None, count: int) -> Pa
     return clip_path.with_name(f"{clip_path.stem}.{label}.mp4")
 
 
+def side_by_side_path(path: Path) -> Path:
+    """Where `--side-by-side` writes the original|edited comparison of the output `path`."""
+    return path.with_suffix(".side-by-side.mp4")
+
+
 def check_writable(path: Path, inputs: list[Path], overwrite: bool) -> None:
     """Fail before any work: never over an input, never over an existing file unless asked."""
     for source in inputs:
@@ -67,24 +72,24 @@ def write_result(clip, frames: np.ndarray, path: Path, *, side_by_side: bool = F
                  composite: CompositeConfig | None = None, reference: np.ndarray | None = None,
                  lossless: bool = False, progress: Progress = None) -> list[Path]:
     """The edited frames at source resolution (composited as `composite` says, default `replace`;
-    `reference` = R, the decode of the cached z_0, for residual compositing) with the source's audio;
-    optionally an original|edited comparison at working size beside it (`<name>.side-by-side.mp4`)."""
-    from diffferv_cli.video.io import write_video
+    `reference` = R, the decode of the cached z_0, for residual compositing) with the source's audio
+    and the frame selection in its metadata; optionally the original|edited comparison at the output's
+    size beside it (`side_by_side_path`)."""
+    from diffferv_cli.video.geometry import SourceFrames
+    from diffferv_cli.video.io import write_side_by_side, write_video
 
     composite = composite or CompositeConfig(mode="replace")
 
     report = progress or (lambda stage, done, total: None)
-    if side_by_side and not isinstance(frames, np.ndarray):
-        frames = np.stack(list(frames))
     audio_start = clip.frame_indices[0] / clip.info.fps
     audio_duration = len(clip.frame_indices) * clip.spec.stride / clip.info.fps
     common = dict(audio_from=clip.info.path, audio_start=audio_start, audio_duration=audio_duration,
                   input_paths=[clip.info.path], progress=lambda d, t: report("write", d, t))
+    selection = SourceFrames.of(clip.frame_indices, source_count=clip.info.frame_count)
     written = [write_video(output_frames(clip, frames, composite, reference), path, clip.fps, lossless=lossless,
-                           **common)]
+                           source_frames=selection, **common)]
     if side_by_side:
-        pair = np.concatenate([clip.frames, frames], axis=2)  # (m, H, 2W, 3)
-        written.append(write_video(pair, path.with_suffix(".side-by-side.mp4"), clip.fps, **common))
+        written.append(write_side_by_side(clip, path, side_by_side_path(path), progress=common["progress"]))
     return written
 
 
@@ -105,7 +110,7 @@ def run_edits(components, clip, inversion: InversionConfig, edits: list[tuple[st
               progress: Progress = None) -> tuple[InversionOutcome, list[Path]]:
     """Invert once (or reuse the cache), then sample and write every edit."""
     targets = [output_path(clip.info.path, label, out, len(edits)) for label, _ in edits]
-    for target in targets:
+    for target in targets + ([side_by_side_path(target) for target in targets] if side_by_side else []):
         check_writable(target, [clip.info.path], overwrite)
     outcome = run_inversion(components, clip, inversion, cache_dir=cache_dir, force=force, progress=progress)
     reference = source_reference(components, outcome.entry, progress) if composite.mode == "residual" else None

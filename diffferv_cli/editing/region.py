@@ -114,7 +114,7 @@ def head_box(faces: Sequence[Box | None], frame_size: tuple[int, int],
 def fit_working_aspect(box: Region, frame_size: tuple[int, int], spec: ClipSpec) -> Region:
     """Grow the box's long side (centred, shifted to stay inside the frame) so that it scales to the
     working size with (almost) no mirrored pad. A box that cannot grow enough keeps what fits."""
-    from diffferv_cli.video.io import working_geometry
+    from diffferv_cli.video.geometry import working_geometry
 
     x, y, width, height = box
     geometry = working_geometry((width, height), spec)
@@ -152,7 +152,8 @@ def find_face_region(path, spec: ClipSpec, *, analyzer=None, landmarks=None, pro
     `analyzer` (default: dlib, `components.load_face_backend`) detects; `landmarks` (default: face-alignment
     when available, else the analyzer's own 68 points) widens each frame's box to the whole face."""
     from diffferv_cli.components import load_face_backend
-    from diffferv_cli.video.io import frame_selection, probe
+    from diffferv_cli.video.geometry import frame_selection
+    from diffferv_cli.video.probe import probe
     from diffferv_cli.video.stream import stream_frames
 
     path = Path(path)

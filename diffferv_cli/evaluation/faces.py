@@ -16,6 +16,8 @@ Frames are uint8 RGB (H, W, 3); boxes are pixel (left, top, right, bottom), righ
 
 from __future__ import annotations
 
+import functools
+import importlib.util
 from dataclasses import dataclass
 from typing import NamedTuple, Protocol
 
@@ -90,6 +92,51 @@ def largest_face_descriptor(analyzer: FaceAnalyzer, frame: np.ndarray) -> np.nda
     """Descriptor of the largest detected face, or None when no face is found."""
     boxes = analyzer.detect(frame)
     return analyzer.descriptor(frame, boxes[0]) if boxes else None
+
+
+# A quick look for faces in a clip -------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class FaceCheck:
+    checked: tuple[int, ...]  # positions in the clip of the frames looked at
+    found_in: int | None  # the position of the first with a face, None when none had one
+
+
+@functools.lru_cache(maxsize=1)
+def _hog_detector():
+    import dlib
+
+    return dlib.get_frontal_face_detector()
+
+
+def look_for_a_face(frames: np.ndarray, samples: int = 3, max_short_side: int = 512) -> FaceCheck | None:
+    """Look for a face in `samples` evenly spaced frames of (m, H, W, 3) uint8 RGB `frames` (first and last
+    included), stopping at the first found: dlib's HOG detector only (no landmark or descriptor model),
+    frames shrunk to `max_short_side`, upsampled once below 400 px, so faces down to ~80 px at 512 px
+    (~40 px in small frames) count. About 0.04 s per 512x912 frame on one CPU core. None when dlib is
+    not installed."""
+    if importlib.util.find_spec("dlib") is None:
+        return None
+    import cv2
+
+    detector = _hog_detector()
+    count = len(frames)
+    looks = min(samples, count)
+    positions = tuple(sorted({round(i * (count - 1) / max(looks - 1, 1)) for i in range(looks)}))
+    for position in positions:
+        frame = _rgb(frames[position])
+        short = min(frame.shape[:2])
+        if short > max_short_side:
+            scale = max_short_side / short
+            frame = cv2.resize(frame, (round(frame.shape[1] * scale), round(frame.shape[0] * scale)),
+                               interpolation=cv2.INTER_AREA)
+        if len(detector(frame, 1 if min(frame.shape[:2]) < 400 else 0)):
+            return FaceCheck(positions, position)
+    return FaceCheck(positions, None)
+
+
+# Availability ---------------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)

@@ -1,11 +1,18 @@
 """`diffferv eval`: compare an edited video with its original (paper section 4.2), honestly.
 
-Both inputs are videos or folders of frames (png/jpg/webp/bmp, natural sort order), with the same frame
-selection on both sides. Frames are compared at the native size, or with `size` at that short side, through
-`video.read_clip`'s geometry with multiples of 8: the short side rounded down to a multiple of 8 (so
-native sizes like 640x360 stay untouched), the long side mirror-padded up to one. Folders of frames go
-through the same geometry, so a video and its frames compare equal. The original and the edited video
-must have the same native size and the same number of selected frames: anything else is a `UserError`.
+Both inputs are videos or folders of frames (png/jpg/webp/bmp, natural sort order). Frames are compared
+at the native size, or with `size` at that short side, through `video.read_clip`'s geometry with
+multiples of 8: the short side rounded down to a multiple of 8 (so native sizes like 640x360 stay
+untouched), the long side mirror-padded up to one. Folders of frames go through the same geometry, so a
+video and its frames compare equal. The original and the edited video must have the same native size:
+anything else is a `UserError`.
+
+Which frames are compared: `start`/`frames`/`stride` select frames of the EDITED video. Its frame j is
+frame `original_start + j * original_stride` of the original, where the two come from the options, else
+from the frame selection diffferv records in every output's metadata (`edit --start 100 --stride 2`
+gives an output whose frame 0 is frame 100 of its source), else they are 0 and 1. Without either (a
+folder of frames, another tool's video), the same selection applies to both sides and both must have
+the same number of selected frames.
 
 Groups of metrics (definitions in `metrics.py`):
 
@@ -44,9 +51,13 @@ CLIP_IQA_PROMPTS = ("Good photo.", "Bad photo.")
 class EvalConfig(Frozen):
     """What to compare and how. The CLI builds it; `evaluate` only reads it."""
 
-    start: int = Field(0, ge=0, le=MAX_COUNT)
+    start: int = Field(0, ge=0, le=MAX_COUNT, description="first frame of the edited video")
     frames: int | None = Field(None, ge=1, le=MAX_COUNT)
     stride: int = Field(1, ge=1, le=MAX_COUNT)
+    original_start: int | None = Field(None, ge=0, le=MAX_COUNT, description="the original's frame shown as the "
+                                       "edited video's frame 0 (default: from the edited file's metadata)")
+    original_stride: int | None = Field(None, ge=1, le=MAX_COUNT, description="original frames per edited frame "
+                                        "(default: from the edited file's metadata)")
     size: int | None = Field(None, ge=16, le=MAX_SHORT_SIDE, description="short side to compare at; None = native size")
     similarity: Literal["dlib", "cosine"] = "dlib"
     temporal: bool = True
@@ -83,6 +94,8 @@ class EvalReport:
     width: int
     config: EvalConfig
     results: list[MetricResult] = field(default_factory=list)
+    original_frames: tuple[int, ...] = ()  # frame numbers of the original that were compared
+    alignment: str = "same selection on both sides"  # how they were chosen
 
     def add(self, group: str, name: str, value: float | metrics.Unavailable | None, note: str = "",
             better: Literal["lower", "higher", ""] = "", per_frame: Sequence[float] | None = None) -> None:
@@ -102,6 +115,8 @@ class EvalReport:
             "frames": self.frames,
             "size": {"height": self.height, "width": self.width},
             "selection": {"start": self.config.start, "frames": self.config.frames, "stride": self.config.stride},
+            "original_frames": list(self.original_frames),
+            "alignment": self.alignment,
             "scale": "pixel metrics on frames in [0, 1]; PSNR capped at 100 dB",
             "metrics": {result.name: result.to_json() for result in self.results},
         }
@@ -134,7 +149,7 @@ def native_size(path: Path) -> tuple[int, int]:
         first = _frame_files(path)[0]
         with _open_frame(first) as image:
             return image.size
-    from diffferv_cli.video.io import probe
+    from diffferv_cli.video.probe import probe
 
     info = probe(path)
     return int(info.width), int(info.height)
@@ -163,11 +178,19 @@ def _short_side(width: int, height: int, size: int | None) -> int:
     return max(short // SIZE_MULTIPLE * SIZE_MULTIPLE, 2 * SIZE_MULTIPLE)
 
 
-def _spec(config: EvalConfig, short_side: int):
+def _spec(start: int, frames: int | None, stride: int, short_side: int):
     from diffferv_cli.config import ClipSpec
 
-    return ClipSpec(start=config.start, frames=config.frames, stride=config.stride, short_side=short_side,
-                    multiple=SIZE_MULTIPLE)
+    return ClipSpec(start=start, frames=frames, stride=stride, short_side=short_side, multiple=SIZE_MULTIPLE)
+
+
+def frame_count(path: Path) -> int:
+    """Frames in a video or a folder of frames."""
+    if path.is_dir():
+        return len(_frame_files(path))
+    from diffferv_cli.video.probe import probe
+
+    return probe(path).frame_count
 
 
 def _fit(image: np.ndarray, geometry) -> np.ndarray:
@@ -187,15 +210,15 @@ def _fit(image: np.ndarray, geometry) -> np.ndarray:
     return np.ascontiguousarray(np.pad(image, pads, mode="reflect") if any(map(any, pads)) else image)
 
 
-def read_frames(path: Path, config: EvalConfig, short_side: int) -> np.ndarray:
-    """The selected frames of a video or folder, (m, H, W, 3) uint8 RGB at the comparison size."""
+def read_frames(path: Path, spec) -> np.ndarray:
+    """The frames `spec` (a `ClipSpec` at the comparison size) selects from a video or folder, (m, H, W, 3)
+    uint8 RGB."""
     if not path.exists():
         raise UserError(f"{path} does not exist.")
     if path.is_dir():
-        from diffferv_cli.video.io import frame_selection, working_geometry
+        from diffferv_cli.video.geometry import frame_selection, working_geometry
 
         files = _frame_files(path)
-        spec = _spec(config, short_side)
         geometry = working_geometry(native_size(path), spec)
         frames = []
         for index in frame_selection(len(files), spec, name=path.name):
@@ -209,24 +232,65 @@ def read_frames(path: Path, config: EvalConfig, short_side: int) -> np.ndarray:
         return np.stack(frames)
     from diffferv_cli.video.io import read_clip
 
-    return np.asarray(read_clip(path, _spec(config, short_side)).frames)
+    return np.asarray(read_clip(path, spec).frames)
 
 
-def load_pair(original: Path, edited: Path, config: EvalConfig) -> tuple[np.ndarray, np.ndarray]:
-    """Both clips with the same selection and size; UserError when they cannot be compared."""
+def alignment(edited: Path, config: EvalConfig):
+    """(`SourceFrames` mapping the edited video's frames to the original's, how it was found), or
+    (None, ...) when nothing says how they line up."""
+    from diffferv_cli.video.geometry import SourceFrames
+
+    recorded = None
+    if not edited.is_dir():
+        from diffferv_cli.video.probe import probe
+
+        recorded = probe(edited).source_frames
+    options = config.original_start is not None or config.original_stride is not None
+    if recorded is None and not options:
+        return None, "same selection on both sides"
+    start = config.original_start if config.original_start is not None else (recorded.start if recorded else 0)
+    stride = config.original_stride if config.original_stride is not None else (recorded.stride if recorded else 1)
+    origin = "--original-start/--original-stride" if options else "the edited file's metadata"
+    if options and recorded is not None:
+        origin += " (over the edited file's metadata)"
+    mapping = SourceFrames(start=start, stride=stride, count=frame_count(edited))
+    return mapping, f"original frame = {start} + {stride} x edited frame, from {origin}"
+
+
+def load_pair(original: Path, edited: Path, config: EvalConfig):
+    """(original frames, edited frames, the original's frame numbers, how they were aligned), both at
+    one size; a `UserError` when they cannot be compared."""
     original_size, edited_size = native_size(original), native_size(edited)
     if original_size != edited_size:
         raise UserError(f"The original is {original_size[0]}x{original_size[1]} but the edited video is "
                         f"{edited_size[0]}x{edited_size[1]}; eval compares videos of the same size.")
     short_side = _short_side(*original_size, config.size)
-    source = read_frames(original, config, short_side)
-    result = read_frames(edited, config, short_side)
-    if len(source) != len(result):
-        raise UserError(f"The original has {len(source)} selected frames but the edited video has {len(result)}; "
-                        "select the same frames on both sides (--start/--frames/--stride).")
+    mapping, how = alignment(edited, config)
+    if mapping is None:
+        spec = _spec(config.start, config.frames, config.stride, short_side)
+        source = read_frames(original, spec)
+        result = read_frames(edited, spec)
+        if len(source) != len(result):
+            raise UserError(f"The original has {len(source)} selected frames but the edited video has {len(result)}; "
+                            "select the same frames on both sides (--start/--frames/--stride), or say which "
+                            "frames of the original the edit holds (--original-start/--original-stride).")
+        numbers = tuple(range(config.start, config.start + config.stride * len(source), config.stride))
+    else:
+        result = read_frames(edited, _spec(config.start, config.frames, config.stride, short_side))
+        wanted = mapping.then(config.start, config.stride, len(result))
+        available = frame_count(original)
+        if wanted.indices[-1] >= available:
+            raise UserError(f"The edited frames are frames {wanted.start}..{wanted.indices[-1]} of the original "
+                            f"({how}), but the original has {available} frames; pass the video the edit was made "
+                            "from, or --original-start/--original-stride.")
+        source = read_frames(original, _spec(wanted.start, wanted.count, wanted.stride, short_side))
+        if len(source) != len(result):  # the decoder gave fewer frames than the container promised
+            raise UserError(f"Only {len(source)} of the original's frames {wanted.start}..{wanted.indices[-1]} "
+                            f"could be decoded, for {len(result)} edited frames.")
+        numbers = wanted.indices
     if source.shape != result.shape:  # same native size, so only a reader disagreement gets here
         raise UserError(f"The frames differ in size after reading ({source.shape[1:3]} vs {result.shape[1:3]}).")
-    return source, result
+    return source, result, numbers, how
 
 
 # Evaluation -------------------------------------------------------------------------------------------
@@ -235,9 +299,10 @@ def load_pair(original: Path, edited: Path, config: EvalConfig) -> tuple[np.ndar
 def evaluate(original: Path, edited: Path, config: EvalConfig, progress: Progress = None) -> EvalReport:
     """All metrics of section 4.2 that can be computed here, as an `EvalReport`."""
     report_progress = progress or (lambda stage, done, total: None)
-    source, result = load_pair(Path(original), Path(edited), config)
+    source, result, numbers, how = load_pair(Path(original), Path(edited), config)
     count, height, width, _ = source.shape
-    report = EvalReport(str(original), str(edited), count, height, width, config)
+    report = EvalReport(str(original), str(edited), count, height, width, config, original_frames=numbers,
+                        alignment=how)
 
     _reconstruction(report, source, result)
     _identity(report, source, result, config, report_progress)

@@ -1,8 +1,11 @@
-"""Video in and out: the only module that runs ffmpeg.
+"""Video in and out: decoding, encoding and output checks. The only module that runs the ffmpeg binary.
 
-The binary comes from `imageio-ffmpeg` (no ffprobe there, so `probe` parses ffmpeg's own stream dump
-and a stream-copy packet listing); command lines are built with ffmpeg-python. Every ffmpeg run goes
+The binary comes from `imageio-ffmpeg`; command lines are built with ffmpeg-python, and every run goes
 through `_run` or `_FFmpeg`, which turn a failure into a `UserError` carrying ffmpeg's own reason.
+Probing is PyAV's (`probe.py`); decoding and encoding stay command lines because one ffmpeg graph
+selects, scales and converts in its own process (so an 8K frame is never held in Python memory), and
+encoding muxes the source's audio in the same pass. Every file name reaches ffmpeg as a `file:` URL
+(`probe.file_url`), so no other protocol applies to it.
 
 Conventions, fixed here for the whole project:
 
@@ -13,20 +16,15 @@ Conventions, fixed here for the whole project:
   is duplicated or dropped) and the clip is treated as constant frame rate at the *average* rate
   (frames / duration). Output is written at that constant rate: total duration is kept, local timing
   is evened out.
-* **Working size** (`working_geometry`): scale so the short side is `spec.short_side`, keeping the
-  aspect ratio, then round the long side *up* to a multiple of `spec.multiple` by padding both sides
-  equally with mirrored content. Padding never loses source pixels, is undone exactly on output, and
-  costs at most one extra row of tiles; `Geometry.crop` records it as negative numbers. (Positive,
-  i.e. cropped, geometries are also undone, by mirroring the edge back, but `working_geometry` never
-  makes them.) Scaling happens inside ffmpeg, so an 8K frame is never held in memory at full size.
+* **Working size**: see `geometry.working_geometry`. Scaling happens inside ffmpeg.
 * **Output** (`write_video`): H.264 yuv420p MP4 with `+faststart`, BT.709 tagged, upright pixels and no
   rotation metadata (it displays like the source), atomic (temp file + rename), never over an input.
+  An output made from a frame selection records it in its metadata (`probe.selection_tag`).
 """
 
 from __future__ import annotations
 
 import contextlib
-import math
 import os
 import re
 import subprocess
@@ -34,7 +32,6 @@ import tempfile
 import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from fractions import Fraction
 from functools import lru_cache
 from pathlib import Path
 
@@ -43,13 +40,20 @@ import numpy as np
 
 from diffferv_cli.config import ClipSpec
 from diffferv_cli.errors import UserError
+from diffferv_cli.video.geometry import (
+    Geometry,
+    SourceFrames,
+    check_region,
+    frame_selection,
+    scaled_to_working,
+    working_geometry,
+    working_to_scaled,
+)
+from diffferv_cli.video.probe import SELECTION_TAG, VideoInfo, as_rate, file_url, probe, selection_tag
 
 Progress = Callable[[int, int], None] | None
 
-MAX_ASPECT = 8.0  # longer / shorter side; beyond this the working size would be absurd
 OUTPUT_SUFFIXES = (".mp4", ".m4v", ".mov")
-_STANDARD_RATES = tuple(Fraction(r) for r in ("24000/1001", "24", "25", "30000/1001", "30", "48", "50",
-                                              "60000/1001", "60", "90", "100", "120000/1001", "120", "240"))
 
 
 # The ffmpeg wrapper ------------------------------------------------------------------------------
@@ -115,6 +119,12 @@ def _run(args: list[str], what: str, *, check: bool = True) -> subprocess.Comple
     return done
 
 
+def run_ffmpeg(graph, what: str) -> None:
+    """Run an ffmpeg-python graph to completion (names in it should be `file_url`s); a failure is a
+    `UserError` saying ffmpeg could not `what`, with ffmpeg's reason."""
+    _run(_command(graph), what)
+
+
 class _FFmpeg:
     """One running ffmpeg with a pipe to or from it. Its stderr is drained by a thread (no pipe ever
     blocks); on leaving the `with` block it is waited for, and a non-zero exit becomes `UserError`.
@@ -154,222 +164,7 @@ class _FFmpeg:
         return False
 
 
-# Probe -------------------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class VideoInfo:
-    """What a video file holds. Sizes are as displayed (rotation and non-square pixels applied)."""
-
-    path: Path
-    width: int
-    height: int
-    rotation: int  # clockwise degrees the stored frames are turned for display (0/90/180/270)
-    fps: float  # average for variable frame rate
-    fps_fraction: str  # e.g. "30000/1001"
-    frame_count: int  # exact: counted packet by packet, not the container's claim
-    duration: float  # seconds of video: frame_count / fps
-    has_audio: bool
-    codec: str
-    variable_fps: bool = False
-
-
-def _check_input_file(path: Path) -> None:
-    if not path.exists():
-        raise UserError(f"{path} does not exist.")
-    if path.is_dir():
-        raise UserError(f"{path} is a folder, not a video file.")
-    if path.stat().st_size == 0:
-        raise UserError(f"{path} is empty (0 bytes), not a video.")
-    if not os.access(path, os.R_OK):
-        raise UserError(f"{path} is not readable (permission denied).")
-
-
-def probe(path) -> VideoInfo:
-    """Describe a video without ffprobe: one stream-copy pass gives ffmpeg's stream dump (stderr) and
-    one line per packet (framecrc on stdout), from which frame count and exact frame rate follow."""
-    path = Path(path)
-    _check_input_file(path)
-    listing = ffmpeg.output(ffmpeg.input(str(path))["V:0?"], "pipe:", format="framecrc", c="copy")
-    done = _run(_command(listing, loglevel="info"), f"read {path.name}", check=False)
-    header = done.stderr
-    if "Input #0" not in header:
-        reason = _reason(header, last=True)
-        raise UserError(f"{path} is not a video ffmpeg can read ({reason}).")
-    stream = _video_stream(header)
-    if stream is None:
-        raise UserError(f"{path} has no video stream.")
-    if done.returncode != 0:
-        raise _failure(f"read {path.name}", header, last=True)
-    count, rate, variable = _packet_timing(done.stdout.decode(errors="replace"), stream["fps"])
-    if count == 0:
-        raise UserError(f"{path} has a video stream but no frames in it.")
-    width, height = stream["size"]
-    if stream["rotation"] in (90, 270):
-        width, height = height, width
-    return VideoInfo(path=path, width=width, height=height, rotation=stream["rotation"], fps=float(rate),
-                     fps_fraction=f"{rate.numerator}/{rate.denominator}", frame_count=count,
-                     duration=float(count / rate), has_audio=bool(re.search(r"Stream #0:\d+\S*: Audio:", header)),
-                     codec=stream["codec"], variable_fps=variable)
-
-
-def _video_stream(header: str) -> dict | None:
-    """The first video stream of input #0 that is not cover art, from ffmpeg's stream dump."""
-    dump = header.split("Input #0", 1)[1].split("Output #0", 1)[0].split("Stream mapping:", 1)[0]
-    blocks = re.split(r"\n(?=\s*Stream #)", dump)
-    for block in blocks:
-        first_line = block.strip().split("\n", 1)[0]
-        match = re.match(r"Stream #0:\d+\S*: Video: (\w+)", first_line)
-        if not match or "(attached pic)" in first_line:
-            continue
-        size = re.search(r"[ ,](\d+)x(\d+)[ ,\[]", first_line + " ")
-        if not size:
-            return None
-        width, height = int(size.group(1)), int(size.group(2))
-        sar = re.search(r"\[SAR (\d+):(\d+) DAR", first_line)
-        if sar and int(sar.group(2)) and int(sar.group(1)):
-            pixel_aspect = int(sar.group(1)) / int(sar.group(2))
-            if abs(pixel_aspect - 1) > 0.01:  # real anamorphic video; tiny deviations are scaler rounding
-                width = max(1, round(width * pixel_aspect))
-        fps = re.search(r"([\d.]+)(k?) fps", first_line)
-        rotation = re.search(r"rotation of (-?[\d.]+) degrees", block)
-        degrees = int(round(-float(rotation.group(1)) / 90) * 90) % 360 if rotation else 0
-        return {"codec": match.group(1), "size": (width, height), "rotation": degrees,
-                "fps": float(fps.group(1)) * (1000 if fps.group(2) else 1) if fps else 25.0}
-    return None
-
-
-def _packet_timing(listing: str, header_fps: float) -> tuple[int, Fraction, bool]:
-    """(frame count, frame rate, variable?) from a framecrc listing of the video stream's packets.
-
-    Constant rate: the exact fraction 1 / (pts step * time base). Variable rate: frames / duration.
-    Either is snapped to a standard rate (30000/1001, 25, ...) when within 0.01 % (or within the
-    rounding of the timestamps)."""
-    time_base = re.search(r"#tb 0: (\d+)/(\d+)", listing)
-    stamps: list[tuple[int, int]] = []  # (pts, duration)
-    for line in listing.splitlines():
-        if line.startswith("#"):
-            continue
-        fields = [field.strip() for field in line.split(",")]
-        if len(fields) < 6:
-            continue
-        flags = int(fields[6].split("=")[1], 16) if len(fields) > 6 and fields[6].startswith("F=") else 1
-        if flags & 0x4:  # AV_PKT_FLAG_DISCARD: outside the edit list, never shown
-            continue
-        stamps.append((int(fields[2]), int(fields[3])))
-    count = len(stamps)
-    fallback = Fraction(header_fps).limit_denominator(1001) if header_fps > 0 else Fraction(25)
-    if count == 0 or not time_base or any(pts < -(2**62) for pts, _ in stamps):
-        return count, _snap(fallback), False
-    tick = Fraction(int(time_base.group(1)), int(time_base.group(2)))
-    points = sorted(pts for pts, _ in stamps)
-    steps = np.diff(points) if count > 1 else np.array([stamps[0][1]])
-    if count == 1 or len(steps) == 0 or steps.min() <= 0:
-        step = stamps[0][1] if stamps[0][1] > 0 else 0
-        return count, _snap(1 / (step * tick)) if step else _snap(fallback), False
-    regular = int(steps.max()) - int(steps.min()) <= max(1, int(steps.min()) // 100)
-    if regular:
-        span = Fraction(int(points[-1] - points[0])) * tick
-        rate = Fraction(len(steps)) / span
-        # timestamps rounded to whole ticks (1 ms in Matroska) blur the rate by up to 2 ticks per span
-        return count, _snap(rate, tolerance=rate * 2 * tick / span, hint=header_fps), False
-    last_duration = max(dur for pts, dur in stamps if pts == points[-1]) or int(np.median(steps))
-    span = Fraction(int(points[-1] - points[0] + last_duration)) * tick
-    return count, _snap(Fraction(count) / span), True
-
-
-def _snap(rate: Fraction, *, tolerance: Fraction | None = None, hint: float | None = None) -> Fraction:
-    """The standard rate within `tolerance` (default 0.01 %) of `rate`: the one ffmpeg's own rounded
-    estimate `hint` names (29.97 -> 30000/1001) if any, else the nearest; or `rate` itself, tidied."""
-    tolerance = max(tolerance or Fraction(0), rate / 10000)
-    candidates = sorted((standard for standard in _STANDARD_RATES if abs(rate - standard) <= tolerance),
-                        key=lambda standard: abs(rate - standard))
-    hinted = [standard for standard in candidates if hint and abs(float(standard) - hint) < 0.006]
-    if hinted or candidates:
-        return (hinted or candidates)[0]
-    return rate.limit_denominator(1001)
-
-
-# Geometry and frame selection ----------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class Geometry:
-    """How source frames map to working frames: aspect-keeping resize, then a centered crop (>0) or
-    pad (<0) per side. `working_geometry` only pads (with mirrored content)."""
-
-    source_size: tuple[int, int]  # (width, height) as displayed
-    working_size: tuple[int, int]  # (width, height), both multiples of spec.multiple
-    scaled_size: tuple[int, int]  # after the aspect-keeping resize, before crop/pad
-    crop: tuple[int, int, int, int]  # (left, top, right, bottom): cropped (>0) or padded (<0)
-
-
-def _round_half_up(value: float) -> int:
-    return int(math.floor(value + 0.5))
-
-
-def working_geometry(source_size: tuple[int, int], spec: ClipSpec) -> Geometry:
-    """Short side -> spec.short_side (aspect kept), long side padded up to a multiple of spec.multiple,
-    the padding split evenly (left/top get the smaller half)."""
-    width, height = (int(side) for side in source_size)
-    if width < 1 or height < 1:
-        raise ValueError(f"invalid frame size {source_size}")
-    if max(width, height) / min(width, height) > MAX_ASPECT:
-        raise UserError(f"Frames of {width}x{height} are too elongated (aspect ratio above {MAX_ASPECT:g}:1).")
-    scale = spec.short_side / min(width, height)
-    scaled = (spec.short_side if width <= height else _round_half_up(width * scale),
-              spec.short_side if height < width else _round_half_up(height * scale))
-    working = tuple(-(-side // spec.multiple) * spec.multiple for side in scaled)
-    pad_x, pad_y = working[0] - scaled[0], working[1] - scaled[1]
-    crop = (-(pad_x // 2), -(pad_y // 2), -(pad_x - pad_x // 2), -(pad_y - pad_y // 2))
-    return Geometry(source_size=(width, height), working_size=working, scaled_size=scaled, crop=crop)
-
-
-def frame_selection(frame_count: int, spec: ClipSpec, *, name: str = "the video") -> tuple[int, ...]:
-    """Source frame numbers chosen by spec.start / spec.frames / spec.stride; empty is a `UserError`."""
-    indices = tuple(range(spec.start, frame_count, spec.stride))
-    if spec.frames is not None:
-        indices = indices[:spec.frames]
-    if not indices:
-        raise UserError(f"No frames selected: --start {spec.start} is past the end of {name}, which has "
-                        f"{frame_count} frame{'s' if frame_count != 1 else ''} (0..{frame_count - 1}).")
-    return indices
-
-
-def _scaled_to_working(frames: np.ndarray, crop: tuple[int, int, int, int]) -> np.ndarray:
-    """Apply a Geometry's crop (>0) / mirrored pad (<0) to (..., H, W, 3) frames."""
-    left, top, right, bottom = crop
-    height, width = frames.shape[-3:-1]
-    frames = frames[..., max(top, 0):height - max(bottom, 0), max(left, 0):width - max(right, 0), :]
-    pads = [(0, 0)] * (frames.ndim - 3) + [(max(-top, 0), max(-bottom, 0)), (max(-left, 0), max(-right, 0)), (0, 0)]
-    return np.pad(frames, pads, mode="reflect") if any(any(p) for p in pads) else frames
-
-
-def _working_to_scaled(frames: np.ndarray, geometry: Geometry) -> np.ndarray:
-    """Undo the crop/pad: back to the scaled size (a crop is undone by mirroring the edge back)."""
-    return _scaled_to_working(frames, tuple(-side for side in geometry.crop))
-
-
-def to_source_resolution(frames: np.ndarray, geometry: Geometry) -> np.ndarray:
-    """Working-size frames (m, H, W, 3) or one frame (H, W, 3) -> source size: undo the crop/pad, then
-    resize (cv2.INTER_AREA when shrinking, INTER_CUBIC when enlarging). Holds all frames at source size
-    in memory; `write_video(..., geometry=...)` does the resize inside ffmpeg instead."""
-    import cv2
-
-    working_width, working_height = geometry.working_size
-    if frames.shape[-3:-1] != (working_height, working_width):
-        raise ValueError(f"frames are {frames.shape[-2]}x{frames.shape[-3]}, geometry expects "
-                         f"{working_width}x{working_height}")
-    scaled = _working_to_scaled(frames, geometry)
-    width, height = geometry.source_size
-    if geometry.scaled_size == geometry.source_size:
-        return np.ascontiguousarray(scaled)
-    shrinking = width <= geometry.scaled_size[0] and height <= geometry.scaled_size[1]
-    interpolation = cv2.INTER_AREA if shrinking else cv2.INTER_CUBIC
-    single = scaled.ndim == 3
-    stack = scaled[None] if single else scaled
-    resized = np.stack([cv2.resize(np.ascontiguousarray(frame), (width, height), interpolation=interpolation)
-                        for frame in stack])
-    return resized[0] if single else resized
-
+# Scaling ------------------------------------------------------------------------------------------
 
 def _scale_flags(source: tuple[int, int], target: tuple[int, int]) -> str:
     """Area averaging to shrink, bicubic to enlarge. At unchanged size swscale then takes its direct
@@ -405,17 +200,6 @@ def displayed_rgb(video, info: VideoInfo):
     return video.filter("scale", info.width, info.height, flags="bicubic").filter("format", "rgb24")
 
 
-def check_region(region: tuple[int, int, int, int] | None, frame_size: tuple[int, int]):
-    """`region` (x, y, width, height) if it lies inside the displayed frame; a `UserError` if not."""
-    if region is None:
-        return None
-    x, y, width, height = region
-    if x + width > frame_size[0] or y + height > frame_size[1]:
-        raise UserError(f"The region {x},{y},{width},{height} (x,y,width,height) reaches past the "
-                        f"{frame_size[0]}x{frame_size[1]} frame.")
-    return (x, y, width, height)
-
-
 def read_clip(path, spec: ClipSpec, progress: Progress = None) -> Clip:
     """Decode the frames `spec` selects, at working size, into memory (and nothing else).
 
@@ -429,9 +213,7 @@ def read_clip(path, spec: ClipSpec, progress: Progress = None) -> Clip:
     region = check_region(spec.region, (info.width, info.height))
     geometry = working_geometry((region[2], region[3]) if region else (info.width, info.height), spec)
     scaled_width, scaled_height = geometry.scaled_size
-    video = ffmpeg.input(str(path))["V:0"].filter("trim", start_frame=indices[0], end_frame=indices[-1] + 1)
-    if spec.stride > 1:
-        video = video.filter("select", f"not(mod(n,{spec.stride}))")
+    video = _selected(ffmpeg.input(file_url(path))["V:0"], indices)
     if region:  # cut the region out of the displayed RGB frame (exact, unlike a crop of subsampled chroma)
         video = displayed_rgb(video, info).filter("crop", region[2], region[3], region[0], region[1], exact=1)
     video = video.filter("scale", scaled_width, scaled_height,
@@ -449,7 +231,7 @@ def read_clip(path, spec: ClipSpec, progress: Progress = None) -> Clip:
             if received == len(indices) or not _read_exactly(process.stdout, buffer):
                 break
             scaled = np.frombuffer(buffer, dtype=np.uint8).reshape(scaled_height, scaled_width, 3)
-            frames[received] = _scaled_to_working(scaled, geometry.crop)
+            frames[received] = scaled_to_working(scaled, geometry.crop)
             if progress:
                 progress(received + 1, len(indices))
     if received == 0:
@@ -457,6 +239,16 @@ def read_clip(path, spec: ClipSpec, progress: Progress = None) -> Clip:
     if received < len(indices):  # the container promised more frames than the decoder gave
         frames, indices = frames[:received], indices[:received]
     return Clip(info=info, spec=spec, geometry=geometry, frame_indices=indices, frames=frames)
+
+
+def _selected(video, indices: Sequence[int]):
+    """Keep the frames numbered `indices` (evenly spaced) of a decoded video stream: `trim` stops
+    decoding after the last one, `select` keeps every stride-th frame in between."""
+    selection = SourceFrames.of(tuple(indices))
+    video = video.filter("trim", start_frame=selection.start, end_frame=indices[-1] + 1)
+    if selection.stride > 1:
+        video = video.filter("select", f"not(mod(n,{selection.stride}))")
+    return video
 
 
 def _read_exactly(pipe, buffer: bytearray) -> bool:
@@ -518,13 +310,6 @@ def _atomic_output(out_path: Path) -> Iterator[Path]:
         raise
 
 
-def _rate(fps: float | str | Fraction) -> Fraction:
-    rate = Fraction(fps) if isinstance(fps, str | Fraction) else Fraction(float(fps)).limit_denominator(10000)
-    if rate <= 0:
-        raise ValueError(f"fps must be positive, got {fps}")
-    return _snap(rate) if isinstance(fps, float | int) else rate
-
-
 @dataclass(frozen=True)
 class FrameStream:
     """`count` uint8 RGB frames (H, W, 3) of `size` (width, height), made one at a time by `frames`, so
@@ -538,13 +323,14 @@ class FrameStream:
 def write_video(frames: np.ndarray | FrameStream, out_path, fps: float | str, *, geometry: Geometry | None = None,
                 audio_from: Path | None = None, audio_start: float = 0.0, audio_duration: float | None = None,
                 input_paths: Sequence[Path] = (), progress: Progress = None, crf: int = 17,
-                preset: str = "medium", lossless: bool = False) -> Path:
+                preset: str = "medium", lossless: bool = False, source_frames: SourceFrames | None = None) -> Path:
     """Write RGB frames (m, H, W, 3) as H.264 yuv420p MP4 (`+faststart`, BT.709) at `fps` (a float, or
     an exact fraction string such as "30000/1001"); returns `out_path`.
 
     * `frames` may be a `FrameStream`: written at its own size as the frames come (no `geometry`).
     * `lossless`: RGB H.264 at quantizer 0 (libx264rgb, still .mp4): decodes to exactly the frames
       given, at any size (no even padding); files are large and not every player shows them.
+
     * `geometry`: frames are at its working size; the pad/crop is undone here and ffmpeg resizes to
       the source size (so an 8K output never sits in memory at full size).
     * yuv420p needs even sizes: an odd width or height (641x359) is padded by 1 px on the right/bottom
@@ -554,6 +340,8 @@ def write_video(frames: np.ndarray | FrameStream, out_path, fps: float | str, *,
     * Atomic: written to a temp file in the destination folder and renamed at the end; on any failure
       (or Ctrl-C) nothing is left behind. Refuses to write over any of `input_paths` or `audio_from`,
       into a missing or unwritable folder. An existing non-input `out_path` is replaced.
+    * `source_frames`: the frames of the source these are, recorded in the file's metadata
+      (`probe(out_path).source_frames` reads it back).
     """
     stream = frames if isinstance(frames, FrameStream) else None
     if stream is None:
@@ -566,7 +354,7 @@ def write_video(frames: np.ndarray | FrameStream, out_path, fps: float | str, *,
     out_path = Path(out_path)
     inputs = [Path(p) for p in input_paths] + ([Path(audio_from)] if audio_from is not None else [])
     _check_output(out_path, inputs)
-    rate = _rate(fps)
+    rate = as_rate(fps)
     if stream is not None:
         target = piped_size = stream.size
         frames = _checked_frames(stream)
@@ -575,40 +363,35 @@ def write_video(frames: np.ndarray | FrameStream, out_path, fps: float | str, *,
         if frames.shape[1:3] != (working_height, working_width):
             raise ValueError(f"frames are {frames.shape[2]}x{frames.shape[1]}, geometry expects "
                              f"{working_width}x{working_height}")
-        frames = _working_to_scaled(frames, geometry)  # (m, scaled H, scaled W, 3), a view
+        frames = working_to_scaled(frames, geometry)  # (m, scaled H, scaled W, 3), a view
         target = geometry.source_size
         piped_size = geometry.scaled_size
     else:
         target = piped_size = (frames.shape[2], frames.shape[1])
-    even = (target[0] + target[0] % 2, target[1] + target[1] % 2) if not lossless else target
     video = ffmpeg.input("pipe:", format="rawvideo", pix_fmt="rgb24", s=f"{piped_size[0]}x{piped_size[1]}",
                          framerate=f"{rate.numerator}/{rate.denominator}").video
     if piped_size != target:
         video = video.filter("scale", target[0], target[1], flags=_scale_flags(piped_size, target))
-    if even != target:
-        video = (video.filter("format", "gbrp").filter("pad", even[0], even[1], 0, 0)
-                 .filter("fillborders", right=even[0] - target[0], bottom=even[1] - target[1], mode="smear"))
-    if lossless:
-        video = video.filter("format", "rgb24").filter("setsar", 1)
+    if lossless:  # any size: no even padding
+        streams = [video.filter("format", "rgb24").filter("setsar", 1)]
     else:
-        video = (video.filter("scale", out_color_matrix="bt709", out_range="tv", flags="area+accurate_rnd")
-                 .filter("format", "yuv420p").filter("setsar", 1))
-    streams = [video]
+        streams = [_to_yuv420p(video, target)]
     video_seconds = float(count / rate)
     if audio_from is not None:
         source = probe(audio_from)
         seconds = min(video_seconds, audio_duration if audio_duration is not None else video_seconds)
         if source.has_audio and audio_start < source.duration and seconds > 0:
-            streams.append(ffmpeg.input(str(audio_from), ss=f"{audio_start:.6f}", t=f"{seconds:.6f}")["a:0"])
-    options = dict(format="mp4", vcodec="libx264", pix_fmt="yuv420p", crf=crf, preset=preset,
-                   movflags="+faststart", colorspace="bt709", color_primaries="bt709", color_trc="bt709")
+            streams.append(ffmpeg.input(file_url(audio_from), ss=f"{audio_start:.6f}", t=f"{seconds:.6f}")["a:0"])
+    options = _h264_options(crf, preset)
     if lossless:
         options.update(vcodec="libx264rgb", pix_fmt="rgb24", qp=0, colorspace="rgb")
         del options["crf"]
     if len(streams) > 1:
         options.update(acodec="aac", audio_bitrate="192k")
+    if source_frames is not None:
+        options["metadata"] = f"{SELECTION_TAG}={selection_tag(source_frames)}"
     with _atomic_output(out_path) as temp:
-        graph = ffmpeg.output(*streams, str(temp), **options)
+        graph = ffmpeg.output(*streams, file_url(temp), **options)
         with _FFmpeg(_command(graph), f"write {out_path.name}", stdin=True) as process:
             for done, frame in enumerate(frames, start=1):
                 process.stdin.write(np.ascontiguousarray(frame).data)
@@ -632,54 +415,65 @@ def _checked_frames(stream: FrameStream) -> Iterator[np.ndarray]:
         raise ValueError(f"the stream ended after {done} of the {stream.count} frames it declared")
 
 
-# Test material -----------------------------------------------------------------------------------
-
-def make_test_clip(path, *, width: int = 96, height: int = 64, frames: int = 8, fps: float = 24,
-                   audio: bool = False, pattern: str = "testsrc2", rotation: int = 0, vfr: bool = False,
-                   codec: str = "libx264") -> Path:
-    """A synthetic clip from an ffmpeg lavfi source (`testsrc2` changes every frame).
-
-    `width` x `height` is the *stored* size: with `rotation` 90 or 270 (clockwise, written as a display
-    matrix like a phone does) it displays as `height` x `width`. Odd sizes are stored as yuv444p (H.264
-    yuv420p cannot hold them). `vfr` spaces frames unevenly (1.5 and 0.5 frame periods alternating),
-    the average rate staying `fps`. `audio` adds a 440 Hz sine as long as the video."""
-    path = Path(path)
-    if rotation % 90:
-        raise ValueError("rotation must be a multiple of 90")
-    source_width, source_height = width + width % 2, height + height % 2
-    rate = _rate(fps)
-    options = f"size={source_width}x{source_height}:rate={rate.numerator}/{rate.denominator}"
-    source = f"{pattern}:{options}" if "=" in pattern else f"{pattern}={options}"
-    video = ffmpeg.input(source, f="lavfi").video
-    if (source_width, source_height) != (width, height):  # lavfi sources only make even sizes
-        video = video.filter("format", "yuv444p").filter("crop", width, height, 0, 0)
-    output_options: dict = {"frames:v": frames, "vcodec": codec}
-    if vfr:
-        video = video.filter("settb", "1/1000").filter("setpts", "(N+0.5*mod(N,2))/(FR*TB)")
-        output_options.update(fps_mode="vfr", enc_time_base="filter")
-    odd = width % 2 or height % 2
-    output_options["pix_fmt"] = "yuv444p" if odd and codec == "libx264" else "yuv420p"
-    if codec == "libx264":
-        output_options.update(preset="veryfast", crf=18)
-    streams = [video]
-    if audio:
-        duration = frames / fps
-        streams.append(ffmpeg.input(f"sine=frequency=440:sample_rate=44100:duration={duration:.6f}", f="lavfi").audio)
-        output_options.update(acodec="libopus" if path.suffix.lower() == ".webm" else "aac")
-    with _atomic_output(path) as temp:
-        encoded = temp if rotation % 360 == 0 else temp.with_name(temp.name + ".norot" + path.suffix)
-        try:
-            _run(_command(ffmpeg.output(*streams, str(encoded), format=_muxer(path), **output_options)),
-                 f"make the test clip {path.name}")
-            if encoded != temp:  # the display matrix (counter-clockwise degrees) is set on a stream copy
-                rotated = ffmpeg.input(str(encoded), display_rotation=-(rotation % 360)).output(
-                    str(temp), c="copy", format=_muxer(path))
-                _run(_command(rotated), f"make the test clip {path.name}")
-        finally:
-            if encoded != temp:
-                encoded.unlink(missing_ok=True)
-    return path
+def _to_yuv420p(video, size: tuple[int, int]):
+    """RGB frames of `size` -> BT.709 yuv420p. yuv420p needs even sides: an odd width or height gets
+    one more column/row on the right/bottom repeating the last one, so every pixel stays in place."""
+    even = (size[0] + size[0] % 2, size[1] + size[1] % 2)
+    if even != size:
+        video = (video.filter("format", "gbrp").filter("pad", even[0], even[1], 0, 0)
+                 .filter("fillborders", right=even[0] - size[0], bottom=even[1] - size[1], mode="smear"))
+    return (video.filter("scale", out_color_matrix="bt709", out_range="tv", flags="area+accurate_rnd")
+            .filter("format", "yuv420p").filter("setsar", 1))
 
 
-def _muxer(path: Path) -> str:
-    return {".mkv": "matroska", ".webm": "webm", ".mov": "mov", ".avi": "avi"}.get(path.suffix.lower(), "mp4")
+def _h264_options(crf: int, preset: str) -> dict:
+    return dict(format="mp4", vcodec="libx264", pix_fmt="yuv420p", crf=crf, preset=preset,
+                movflags="+faststart", colorspace="bt709", color_primaries="bt709", color_trc="bt709")
+
+
+def write_side_by_side(clip: Clip, edited, out_path, *, input_paths: Sequence[Path] = (),
+                       progress: Progress = None, crf: int = 17, preset: str = "medium") -> Path:
+    """Original | edited, side by side at the edited video's size (twice its width); returns `out_path`.
+
+    The left half is the frames `clip` selected, decoded again from its source at the size it is
+    displayed at; the right half is the file `edited` (what `write_video` made of the edit), without
+    the column or row an odd size added. Both run through one ffmpeg graph, frame by frame (no frame is
+    held in memory), renumbered to `edited`'s constant rate so that they pair up even when the source
+    has a variable rate. The audio is `edited`'s. Written like `write_video`: atomic, never over an
+    input (`clip`'s source, `edited`, `input_paths`)."""
+    out_path, edited = Path(out_path), Path(edited)
+    _check_output(out_path, [clip.info.path, edited, *map(Path, input_paths)])
+    result = probe(edited)
+    rate = as_rate(result.fps_fraction)
+    width, height = clip.info.width, clip.info.height
+    count = len(clip.frame_indices)
+    constant_rate = dict(settb=f"{rate.denominator}/{rate.numerator}", setpts="N")
+
+    def upright(video, size: tuple[int, int]):
+        video = video.filter("format", "rgb24")  # before cropping: yuv420p cannot be cropped to odd sizes
+        if size == (width + width % 2, height + height % 2) and size != (width, height):
+            video = video.filter("crop", width, height, 0, 0)  # the column/row write_video added
+        elif size != (width, height):
+            video = video.filter("scale", width, height, flags="bicubic")
+        video = video.filter("setsar", 1)
+        for name, value in constant_rate.items():
+            video = video.filter(name, value)
+        return video
+
+    source = ffmpeg.input(file_url(clip.info.path))
+    original = _selected(source["V:0"], clip.frame_indices).filter("scale", width, height, flags="bicubic")
+    edited_input = ffmpeg.input(file_url(edited))
+    pair = ffmpeg.filter([upright(original, (width, height)), upright(edited_input["V:0"], (result.width, result.height))],
+                         "hstack", inputs=2)
+    streams = [_to_yuv420p(pair, (2 * width, height))]
+    options = _h264_options(crf, preset) | {"r": f"{rate.numerator}/{rate.denominator}", "frames:v": count}
+    if result.has_audio:
+        streams.append(edited_input["a:0"])
+        options["acodec"] = "copy"
+    if progress:
+        progress(0, count)
+    with _atomic_output(out_path) as temp:
+        _run(_command(ffmpeg.output(*streams, file_url(temp), **options)), f"write {out_path.name}")
+    if progress:
+        progress(count, count)
+    return out_path

@@ -16,15 +16,8 @@ import ffmpeg
 import numpy as np
 
 from diffferv_cli.errors import UserError
-from diffferv_cli.video.io import (
-    VideoInfo,
-    _command,
-    _FFmpeg,
-    _read_exactly,
-    _scale_flags,
-    displayed_rgb,
-    probe,
-)
+from diffferv_cli.video.io import _command, _FFmpeg, _read_exactly, _scale_flags, _selected, displayed_rgb
+from diffferv_cli.video.probe import VideoInfo, file_url, probe
 
 
 def stream_frames(path, indices: Sequence[int], stride: int, *, info: VideoInfo | None = None,
@@ -41,10 +34,7 @@ def stream_frames(path, indices: Sequence[int], stride: int, *, info: VideoInfo 
         return
     if any(b - a != stride for a, b in zip(indices, indices[1:], strict=False)):
         raise ValueError(f"indices must be {stride} apart, got {indices[:4]}...")
-    video = ffmpeg.input(str(path))["V:0"].filter("trim", start_frame=indices[0], end_frame=indices[-1] + 1)
-    if stride > 1:
-        video = video.filter("select", f"not(mod(n,{stride}))")
-    video = displayed_rgb(video, info)
+    video = displayed_rgb(_selected(ffmpeg.input(file_url(path))["V:0"], indices), info)
     width, height = info.width, info.height
     if size is not None and tuple(size) != (width, height):
         video = video.filter("scale", size[0], size[1], flags=_scale_flags((width, height), tuple(size)))
