@@ -29,7 +29,7 @@ SPEC = ClipSpec(short_side=64, multiple=16, frames=3)
 
 @pytest.fixture(scope="module")
 def clip_path(tmp_path_factory):
-    from diffferv_cli.video.io import make_test_clip
+    from media import make_test_clip
 
     return make_test_clip(tmp_path_factory.mktemp("clip") / "clip.mp4", width=96, height=64, frames=5, fps=24)
 

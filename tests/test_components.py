@@ -100,7 +100,7 @@ def test_cli_invert_without_model_or_hub_is_one_line(tmp_path, unreachable_hub):
     from typer.testing import CliRunner
 
     from diffferv_cli.cli import app
-    from diffferv_cli.video.io import make_test_clip
+    from media import make_test_clip
 
     clip = make_test_clip(tmp_path / "clip.mp4", width=64, height=48, frames=2, fps=8)
     result = CliRunner().invoke(app, ["invert", str(clip), "--size", "64", "--device", "cpu",

@@ -53,7 +53,7 @@ def _one_line_error(result, *fragments: str) -> str:
 
 @pytest.fixture(scope="module")
 def clip_path(tmp_path_factory) -> Path:
-    from diffferv_cli.video.io import make_test_clip
+    from media import make_test_clip
 
     return make_test_clip(tmp_path_factory.mktemp("clip") / "clip.mp4", width=64, height=48, frames=3, fps=8)
 
