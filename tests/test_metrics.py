@@ -52,6 +52,52 @@ def test_ssim_identical_is_one_and_distortion_lowers_it():
     assert metrics.ssim_per_frame(frames, mild).shape == (2,)
 
 
+def _reference_ssim(a: np.ndarray, b: np.ndarray, window) -> float:
+    """SSIM of two grey [0, 1] images written out from Wang et al. 2004: weighted local statistics in a
+    normalised window at every pixel whose window lies inside the image, averaged. No filtering library."""
+    c1, c2 = 0.01**2, 0.03**2
+    size = window.shape[0]
+    values = []
+    for y in range(a.shape[0] - size + 1):
+        for x in range(a.shape[1] - size + 1):
+            pa, pb = a[y:y + size, x:x + size], b[y:y + size, x:x + size]
+            mean_a, mean_b = (window * pa).sum(), (window * pb).sum()
+            var_a = (window * (pa - mean_a) ** 2).sum()
+            var_b = (window * (pb - mean_b) ** 2).sum()
+            cov = (window * (pa - mean_a) * (pb - mean_b)).sum()
+            values.append((2 * mean_a * mean_b + c1) * (2 * cov + c2)
+                          / ((mean_a**2 + mean_b**2 + c1) * (var_a + var_b + c2)))
+    return float(np.mean(values))
+
+
+def _gaussian_window(sigma: float = 1.5, radius: int = 5) -> np.ndarray:
+    offsets = np.arange(-radius, radius + 1)
+    profile = np.exp(-(offsets**2) / (2 * sigma**2))
+    window = np.outer(profile, profile)
+    return window / window.sum()  # 11x11, sigma 1.5: Wang et al.'s window
+
+
+def test_ssim_equals_wang_et_al_gaussian_window_reference():
+    """Per frame and channel, SSIM is Wang et al.'s: an 11x11 Gaussian window (sigma 1.5), population
+    covariances, K1 0.01, K2 0.03, channels averaged; on non-square frames. A uniform 7x7 window (the
+    scikit-image default) gives values that differ by far more than the tolerance."""
+    rng = np.random.default_rng(7)
+    height, width = 20, 27
+    smooth = np.cumsum(np.cumsum(rng.normal(size=(2, height, width, 3)), axis=1), axis=2)
+    smooth = (smooth - smooth.min()) / (smooth.max() - smooth.min())
+    source = np.round(smooth * 255).astype(np.uint8)
+    edited = np.clip(source + rng.normal(0, 20, source.shape), 0, 255).astype(np.uint8)
+    gaussian, uniform = _gaussian_window(), np.full((7, 7), 1 / 49)
+    expected = [np.mean([_reference_ssim(source[f, ..., c] / 255, edited[f, ..., c] / 255, gaussian)
+                         for c in range(3)]) for f in range(2)]
+    uniform_values = [np.mean([_reference_ssim(source[f, ..., c] / 255, edited[f, ..., c] / 255, uniform)
+                               for c in range(3)]) for f in range(2)]
+    assert metrics.ssim_per_frame(source, edited) == pytest.approx(expected, abs=1e-9)
+    assert metrics.ssim(source, edited) == pytest.approx(np.mean(expected), abs=1e-9)
+    assert metrics.ssim_per_frame(source[0], edited[0]) == pytest.approx(expected[:1], abs=1e-9)  # one frame
+    assert min(abs(u - e) for u, e in zip(uniform_values, expected, strict=True)) > 1e-3
+
+
 def test_pixel_metrics_reject_different_shapes():
     with pytest.raises(ValueError, match="shapes differ"):
         metrics.mse(np.zeros((1, 4, 4, 3), np.uint8), np.zeros((1, 4, 5, 3), np.uint8))
