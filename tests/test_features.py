@@ -120,3 +120,27 @@ def test_recorder_keeps_branch_zero_and_stores_a_shared_query_key_once():
     assert torch.equal(recorder.features["a:cross"], probs[0])
     recorder.reset()
     assert recorder.features == {}
+
+
+def test_only_the_target_branches_are_overridden():
+    """A branch that is neither source nor target (here "negative") keeps its own Q, K and maps."""
+    generator = torch.Generator().manual_seed(4)
+    query, key = torch.rand(3, 2, 2, 5, 4, generator=generator), torch.rand(3, 2, 2, 5, 4, generator=generator)
+    probs = torch.rand(3, 2, 2, 5, 6, generator=generator)
+    injector = FeatureInjector(InjectionSchedule(4), ("positive",), {"positive": torch.arange(6)})  # recompute mode
+    new_query, new_key = injector.self_attention(_ctx(), "layer", "app", query, key)
+    out = injector.cross_attention(_ctx(), "layer", probs)
+    for new, old in ((new_query, query), (new_key, key), (out, probs)):
+        assert torch.equal(new[1], old[1]) and torch.equal(new[2], old[0])
+
+
+def test_recorder_stores_half_precision_and_asks_for_cross_maps():
+    """Disk mode stores features as float16 by default (half the disk of float32), cross maps included."""
+    recorder = FeatureRecorder()
+    query = torch.rand(1, 2, 2, 5, 4, dtype=torch.float32)
+    recorder.self_attention(_ctx(branches=("main",)), "a", "app", query, query + 1)
+    recorder.cross_attention(_ctx(branches=("main",)), "a", torch.rand(1, 2, 2, 5, 6))
+    assert {name: t.dtype for name, t in recorder.features.items()} == {
+        "a:app.q": torch.float16, "a:app.k": torch.float16, "a:cross": torch.float16}
+    assert torch.allclose(recorder.features["a:app.k"].float(), query[0] + 1, atol=1e-3)
+    assert recorder.wants_cross_maps(_ctx(branches=("main",)), "a")
