@@ -136,3 +136,74 @@ def test_file_hash_is_sha256_of_the_whole_file(tmp_path):
     data = bytes(range(256)) * 10
     path.write_bytes(data)
     assert cache.file_sha256(path, chunk=100) == hashlib.sha256(data).hexdigest()
+
+
+def test_the_key_of_a_request_is_stable_across_versions():
+    """A request's key names its folder: if the hashing changed, every user's cached inversions would be
+    silently orphaned (recomputed, the old folders left on disk). Changing it needs a FORMAT_VERSION bump."""
+    assert cache.FORMAT_VERSION == 2
+    assert request_key(REQUEST) == "b7360366a5ef13175239afb0"
+
+
+def test_root_folders_are_created_and_an_empty_entry_folder_is_reused(tmp_path):
+    root = tmp_path / "a" / "b" / "c"
+    entry = open_entry(root, REQUEST)
+    assert entry.manifest_path.is_file()
+    other = tmp_path / "d"
+    (other / request_key(REQUEST)).mkdir(parents=True)  # created, then interrupted before its manifest
+    assert open_entry(other, REQUEST).manifest["finished_steps"] == -1
+
+
+def test_manifest_records_key_and_iso_times(tmp_path):
+    from datetime import datetime
+
+    entry = open_entry(tmp_path, REQUEST)
+    manifest = json.loads(entry.manifest_path.read_text())
+    assert manifest["key"] == request_key(REQUEST)
+    for field in ("created", "updated"):
+        datetime.strptime(manifest[field], "%Y-%m-%dT%H:%M:%S")
+
+
+def test_broken_manifest_and_manifest_without_files_are_clear_errors(tmp_path):
+    entry, _ = _entry_with_latent(tmp_path)
+    entry.manifest_path.write_text("{not json")
+    with pytest.raises(UserError) as error:
+        open_entry(tmp_path, REQUEST)
+    assert "is broken" in _message(error, entry.folder, tmp_path) and "--force" in str(error.value)
+    bare = CacheEntry(entry.folder, {"request": REQUEST})  # a manifest that lists no files
+    with pytest.raises(UserError) as error:
+        bare.read_latent(0)
+    assert "missing latents/step-000.safetensors" in _message(error, entry.folder, tmp_path)
+
+
+def test_failed_write_leaves_the_previous_file_and_no_temporary(tmp_path, monkeypatch):
+    entry, latent = _entry_with_latent(tmp_path)
+    before = sorted(p.name for p in entry.folder.rglob("*"))
+
+    def no_space(fd):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(cache.os, "fsync", no_space)
+    with pytest.raises(OSError, match="No space"):
+        entry.write_latent(0, latent + 1)
+    monkeypatch.undo()
+    assert sorted(p.name for p in entry.folder.rglob("*")) == before
+    assert torch.equal(entry.read_latent(0), latent)
+
+
+def test_trajectories_round_trip_through_the_cache(tmp_path):
+    from diffferv_cli.temporal.trajectories import TrajectoryGrid, TrajectorySet
+
+    grids = {(2, 3): TrajectoryGrid(2, 3, 2, torch.tensor([[0, 9], [4, -1], [1, 6]]), torch.tensor([2, 1, 2])),
+             (1, 2): TrajectoryGrid(1, 2, 2, torch.tensor([[0, 2], [1, 3]]), torch.tensor([2, 2]))}
+    entry = open_entry(tmp_path, REQUEST)
+    entry.write_trajectories(cache.trajectories_to_tensors(TrajectorySet(grids)))
+    entry.save_manifest()
+    read = cache.trajectories_from_tensors(open_entry(tmp_path, REQUEST).read_trajectories(), frames=2)
+    assert set(read.grids) == {(2, 3), (1, 2)}
+    for size, grid in grids.items():
+        got = read.grids[size]
+        assert (got.height, got.width, got.frames) == (grid.height, grid.width, 2)
+        assert got.index.dtype == torch.long and torch.equal(got.index, grid.index)
+        assert torch.equal(got.lengths, grid.lengths)
+    assert entry.disk_bytes() == sum(p.stat().st_size for p in entry.folder.rglob("*") if p.is_file()) > 0
