@@ -6,8 +6,9 @@
 Each module runs in its own scratch folder `.mutation/<module>/` (git-ignored): a copy of the package and
 the tests with a pyproject.toml whose [tool.mutmut] table mutates that one module and selects its test
 files, so a module's mutants only ever run the fast tests that exercise it. mutmut keeps its results
-there (`mutants/`), so a rerun only tests what changed; `cd .mutation/<module> && mutmut results` lists
-the survivors and `mutmut show <name>` prints one. Prints killed / total per module.
+there (`mutants/`) until the next run of that module, which starts afresh; `cd .mutation/<module> &&
+mutmut results` lists the survivors and `mutmut show <name>` prints one. Prints killed / total per module
+(a mutant no selected test reaches counts as not killed).
 """
 
 from __future__ import annotations
@@ -54,11 +55,12 @@ def _settings(module: str) -> str:
 def prepare(module: str) -> Path:
     folder = SCRATCH / module.replace("/", "__").removesuffix(".py")
     folder.mkdir(parents=True, exist_ok=True)
-    for name in ("diffferv_cli", "tests", "presets"):
+    for name in ("diffferv_cli", "tests", "presets", "mutants"):
         target = folder / name
         if target.exists():
             shutil.rmtree(target)
-        shutil.copytree(REPO / name, target, ignore=shutil.ignore_patterns("__pycache__"))
+        if name != "mutants":
+            shutil.copytree(REPO / name, target, ignore=shutil.ignore_patterns("__pycache__"))
     pyproject = (REPO / "pyproject.toml").read_text()
     (folder / "pyproject.toml").write_text(pyproject + _settings(module))
     return folder
