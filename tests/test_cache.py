@@ -47,8 +47,8 @@ def test_written_tensors_read_back_exactly_from_a_reopened_entry(tmp_path):
     read = reopened.read_latent(0)
     assert read.dtype == torch.float32 and torch.equal(read, latent)
     assert torch.equal(reopened.read_features(0)["a:app.q"], torch.ones(2, 3, dtype=torch.float16))
-    assert sorted(p.name for p in entry.folder.rglob("*") if p.is_file()) == [
-        "manifest.json", "step-000.safetensors", "step-000.safetensors"]  # no temporary files left
+    files = sorted(p.relative_to(entry.folder).as_posix() for p in entry.folder.rglob("*") if p.is_file())
+    assert files == sorted(["manifest.json", entry.latent_name(0), entry.feature_name(0)])  # no temporaries
 
 
 def test_a_changed_byte_fails_the_hash_check_even_when_the_file_still_parses(tmp_path):
@@ -141,8 +141,8 @@ def test_file_hash_is_sha256_of_the_whole_file(tmp_path):
 def test_the_key_of_a_request_is_stable_across_versions():
     """A request's key names its folder: if the hashing changed, every user's cached inversions would be
     silently orphaned (recomputed, the old folders left on disk). Changing it needs a FORMAT_VERSION bump."""
-    assert cache.FORMAT_VERSION == 2
-    assert request_key(REQUEST) == "b7360366a5ef13175239afb0"
+    assert cache.FORMAT_VERSION == 3
+    assert request_key(REQUEST) == "8785f78d4ab5d31fe1f48e27"
 
 
 def test_root_folders_are_created_and_an_empty_entry_folder_is_reused(tmp_path):
@@ -191,19 +191,7 @@ def test_failed_write_leaves_the_previous_file_and_no_temporary(tmp_path, monkey
     assert torch.equal(entry.read_latent(0), latent)
 
 
-def test_trajectories_round_trip_through_the_cache(tmp_path):
-    from diffferv_cli.temporal.trajectories import TrajectoryGrid, TrajectorySet
-
-    grids = {(2, 3): TrajectoryGrid(2, 3, 2, torch.tensor([[0, 9], [4, -1], [1, 6]]), torch.tensor([2, 1, 2])),
-             (1, 2): TrajectoryGrid(1, 2, 2, torch.tensor([[0, 2], [1, 3]]), torch.tensor([2, 2]))}
-    entry = open_entry(tmp_path, REQUEST)
-    entry.write_trajectories(cache.trajectories_to_tensors(TrajectorySet(grids)))
-    entry.save_manifest()
-    read = cache.trajectories_from_tensors(open_entry(tmp_path, REQUEST).read_trajectories(), frames=2)
-    assert set(read.grids) == {(2, 3), (1, 2)}
-    for size, grid in grids.items():
-        got = read.grids[size]
-        assert (got.height, got.width, got.frames) == (grid.height, grid.width, 2)
-        assert got.index.dtype == torch.long and torch.equal(got.index, grid.index)
-        assert torch.equal(got.lengths, grid.lengths)
-    assert entry.disk_bytes() == sum(p.stat().st_size for p in entry.folder.rglob("*") if p.is_file()) > 0
+def test_disk_bytes_counts_every_file_of_the_entry(tmp_path):
+    entry, _ = _entry_with_latent(tmp_path)
+    sizes = [p.stat().st_size for p in entry.folder.rglob("*") if p.is_file()]
+    assert len(sizes) == 2 and entry.disk_bytes() == sum(sizes) > 4 * 120
