@@ -3,7 +3,7 @@ PIP ?= $(PYTHON) -m pip
 FIXTURES ?= fixtures
 DEMO_OUT ?= demo-out
 
-.PHONY: install test test-slow lint demo fixtures bench clean
+.PHONY: install test test-slow lint mutation demo fixtures bench clean
 
 install:  ## install diffferv (editable) with the test tools; torch 2.13.0 is the CPU wheel here
 	$(PIP) install torch==2.13.0
@@ -18,6 +18,9 @@ test-slow:  ## the default suite plus the tests marked slow (e.g. two real proce
 lint:
 	$(PYTHON) -m ruff check diffferv_cli tests bench
 
+mutation:  ## mutation testing of the core modules (mutmut 3; MODULES="editing/cache.py ..." for some)
+	$(PYTHON) scripts/mutation.py $(MODULES)
+
 demo:  ## invert + edit --preset age on a generated clip with the tiny random-weight model
 	$(PYTHON) -m diffferv_cli.cli.demo --out $(DEMO_OUT)
 
@@ -28,4 +31,4 @@ bench:  ## benchmark figures (full-size SD1.5 shapes, random weights); prints ta
 	$(PYTHON) bench/run_all.py
 
 clean:
-	rm -rf $(DEMO_OUT) .pytest_cache build *.egg-info
+	rm -rf $(DEMO_OUT) .pytest_cache build *.egg-info .mutation mutants

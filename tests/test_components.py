@@ -97,10 +97,10 @@ def test_uncached_default_model_without_a_hub_fails_in_seconds(tmp_path, unreach
 
 
 def test_cli_invert_without_model_or_hub_is_one_line(tmp_path, unreachable_hub):
+    from media import make_test_clip
     from typer.testing import CliRunner
 
     from diffferv_cli.cli import app
-    from media import make_test_clip
 
     clip = make_test_clip(tmp_path / "clip.mp4", width=64, height=48, frames=2, fps=8)
     result = CliRunner().invoke(app, ["invert", str(clip), "--size", "64", "--device", "cpu",

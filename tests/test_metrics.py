@@ -52,6 +52,52 @@ def test_ssim_identical_is_one_and_distortion_lowers_it():
     assert metrics.ssim_per_frame(frames, mild).shape == (2,)
 
 
+def _reference_ssim(a: np.ndarray, b: np.ndarray, window) -> float:
+    """SSIM of two grey [0, 1] images written out from Wang et al. 2004: weighted local statistics in a
+    normalised window at every pixel whose window lies inside the image, averaged. No filtering library."""
+    c1, c2 = 0.01**2, 0.03**2
+    size = window.shape[0]
+    values = []
+    for y in range(a.shape[0] - size + 1):
+        for x in range(a.shape[1] - size + 1):
+            pa, pb = a[y:y + size, x:x + size], b[y:y + size, x:x + size]
+            mean_a, mean_b = (window * pa).sum(), (window * pb).sum()
+            var_a = (window * (pa - mean_a) ** 2).sum()
+            var_b = (window * (pb - mean_b) ** 2).sum()
+            cov = (window * (pa - mean_a) * (pb - mean_b)).sum()
+            values.append((2 * mean_a * mean_b + c1) * (2 * cov + c2)
+                          / ((mean_a**2 + mean_b**2 + c1) * (var_a + var_b + c2)))
+    return float(np.mean(values))
+
+
+def _gaussian_window(sigma: float = 1.5, radius: int = 5) -> np.ndarray:
+    offsets = np.arange(-radius, radius + 1)
+    profile = np.exp(-(offsets**2) / (2 * sigma**2))
+    window = np.outer(profile, profile)
+    return window / window.sum()  # 11x11, sigma 1.5: Wang et al.'s window
+
+
+def test_ssim_equals_wang_et_al_gaussian_window_reference():
+    """Per frame and channel, SSIM is Wang et al.'s: an 11x11 Gaussian window (sigma 1.5), population
+    covariances, K1 0.01, K2 0.03, channels averaged; on non-square frames. A uniform 7x7 window (the
+    scikit-image default) gives values that differ by far more than the tolerance."""
+    rng = np.random.default_rng(7)
+    height, width = 20, 27
+    smooth = np.cumsum(np.cumsum(rng.normal(size=(2, height, width, 3)), axis=1), axis=2)
+    smooth = (smooth - smooth.min()) / (smooth.max() - smooth.min())
+    source = np.round(smooth * 255).astype(np.uint8)
+    edited = np.clip(source + rng.normal(0, 20, source.shape), 0, 255).astype(np.uint8)
+    gaussian, uniform = _gaussian_window(), np.full((7, 7), 1 / 49)
+    expected = [np.mean([_reference_ssim(source[f, ..., c] / 255, edited[f, ..., c] / 255, gaussian)
+                         for c in range(3)]) for f in range(2)]
+    uniform_values = [np.mean([_reference_ssim(source[f, ..., c] / 255, edited[f, ..., c] / 255, uniform)
+                               for c in range(3)]) for f in range(2)]
+    assert metrics.ssim_per_frame(source, edited) == pytest.approx(expected, abs=1e-9)
+    assert metrics.ssim(source, edited) == pytest.approx(np.mean(expected), abs=1e-9)
+    assert metrics.ssim_per_frame(source[0], edited[0]) == pytest.approx(expected[:1], abs=1e-9)  # one frame
+    assert min(abs(u - e) for u, e in zip(uniform_values, expected, strict=True)) > 1e-3
+
+
 def test_pixel_metrics_reject_different_shapes():
     with pytest.raises(ValueError, match="shapes differ"):
         metrics.mse(np.zeros((1, 4, 4, 3), np.uint8), np.zeros((1, 4, 5, 3), np.uint8))
@@ -174,3 +220,156 @@ def test_clip_iqa_softmax():
     assert metrics.clip_iqa_from_similarities(np.array([0.25]), np.array([0.25])) == pytest.approx([0.5])
     expected = 1 / (1 + math.exp(-100 * 0.1))
     assert metrics.clip_iqa_from_similarities(np.array([0.3]), np.array([0.2])) == pytest.approx([expected])
+
+
+# Edges and conventions --------------------------------------------------------------------------------
+
+
+def test_to_unit_scales_uint8_and_keeps_floats_as_float64():
+    converted = metrics.to_unit(np.array([0, 51, 255], np.uint8))
+    assert converted.dtype == np.float64 and converted.tolist() == [0.0, 0.2, 1.0]
+    floats = metrics.to_unit(np.array([0.25, 0.5], np.float32))
+    assert floats.dtype == np.float64 and floats.tolist() == [0.25, 0.5]
+
+
+def test_psnr_of_identical_frames_warns_nothing():
+    import warnings
+
+    frames = np.zeros((2, 4, 4, 3), np.uint8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert metrics.psnr(frames, frames) == 100.0
+
+
+def _cosine(a, b):  # written out, one pair at a time
+    return sum(x * y for x, y in zip(a, b, strict=True)) / (math.sqrt(sum(x * x for x in a)) * math.sqrt(sum(y * y for y in b)))
+
+
+def test_identity_metrics_with_cosine_similarity_by_hand():
+    rng = np.random.default_rng(5)
+    source, edited = rng.normal(size=(4, 128)), rng.normal(size=(4, 128))
+    rows = metrics.similarity(source, edited, "cosine")
+    assert rows.shape == (4,)
+    assert rows == pytest.approx([_cosine(s, e) for s, e in zip(source, edited, strict=True)])
+    idp = np.mean([_cosine(e, s) for s, e in zip(source, edited, strict=True)])
+    adjacent = [np.mean([_cosine(d[i], d[i + 1]) for i in range(3)]) for d in (source, edited)]
+    pairs = [np.mean([_cosine(d[i], d[j]) for i in range(4) for j in range(i + 1, 4)]) for d in (source, edited)]
+    scores = metrics.identity_metrics(list(source), list(edited), kind="cosine")
+    assert scores.idp == pytest.approx(idp)
+    assert scores.tl_id == pytest.approx(adjacent[1] / adjacent[0])
+    assert scores.tg_id == pytest.approx(pairs[1] / pairs[0])
+    assert metrics.identity_preservation(source, edited, "cosine") == pytest.approx(idp)
+    assert metrics.adjacent_similarity(edited, "cosine") == pytest.approx(adjacent[1])
+    assert metrics.all_pairs_similarity(edited, "cosine") == pytest.approx(pairs[1])
+    assert metrics.identity_metrics(list(source), list(edited)).idp == pytest.approx(
+        np.mean([1 - np.linalg.norm(e - s) for s, e in zip(source, edited, strict=True)]))  # dlib by default
+
+
+def test_identity_metrics_with_too_few_faces_say_why():
+    one = metrics.identity_metrics([SOURCE[0], None, None], [EDITED[0], EDITED[1], None])
+    assert one.idp == pytest.approx(1.0) and (one.frames_used, one.frames_without_face_source,
+                                              one.frames_without_face_edited) == (1, 2, 1)
+    assert str(one.tl_id) == "unavailable: no two adjacent frames with a face"
+    assert str(one.tg_id) == "unavailable: fewer than two frames with a face"
+    apart = metrics.identity_metrics([SOURCE[0], None, SOURCE[2]], [EDITED[0], EDITED[1], EDITED[2]])
+    assert isinstance(apart.tl_id, metrics.Unavailable) and not isinstance(apart.tg_id, metrics.Unavailable)
+    edited_only = metrics.identity_metrics([SOURCE[0], SOURCE[1]], [None, None])
+    assert str(edited_only.idp) == "unavailable: no frame with a face on both sides (of 2)"
+    with pytest.raises(ValueError, match="differ in length"):
+        metrics.identity_metrics([SOURCE[0]], [EDITED[0], EDITED[1]])
+    assert math.isnan(metrics.adjacent_similarity(SOURCE[:1])) and math.isnan(metrics.all_pairs_similarity(SOURCE[:1]))
+
+
+def test_warp_samples_bilinearly_and_zero_outside():
+    row = np.array([[[0.0], [1.0], [3.0], [7.0]]])  # (1, 4, 1) float: not rescaled
+    half = np.zeros((1, 4, 2), np.float32)
+    half[..., 0] = 0.5  # half a pixel to the right
+    assert metrics.warp_to_previous(row, half)[0, :3, 0].tolist() == [0.5, 2.0, 5.0]
+    whole = np.zeros((1, 4, 2), np.float32)
+    whole[..., 0] = -1  # one pixel to the left: the first pixel samples outside
+    assert metrics.warp_to_previous(row, whole)[0, :, 0].tolist() == [0.0, 0.0, 1.0, 3.0]
+    grey = np.array([[[51, 102, 153]]], np.uint8)  # uint8 is scaled to [0, 1]
+    assert metrics.warp_to_previous(grey, np.zeros((1, 1, 2), np.float32)).tolist() == [[[0.2, 0.4, 0.6]]]
+
+
+def test_warping_error_mae_pairs_and_occlusion_by_hand():
+    frames = np.zeros((3, 2, 2, 3), np.uint8)
+    frames[1] = 51  # pair 0: |0 - 0.2| everywhere; pair 1: |0.2 - 0.6| where not occluded
+    frames[2] = 153
+    forward = np.zeros((2, 2, 2, 2), np.float32)
+    occlusion = np.zeros((2, 2, 2), bool)
+    occlusion[1, 0] = True  # half of pair 1 occluded
+    error = metrics.flow_warping_error(frames, forward, occlusion)
+    assert error.per_pair_mse == pytest.approx([0.04, 0.16])
+    assert error.mse == pytest.approx(0.10) and error.mae == pytest.approx(0.30)
+    assert error.valid_fraction == pytest.approx(6 / 8)
+    occlusion[1] = True  # a pair with nothing visible is left out of the mean
+    error = metrics.flow_warping_error(frames, forward, occlusion)
+    assert math.isnan(error.per_pair_mse[1]) and error.mse == pytest.approx(0.04) and error.mae == pytest.approx(0.2)
+    with pytest.raises(ValueError, match="two frames"):
+        metrics.flow_warping_error(frames[:1], forward[:0], occlusion[:0])
+
+
+def test_attribute_rates_with_a_single_attribute_and_frame_count():
+    rates = metrics.attribute_rates(np.array([[0], [1]]), np.array([[1], [1]]), ["Smiling"], "Smiling")
+    assert rates.tacr == 0.5 and math.isnan(rates.napr) and rates.frames == 2
+
+
+def test_clip_iqa_per_frame_scale_and_no_overflow():
+    values = metrics.clip_iqa_from_similarities(np.array([0.3, 0.2, 0.9]), np.array([0.2, 0.3, 0.1]), logit_scale=10)
+    assert values == pytest.approx([1 / (1 + math.exp(-1)), 1 / (1 + math.exp(1)), 1 / (1 + math.exp(-8))])
+    assert metrics.clip_iqa_from_similarities(np.array([9.0]), np.array([0.0]), logit_scale=1000)[0] == 1.0
+
+
+def test_lpips_status_names_what_is_missing(tmp_path, monkeypatch):
+    import importlib.util
+    import sys
+    import types
+
+    import torch
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "lpips" else real_find_spec(name, *a))
+    assert "not installed" in str(metrics.lpips_status())
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name == "lpips" else real_find_spec(name, *a))
+    monkeypatch.setitem(sys.modules, "lpips", None)  # import fails
+    assert "does not import (ModuleNotFoundError" in str(metrics.lpips_status())
+    monkeypatch.setitem(sys.modules, "lpips", types.ModuleType("lpips"))
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
+    missing = metrics.lpips_status()
+    assert isinstance(missing, metrics.Unavailable) and str(tmp_path / "checkpoints") in str(missing)
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / "alexnet-owt-7be5be79.pth").write_bytes(b"")
+    assert metrics.lpips_status() is None
+
+
+def test_lpips_feeds_minus_one_to_one_images_per_frame(monkeypatch):
+    """With a stand-in LPIPS model (mean absolute difference): inputs are (1, 3, H, W) in [-1, 1]."""
+    import sys
+    import types
+
+    seen = []
+
+    class StandIn:
+        def __init__(self, net, verbose):
+            assert net == "alex"
+
+        def eval(self):
+            return self
+
+        def __call__(self, first, second):
+            seen.append((tuple(first.shape), float(first.min()), float(first.max())))
+            return (first - second).abs().mean().reshape(1, 1, 1, 1)
+
+    module = types.ModuleType("lpips")
+    module.LPIPS = StandIn
+    monkeypatch.setitem(sys.modules, "lpips", module)
+    monkeypatch.setattr(metrics, "lpips_status", lambda: None)
+    source = np.zeros((2, 3, 5, 3), np.uint8)
+    edited = source.copy()
+    edited[1] = 255
+    values = metrics.lpips_per_frame(source, edited)
+    assert values.tolist() == pytest.approx([0.0, 2.0])
+    assert seen[0] == ((1, 3, 3, 5), -1.0, -1.0)
+    with pytest.raises(ValueError, match="shapes differ"):
+        metrics.lpips_per_frame(source, edited[:, :2])

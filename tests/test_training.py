@@ -150,6 +150,38 @@ def test_unreadable_images_are_skipped_and_counted(tmp_path):
     assert result.skipped == ["broken.png"]
 
 
+class _RecordingTokenizer:
+    """The tokenizer, noting every caption it is asked to encode."""
+
+    def __init__(self, tokenizer):
+        self._tokenizer, self.seen = tokenizer, []
+
+    def __call__(self, text, *args, **kwargs):
+        self.seen += [text] if isinstance(text, str) else list(text)
+        return self._tokenizer(text, *args, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self._tokenizer, name)
+
+
+@pytest.mark.parametrize("ratio, expected_prior", [(0.25, 2), (0.0, 0)])
+def test_training_draws_the_prior_share_from_the_prior_set(tmp_path, ratio, expected_prior):
+    """4 steps of batch 2 = 8 samples: floor(8 * ratio) of them are --prior pairs, with their captions."""
+    from dataclasses import replace
+
+    faces = _folder(tmp_path / "faces", 3)
+    prior = _folder(tmp_path / "prior", 3, captions=False, seed=20)
+    for index in range(3):
+        (prior / f"img{index:02d}.txt").write_text(f"a general picture {index}\n")
+    base = build_tiny_random(0)
+    recording = _RecordingTokenizer(base.tokenizer)
+    result = train(replace(base, tokenizer=recording),
+                   _config(tmp_path, faces, steps=4, batch_size=2, prior=prior, prior_ratio=ratio))
+    assert result.steps == 4 and len(recording.seen) == 8
+    assert sum(caption.startswith("a general picture") for caption in recording.seen) == expected_prior
+    assert sum(caption.startswith("a photo of person number") for caption in recording.seen) == 8 - expected_prior
+
+
 # ------------------------------------------------------------------------------------------- loop
 
 

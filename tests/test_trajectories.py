@@ -12,6 +12,7 @@ import torch
 from diffferv_cli.temporal.flow import ClipFlow, DISFlow, compute_flow
 from diffferv_cli.temporal.trajectories import (
     TrajectoryGrid,
+    TrajectorySet,
     buckets,
     build_grid_trajectories,
     build_trajectories,
@@ -215,3 +216,37 @@ def test_buckets_on_real_trajectories(dis_flow):
     assert sum(rows.stop - rows.start for rows, _ in split) == len(grid.lengths)
     for rows, padded in split:
         assert torch.all(grid.index[rows, padded:] == -1)  # nothing cut off
+
+
+def test_token_grids_at_the_smallest_sizes():
+    assert token_grids((1, 1), 3) == [(1, 1), (1, 1), (1, 1)]  # a 1x1 latent stays 1x1
+    assert token_grids((1, 3), 1) == [(1, 3)]
+    for size, levels in [((0, 8), 2), ((8, 0), 2), ((8, 8), 0)]:
+        with pytest.raises(ValueError, match="positive latent size and level count"):
+            token_grids(size, levels)
+
+
+def test_trajectories_of_equal_length_come_in_start_order():
+    """Rows are longest first and, among equal lengths, in the order of their first token (the rule that
+    makes the layout deterministic whatever the sort algorithm); here 96 trajectories of length 3."""
+    frames, height, width = 3, 8, 12
+    still = np.zeros((frames - 1, height, width, 2), np.float32)
+    grid = build_grid_trajectories(ClipFlow(still, still, np.zeros((frames - 1, height, width), bool)), height, width)
+    tokens = height * width
+    assert torch.equal(grid.lengths, torch.full((tokens,), 3))
+    assert torch.equal(grid.index, torch.arange(tokens)[:, None] + tokens * torch.arange(3)[None, :])
+    rng = np.random.default_rng(3)
+    grid = build_grid_trajectories(random_flow(rng, 4, height, width), height, width)
+    for row in range(len(grid.lengths) - 1):
+        if grid.lengths[row] == grid.lengths[row + 1]:
+            assert grid.index[row, 0] < grid.index[row + 1, 0]
+
+
+def test_trajectory_sets_move_between_devices_unchanged():
+    index, lengths = torch.tensor([[0, 2], [1, -1], [3, -1]]), torch.tensor([2, 1, 1])
+    grid = TrajectoryGrid(1, 2, 2, index, lengths)
+    moved = TrajectorySet({(1, 2): grid}).to("meta")
+    assert moved.grids[(1, 2)].index.device.type == "meta" and moved.grids[(1, 2)].lengths.device.type == "meta"
+    back = TrajectorySet({(1, 2): grid}).to("cpu").for_grid(1, 2)
+    assert (back.height, back.width, back.frames) == (1, 2, 2)
+    assert torch.equal(back.index, index) and torch.equal(back.lengths, lengths)

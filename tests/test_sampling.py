@@ -1,0 +1,185 @@
+"""Inversion and edit sampling arithmetic, checked against DDIM written out by hand.
+
+The tiny UNet runs as usual (processors, features, batching), but a forward hook replaces its noise
+prediction by a fixed pattern per prompt, so every latent the loops produce has an exact expected value:
+DDIM inversion with the source prompt's prediction; sampling with eps = neg + g * (pos - neg), where the
+negative branch has the source prompt and the positive branch the edit prompt (paper 3.4)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
+
+from diffferv_cli.config import DEFAULT_SOURCE_PROMPT, ClipSpec, EditConfig, InversionConfig
+from diffferv_cli.editing.inversion import invert
+from diffferv_cli.editing.prompts import encode_prompts
+from diffferv_cli.editing.sampling import edit
+
+STEPS = 4
+TIMESTEPS = [751, 501, 251, 1]  # SD1.5's DDIM schedule for 4 steps (steps_offset 1), noisiest first
+SPEC = ClipSpec(short_side=64, multiple=16, frames=3)
+SOURCE = DEFAULT_SOURCE_PROMPT
+EDIT = "a photo of an old person"
+
+
+@pytest.fixture(scope="module")
+def clip(tmp_path_factory):
+    from diffferv_cli.video.io import make_test_clip, read_clip
+
+    path = make_test_clip(tmp_path_factory.mktemp("clip") / "clip.mp4", width=96, height=64, frames=3, fps=24)
+    return read_clip(path, SPEC)
+
+
+class FakeNoise:
+    """Forward hook: each row's prediction becomes the pattern of the prompt it was conditioned on (an
+    unknown prompt fails the test). Records (timestep, latents, branches) of every call."""
+
+    def __init__(self, components, prompts: list[str]):
+        self.embeddings = dict(zip(prompts, encode_prompts(components, prompts), strict=True))
+        self.prompts = prompts
+        self.patterns: dict[str, torch.Tensor] = {}
+        self.calls: list[tuple[int, torch.Tensor, tuple[str, ...]]] = []
+
+    def pattern(self, prompt: str, shape) -> torch.Tensor:
+        if prompt not in self.patterns:
+            generator = torch.Generator().manual_seed(self.prompts.index(prompt))
+            self.patterns[prompt] = torch.randn(shape, generator=generator)  # (4, h, w)
+        return self.patterns[prompt]
+
+    def __call__(self, module, args, kwargs, output):
+        latents = args[0] if args else kwargs["sample"]
+        timestep = args[1] if len(args) > 1 else kwargs["timestep"]
+        ctx = (kwargs.get("cross_attention_kwargs") or {}).get("ctx")
+        self.calls.append((int(timestep), latents.detach().float().cpu().clone(), ctx.branches if ctx else ()))
+        rows = []
+        for row in kwargs["encoder_hidden_states"]:
+            prompt = [p for p, e in self.embeddings.items() if torch.equal(row, e)]
+            assert len(prompt) == 1, "the UNet was conditioned on a prompt that is neither source nor edit"
+            rows.append(self.pattern(prompt[0], latents.shape[1:]))
+        return UNet2DConditionOutput(sample=torch.stack(rows).to(output.sample.dtype))
+
+
+class hooked:  # noqa: N801 - used as a context manager
+    def __init__(self, unet, fake: FakeNoise):
+        self.unet, self.fake = unet, fake
+
+    def __enter__(self):
+        self.handle = self.unet.register_forward_hook(self.fake, with_kwargs=True)
+        return self.fake
+
+    def __exit__(self, *exc):
+        self.handle.remove()
+
+
+def _alphas(components) -> torch.Tensor:
+    config = components.scheduler_config
+    betas = torch.linspace(config["beta_start"] ** 0.5, config["beta_end"] ** 0.5, config["num_train_timesteps"],
+                           dtype=torch.float32) ** 2  # "scaled_linear"
+    return torch.cumprod(1 - betas, dim=0)
+
+
+def _ddim(eps, x, alpha_from, alpha_to):
+    """One deterministic DDIM move (eta 0) from noise level alpha_from to alpha_to."""
+    x0 = (x - (1 - alpha_from).sqrt() * eps) / alpha_from.sqrt()
+    return alpha_to.sqrt() * x0 + (1 - alpha_to).sqrt() * eps
+
+
+def _level(alphas, timestep):  # alpha-bar at a timestep; below 0 SD1.5 uses alpha-bar_0 (set_alpha_to_one False)
+    return alphas[timestep] if timestep >= 0 else alphas[0]
+
+
+def _inverted(tiny, clip, tmp_path, **config):
+    fake = FakeNoise(tiny, [SOURCE, EDIT])
+    with hooked(tiny.unet, fake):
+        entry = invert(tiny, clip, InversionConfig(steps=STEPS, flow_preset="ultrafast", **config),
+                       cache_dir=tmp_path).entry
+    return entry, fake
+
+
+def test_inversion_is_ddim_inversion_with_the_source_prompt(tiny, clip, tmp_path):
+    entry, fake = _inverted(tiny, clip, tmp_path)
+    alphas = _alphas(tiny)
+    eps = fake.patterns[SOURCE]
+    assert [t for t, _, _ in fake.calls] == TIMESTEPS[::-1]  # least noisy first
+    z = entry.read_latent(0)
+    for step, timestep in enumerate(TIMESTEPS[::-1]):
+        assert torch.equal(fake.calls[step][1], z)  # the UNet saw z_step at this step
+        z = _ddim(eps, z, _level(alphas, timestep - 1000 // STEPS), alphas[timestep])
+        assert torch.allclose(entry.read_latent(step + 1), z, rtol=1e-5, atol=1e-5), step
+
+
+def test_inversion_uses_the_prompt_it_is_given(tiny, clip, tmp_path):
+    entry, fake = _inverted(tiny, clip, tmp_path, prompt=EDIT)
+    assert set(fake.patterns) == {EDIT}
+    alphas = _alphas(tiny)
+    z1 = _ddim(fake.patterns[EDIT], entry.read_latent(0), alphas[0], alphas[1])
+    assert torch.allclose(entry.read_latent(1), z1, rtol=1e-5, atol=1e-5)
+
+
+def _expected_edit(tiny, entry, fake, guidance, *, positive=True, exact=False):
+    alphas = _alphas(tiny)
+    negative = fake.pattern(SOURCE, entry.read_latent(0).shape[1:])
+    guided = negative
+    if positive:
+        guided = negative + guidance * (fake.pattern(EDIT, negative.shape) - negative)
+    x = entry.read_latent(STEPS)
+    for k, timestep in enumerate(TIMESTEPS):
+        alpha_from, alpha_to = alphas[timestep], _level(alphas, timestep - 1000 // STEPS)
+        x_next = _ddim(guided, x, alpha_from, alpha_to)
+        if exact:  # the anchor branch: source prompt, fed the cached z_{T-k}
+            on_path = _ddim(negative, entry.read_latent(STEPS - k), alpha_from, alpha_to)
+            x_next = entry.read_latent(STEPS - 1 - k) + (x_next - on_path)
+        x = x_next
+    return x
+
+
+@pytest.mark.parametrize("guidance", [0.0, 1.0, 5.0])
+def test_edit_is_ddim_with_classifier_free_guidance(tiny, clip, tmp_path, guidance):
+    """g = 0 follows the source prompt, g = 1 the edit prompt, g = 5 extrapolates away from the source."""
+    entry, _ = _inverted(tiny, clip, tmp_path)
+    fake = FakeNoise(tiny, [SOURCE, EDIT])
+    with hooked(tiny.unet, fake):
+        result = edit(tiny, entry, EditConfig(prompt_edit=EDIT, guidance=guidance))
+    assert [t for t, _, _ in fake.calls] == TIMESTEPS
+    expected = _expected_edit(tiny, entry, fake, guidance)
+    assert torch.allclose(result.latents, expected, rtol=1e-4, atol=1e-4), (result.latents - expected).abs().max()
+
+
+def test_edit_with_the_source_prompt_runs_the_negative_branch_alone(tiny, clip, tmp_path):
+    entry, _ = _inverted(tiny, clip, tmp_path)
+    fake = FakeNoise(tiny, [SOURCE, EDIT])
+    with hooked(tiny.unet, fake):
+        result = edit(tiny, entry, EditConfig(prompt_edit=SOURCE, guidance=5.0, inject=False))
+    assert result.branches == ("negative",)
+    assert all(latents.shape[0] == SPEC.frames for _, latents, _ in fake.calls)  # one branch of 3 frames
+    expected = _expected_edit(tiny, entry, fake, 5.0, positive=False)
+    assert torch.allclose(result.latents, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_exact_edit_follows_the_inversion_path_correction(tiny, clip, tmp_path):
+    entry, _ = _inverted(tiny, clip, tmp_path)
+    fake = FakeNoise(tiny, [SOURCE, EDIT])
+    with hooked(tiny.unet, fake):
+        result = edit(tiny, entry, EditConfig(prompt_edit=EDIT, guidance=5.0, exact=True))
+    expected = _expected_edit(tiny, entry, fake, 5.0, exact=True)
+    assert torch.allclose(result.latents, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_source_branch_sees_what_the_inversion_fed_the_unet_at_each_timestep(tiny, clip, tmp_path):
+    """Recompute mode regenerates the inversion's features only if the source branch gets exactly the
+    inversion's input at the same timestep; the other branches get the edit latent."""
+    entry, inversion = _inverted(tiny, clip, tmp_path)
+    fed = {timestep: latents for timestep, latents, _ in inversion.calls}
+    fake = FakeNoise(tiny, [SOURCE, EDIT])
+    with hooked(tiny.unet, fake):
+        edit(tiny, entry, EditConfig(prompt_edit=EDIT, tau_app=0.5))
+    frames = SPEC.frames
+    x = entry.read_latent(STEPS)
+    for timestep, latents, branches in fake.calls:
+        assert branches == ("source", "negative", "positive")
+        rows = {name: latents[i * frames:(i + 1) * frames] for i, name in enumerate(branches)}
+        assert torch.equal(rows["source"], fed[timestep]), timestep
+        assert torch.equal(rows["negative"], rows["positive"])
+        if timestep == TIMESTEPS[0]:
+            assert torch.equal(rows["negative"], x)  # sampling starts from z_T
