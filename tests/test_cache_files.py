@@ -129,15 +129,6 @@ def test_cache_root_precedence(tmp_path, monkeypatch):
     assert cache.cache_root() == tmp_path / "home" / ".cache" / "diffferv"
 
 
-def test_file_hash_is_sha256_of_the_whole_file(tmp_path):
-    import hashlib
-
-    path = tmp_path / "data.bin"
-    data = bytes(range(256)) * 10
-    path.write_bytes(data)
-    assert cache.file_sha256(path, chunk=100) == hashlib.sha256(data).hexdigest()
-
-
 def test_the_key_of_a_request_is_stable_across_versions():
     """A request's key names its folder: if the hashing changed, every user's cached inversions would be
     silently orphaned (recomputed, the old folders left on disk). Changing it needs a FORMAT_VERSION bump."""
