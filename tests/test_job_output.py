@@ -7,10 +7,11 @@ from fractions import Fraction
 
 import numpy as np
 import pytest
+from media import make_test_clip
 
 from diffferv_cli.config import ClipSpec
 from diffferv_cli.editing.job import write_result
-from diffferv_cli.video.io import ffmpeg_exe, make_test_clip, probe, read_clip
+from diffferv_cli.video.io import ffmpeg_exe, probe, read_clip
 
 RATE = 44100
 # the source's audio tone changes every half second: 300, 600, 900, 1200 Hz

@@ -193,7 +193,7 @@ def test_windows_change_the_cache_key_only_when_the_schedule_changes(tiny, clip,
     from diffferv_cli.editing.inversion import cache_request, clip_windows
 
     def windows(**changes):
-        return cache_request(clip, tiny, _inversion(**changes), "sha")["windows"]
+        return cache_request(clip, tiny, _inversion(**changes))["windows"]
 
     assert windows(window_frames=12) == windows(window_frames=40) == [[0, 12]]
     assert windows(window_frames=6) == [[0, 6], [3, 9], [6, 12]]
