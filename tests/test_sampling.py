@@ -25,7 +25,9 @@ EDIT = "a photo of an old person"
 
 @pytest.fixture(scope="module")
 def clip(tmp_path_factory):
-    from diffferv_cli.video.io import make_test_clip, read_clip
+    from media import make_test_clip
+
+    from diffferv_cli.video.io import read_clip
 
     path = make_test_clip(tmp_path_factory.mktemp("clip") / "clip.mp4", width=96, height=64, frames=3, fps=24)
     return read_clip(path, SPEC)
