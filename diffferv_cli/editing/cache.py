@@ -63,14 +63,18 @@ def request_key(request: dict[str, Any]) -> str:
     return hashlib.sha256(canonical.encode()).hexdigest()[:24]
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
+def atomic_write_bytes(path: Path, data: bytes, *, durable: bool = True) -> None:
+    """Write `data` to a temporary file beside `path` and rename it into place: readers see the old or
+    the new file, never a part. `durable` also fsyncs the data before the rename (survives a power cut,
+    not only a killed process)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, temp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(handle, "wb") as out:
             out.write(data)
             out.flush()
-            os.fsync(out.fileno())
+            if durable:
+                os.fsync(out.fileno())
         os.replace(temp_name, path)
     except BaseException:
         Path(temp_name).unlink(missing_ok=True)
@@ -106,9 +110,12 @@ class CacheEntry:
     def has_features(self) -> bool:
         return bool(self.manifest.get("features_stored", False))
 
-    def save_manifest(self) -> None:
+    def save_manifest(self, *, durable: bool = True) -> None:
+        """Replace manifest.json atomically. The inversion loop saves it after every step with
+        `durable=False` (the step's latent itself was fsynced before) and durably at the end."""
         self.manifest["updated"] = time.strftime("%Y-%m-%dT%H:%M:%S")
-        atomic_write_bytes(self.manifest_path, json.dumps(self.manifest, indent=2, sort_keys=True).encode())
+        atomic_write_bytes(self.manifest_path, json.dumps(self.manifest, indent=2, sort_keys=True).encode(),
+                           durable=durable)
 
     # -- tensors -----------------------------------------------------------------------------------
     def _write_tensors(self, relative: str, tensors: dict[str, torch.Tensor]) -> None:
