@@ -58,6 +58,19 @@ def _is_cpu_target(args, kwargs) -> bool:
     return False
 
 
+def _has_mask_index(index) -> bool:
+    """Whether an indexing key holds a boolean mask (its size depends on the mask's values)."""
+    if isinstance(index, torch.Tensor):
+        return index.dtype == torch.bool and index.ndim > 0
+    if isinstance(index, (tuple, list)):
+        return any(_has_mask_index(part) for part in index)
+    return False
+
+
+_INDEXING = {torch.Tensor.__getitem__, torch.Tensor.__setitem__, torch.Tensor.index_put_, torch.Tensor.index_put,
+             torch.index_put}
+
+
 class _FunctionCounter(TorchFunctionMode):
     def __init__(self, owner: CallCounter):
         super().__init__()
@@ -70,6 +83,8 @@ class _FunctionCounter(TorchFunctionMode):
             self.owner._sync(_HOST_METHODS[func])
         elif func is torch.Tensor.to and args[0].device.type != "cpu" and _is_cpu_target(args, kwargs):
             self.owner._sync("device-to-host copy")
+        elif func in _INDEXING and len(args) > 1 and _has_mask_index(args[1]):
+            self.owner._sync("boolean indexing")
         elif func is torch.repeat_interleave or func is torch.Tensor.repeat_interleave:
             if isinstance(args[1] if len(args) > 1 else kwargs.get("repeats"), torch.Tensor) and \
                     kwargs.get("output_size") is None:
