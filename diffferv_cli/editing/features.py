@@ -25,7 +25,6 @@ from fractions import Fraction
 
 import torch
 
-
 KINDS = ("app", "motion", "cross")
 
 
