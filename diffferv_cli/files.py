@@ -53,24 +53,28 @@ def _fsync_folder(folder: Path) -> None:
 
 
 @contextlib.contextmanager
-def atomic_path(path: Path | str, mode: int | None = None) -> Iterator[Path]:
+def atomic_path(path: Path | str, mode: int | None = None, *, durable: bool = True) -> Iterator[Path]:
     """A temporary path beside `path`, renamed over it when the block succeeds (see the module notes).
 
-    `mode`: the new file's permission bits (default 0o666 less the umask, as `open()` would give)."""
+    `mode`: the new file's permission bits (default 0o666 less the umask, as `open()` would give).
+    `durable=False` skips the fsyncs: still atomic for readers and after a killed process, not after a
+    power cut (for a file rewritten every step whose durable copy follows later)."""
     path = Path(path)
     handle, name = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".partial" + path.suffix, dir=path.parent)
     os.close(handle)
     temp = Path(name)
     try:
         yield temp
-        with open(temp, "rb") as written:
-            os.fsync(written.fileno())
+        if durable:
+            with open(temp, "rb") as written:
+                os.fsync(written.fileno())
         os.chmod(temp, 0o666 & ~_umask() if mode is None else mode)
         os.replace(temp, path)
     except BaseException:
         temp.unlink(missing_ok=True)
         raise
-    _fsync_folder(path.parent)
+    if durable:
+        _fsync_folder(path.parent)
 
 
 def fsync_tree(folder: Path | str) -> None:
@@ -84,8 +88,8 @@ def fsync_tree(folder: Path | str) -> None:
         _fsync_folder(path)
 
 
-def atomic_write_bytes(path: Path | str, data: bytes) -> None:
-    with atomic_path(path) as temp:
+def atomic_write_bytes(path: Path | str, data: bytes, *, durable: bool = True) -> None:
+    with atomic_path(path, durable=durable) as temp:
         temp.write_bytes(data)
 
 

@@ -43,6 +43,7 @@ NoTtaOpt = Annotated[bool, typer.Option("--no-tta", help="No trajectory attentio
 FeaturesOpt = Annotated[str, typer.Option("--features", help="recompute (only latents on disk) or disk (features on disk).")]
 CacheOpt = Annotated[Path | None, typer.Option("--cache-dir", envvar="DIFFFERV_CACHE", help="Cache folder.")]
 ForceOpt = Annotated[bool, typer.Option("--force", help="Recompute the inversion even if cached.")]
+CompileOpt = Annotated[bool, typer.Option("--compile", help="Run the UNet through torch.compile (one graph for every step; pays off on long runs).")]
 FlowOpt = Annotated[str, typer.Option("--flow-preset", help="OpenCV DIS preset: ultrafast, fast, medium.")]
 WindowFramesOpt = Annotated[int, typer.Option(
     "--window-frames", help=f"Frames per temporal window: every UNet pass runs on overlapping windows of this "
@@ -157,6 +158,7 @@ def invert_cmd(
     features: FeaturesOpt = "recompute", flow_preset: FlowOpt = "medium",
     window_frames: WindowFramesOpt = DEFAULT_WINDOW_FRAMES, cache_dir: CacheOpt = None,
     force: ForceOpt = False, device: DeviceOpt = "auto", dtype: DtypeOpt = "auto", region: RegionOpt = "full",
+    compile_unet: CompileOpt = False,
 ) -> None:
     """Invert a clip (DDIM, temporal UNet) into the cache; later edits reuse it. Resumes if interrupted."""
     from diffferv_cli.editing.region import parse_region
@@ -170,7 +172,8 @@ def invert_cmd(
         video, components = _load(clip, spec, model, device, dtype, report, region)
         from diffferv_cli.editing.job import run_inversion
 
-        outcome = run_inversion(components, video, config, cache_dir=cache_dir, force=force, progress=report)
+        outcome = run_inversion(components, video, config, cache_dir=cache_dir, force=force, progress=report,
+                                compile_unet=compile_unet)
     state = "reused (already cached)" if outcome.steps_run == 0 else f"{outcome.steps_run} steps run"
     console.print(f"Inversion {state}: {outcome.entry.folder} ({outcome.entry.disk_bytes() / 1e6:.1f} MB)")
 
@@ -195,6 +198,7 @@ def edit_cmd(
     features: FeaturesOpt = "recompute", flow_preset: FlowOpt = "medium",
     window_frames: WindowFramesOpt = DEFAULT_WINDOW_FRAMES, cache_dir: CacheOpt = None,
     force: ForceOpt = False, device: DeviceOpt = "auto", dtype: DtypeOpt = "auto", region: RegionOpt = "full",
+    compile_unet: CompileOpt = False,
     composite: CompositeOpt = "residual", composite_threshold: ThresholdOpt = 0.1, lossless: LosslessOpt = False,
 ) -> None:
     """Edit a clip with presets or a prompt (inverts first when the cache has no inversion)."""
@@ -239,7 +243,8 @@ def edit_cmd(
         video, components = _load(clip, spec, model, device, dtype, report, region)
         outcome, written = run_edits(components, video, inversion, configs, cache_dir=cache_dir, force=force,
                                      out=out, overwrite=overwrite, side_by_side=side_by_side,
-                                     composite=compositing, lossless=lossless, progress=report)
+                                     composite=compositing, lossless=lossless, progress=report,
+                                     compile_unet=compile_unet)
     if outcome.steps_run == 0:
         console.print(f"Used the cached inversion {outcome.entry.folder}")
     for path in written:
@@ -259,6 +264,7 @@ def reconstruct_cmd(
     features: FeaturesOpt = "recompute", flow_preset: FlowOpt = "medium",
     window_frames: WindowFramesOpt = DEFAULT_WINDOW_FRAMES, cache_dir: CacheOpt = None,
     force: ForceOpt = False, device: DeviceOpt = "auto", dtype: DtypeOpt = "auto", region: RegionOpt = "full",
+    compile_unet: CompileOpt = False,
     composite: CompositeOpt = "residual", composite_threshold: ThresholdOpt = 0.1, lossless: LosslessOpt = False,
 ) -> None:
     """Reconstruct a clip from its cached inversion (the paper's path: preservation-feature injection) and
@@ -280,7 +286,7 @@ def reconstruct_cmd(
         video, components = _load(clip, spec, model, device, dtype, report, region)
         _, reconstruction = run_reconstruction(components, video, inversion, config, cache_dir=cache_dir,
                                                force=force, compare=compare, composite=compositing,
-                                               progress=report)
+                                               progress=report, compile_unet=compile_unet)
         write_result(video, reconstruction.result.frames, target, composite=compositing,
                      reference=reconstruction.reference, lossless=lossless, progress=report)
     working = "x".join(str(side) for side in video.geometry.working_size)

@@ -160,9 +160,11 @@ class CacheEntry:
     def has_features(self) -> bool:
         return bool(self.manifest.get("features_stored", False))
 
-    def save_manifest(self) -> None:
+    def save_manifest(self, *, durable: bool = True) -> None:
+        """Replace manifest.json atomically. The inversion loop saves it after every step with
+        `durable=False` (the step's latent itself was fsynced before) and durably at the end."""
         self.manifest["updated"] = time.strftime("%Y-%m-%dT%H:%M:%S")
-        atomic_write_bytes(self.manifest_path, to_json(self.manifest, sort_keys=True).encode())
+        atomic_write_bytes(self.manifest_path, to_json(self.manifest, sort_keys=True).encode(), durable=durable)
 
     # -- tensors -----------------------------------------------------------------------------------
     def _write_tensors(self, relative: str, tensors: dict[str, torch.Tensor]) -> None:

@@ -9,25 +9,27 @@ and hold no reference to any module.
     semantic    F_sem    = cross-attn maps                 key   "<layer>:cross"
 
 Values are never recorded or replaced: the edit arrives through them.
+
+No host sync happens inside a UNet call: when each kind is injected is a (steps, kinds) boolean table on
+the device, and a step's row (a view, `FeatureInjector.at_step`) selects with `torch.where` between the
+source features and the branch's own, so one compiled graph serves every step. The token maps of the
+cross-attention replacement are gather indices and masks made once per edit on the device.
 """
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass
 from fractions import Fraction
 
 import torch
 
+KINDS = ("app", "motion", "cross")
+
 
 def feature_key(layer: str, name: str) -> str:
     return f"{layer}:{name}"
-
-
-def _same_tensor(first: torch.Tensor, second: torch.Tensor) -> bool:
-    """The same memory seen the same way (TTA passes its one tensor h as both Q and K)."""
-    return (first.data_ptr() == second.data_ptr() and first.shape == second.shape
-            and first.stride() == second.stride() and first.dtype == second.dtype)
 
 
 class FeatureRecorder:
@@ -48,7 +50,7 @@ class FeatureRecorder:
         # (branches, frames, heads, tokens, head_dim) -> stored (frames, heads, tokens, head_dim)
         if self.keep:
             self.features[feature_key(layer, f"{kind}.q")] = query[0].to(self.dtype).clone()
-            if not _same_tensor(query, key):
+            if key is not query:  # TTA passes its one tensor h as both Q and K: stored once
                 self.features[feature_key(layer, f"{kind}.k")] = key[0].to(self.dtype).clone()
         return query, key
 
@@ -80,9 +82,20 @@ class InjectionSchedule:
     tau_motion: float = 1.0
     tau_cross: float = 1.0
 
+    def tau(self, kind: str) -> float:
+        return {"app": self.tau_app, "motion": self.tau_motion, "cross": self.tau_cross}[kind]
+
     def active(self, kind: str, step: int) -> bool:
-        tau = {"app": self.tau_app, "motion": self.tau_motion, "cross": self.tau_cross}[kind]
-        return step < injected_steps(tau, self.steps)
+        return step < injected_steps(self.tau(kind), self.steps)
+
+    def ever(self, kind: str) -> bool:
+        """Whether `kind` is injected in any step."""
+        return injected_steps(self.tau(kind), self.steps) > 0
+
+    def table(self, device: torch.device | str | None = None) -> torch.Tensor:
+        """(steps, 3) bool: row `step`, column `KINDS.index(kind)` = `active(kind, step)`."""
+        counts = torch.tensor([injected_steps(self.tau(kind), self.steps) for kind in KINDS])
+        return (torch.arange(self.steps)[:, None] < counts[None, :]).to(device)
 
 
 class FeatureInjector:
@@ -90,53 +103,76 @@ class FeatureInjector:
 
     Source features come either from the branch named `source_branch` of the same UNet call (recompute
     mode: that branch is fed exactly the inversion's latent, so its features are the inversion's) or from
-    `stored` (disk mode: loaded from the cache for the current step, see `set_stored`).
+    `stored` (disk mode: the cache's features of the current step, already on the device).
 
     Cross-attention maps are replaced only for tokens a target's prompt shares with the source prompt
-    (`token_maps[branch]`: source token position per target token, -1 for new words)."""
+    (`token_maps[branch]`: source token position per target token, -1 for new words).
 
-    def __init__(self, schedule: InjectionSchedule, targets: tuple[str, ...], token_maps: dict[str, torch.Tensor],
-                 source_branch: str | None = "source"):
+    Made once per edit for the UNet call's branch layout `branches`; the loop hands the processors
+    `injector.at_step(step)`, which carries that step's on/off flags as a device tensor (and, in disk
+    mode, the stored features). Explicit cross-attention maps are computed in every step when any step
+    replaces them (`wants_cross_maps`), so every step runs the same graph."""
+
+    def __init__(self, schedule: InjectionSchedule, branches: tuple[str, ...], targets: tuple[str, ...],
+                 token_maps: dict[str, torch.Tensor], source_branch: str | None = "source",
+                 device: torch.device | str | None = None):
         self.schedule = schedule
+        self.branches = branches
         self.targets = targets
-        self.token_maps = token_maps
         self.source_branch = source_branch
         self.stored: dict[str, torch.Tensor] | None = None
+        self.flags = schedule.table(device)  # (steps, 3) bool, on the device
+        self.active = self.flags[0]  # (3,) this step's flags
+        self.ever = {kind: schedule.ever(kind) for kind in KINDS}
+        is_target = torch.tensor([name in targets for name in branches])
+        self.target_mask = is_target.view(-1, 1, 1, 1, 1).to(device)  # (branches, 1, 1, 1, 1)
+        # cross maps: per branch, the source position of each text token and whether it is replaced
+        text_tokens = len(next(iter(token_maps.values()))) if token_maps else 0
+        mapping = torch.full((len(branches), text_tokens), -1, dtype=torch.long)
+        for name in targets:
+            mapping[branches.index(name)] = token_maps[name]
+        self.token_gather = mapping.clamp(min=0).reshape(-1).to(device)  # (branches*text_tokens,)
+        self.token_keep = (mapping >= 0)[:, None, None, None, :].to(device)  # (branches, 1, 1, 1, text)
 
-    def set_stored(self, features: dict[str, torch.Tensor] | None) -> None:
-        self.stored = features
+    def at_step(self, step: int, stored: dict[str, torch.Tensor] | None = None) -> FeatureInjector:
+        """This injector for sampling step `step`: the same precomputed tensors, that step's flags (a view
+        of the device table) and, in disk mode, that step's stored features."""
+        step_injector = copy.copy(self)
+        step_injector.active = self.flags[step]
+        step_injector.stored = stored
+        return step_injector
 
     def _source(self, ctx, layer: str, name: str, live: torch.Tensor) -> torch.Tensor:
         if self.source_branch is not None:
             return live[ctx.branch_index(self.source_branch)]
         if self.stored is None:
-            raise RuntimeError("disk feature mode needs set_stored() before the UNet call")
+            raise RuntimeError("disk feature mode needs the step's stored features (at_step(step, stored))")
         stored_name = feature_key(layer, name)
         if stored_name not in self.stored and name.endswith(".k"):  # K stored once when it is Q
             stored_name = feature_key(layer, name[:-2] + ".q")
         return self.stored[stored_name].to(device=live.device, dtype=live.dtype)
 
+    def _override(self, kind: str, live: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
+        """live (branches, frames, heads, tokens, d) with the target branches replaced by `source`
+        (frames, heads, tokens, d) when `kind` is on in this step."""
+        use = self.target_mask & self.active[KINDS.index(kind)]
+        return torch.where(use, source, live)
+
     def self_attention(self, ctx, layer, kind, query, key):
-        if not self.schedule.active(kind, ctx.step):
+        if not self.ever[kind]:
             return query, key
-        source_query = self._source(ctx, layer, f"{kind}.q", query)  # (frames, heads, tokens, head_dim)
-        source_key = self._source(ctx, layer, f"{kind}.k", key)
-        query, key = query.clone(), key.clone()
-        for name in self.targets:
-            branch = ctx.branch_index(name)
-            query[branch] = source_query
-            key[branch] = source_key
-        return query, key
+        new_query = self._override(kind, query, self._source(ctx, layer, f"{kind}.q", query))
+        if key is query and (self.stored is None or feature_key(layer, f"{kind}.k") not in self.stored):
+            return new_query, new_query  # TTA's Q = K = h
+        return new_query, self._override(kind, key, self._source(ctx, layer, f"{kind}.k", key))
 
     def wants_cross_maps(self, ctx, layer) -> bool:
-        return self.schedule.active("cross", ctx.step)
+        return self.ever["cross"]
 
     def cross_attention(self, ctx, layer, probs):
         source = self._source(ctx, layer, "cross", probs)  # (frames, heads, tokens, text_tokens)
-        probs = probs.clone()
-        for name in self.targets:
-            branch = ctx.branch_index(name)
-            mapping = self.token_maps[name].to(probs.device)
-            shared = (mapping >= 0).nonzero().squeeze(1)
-            probs[branch][..., shared] = source[..., mapping[shared]]
-        return probs
+        text_tokens = source.shape[-1]
+        replaced = source.index_select(-1, self.token_gather)  # (frames, heads, tokens, branches*text)
+        replaced = replaced.view(*source.shape[:-1], len(self.branches), text_tokens).movedim(-2, 0)
+        use = self.token_keep & self.active[KINDS.index("cross")]  # (branches, 1, 1, 1, text_tokens)
+        return torch.where(use, replaced, probs)

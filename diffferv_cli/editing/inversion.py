@@ -23,6 +23,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 from diffusers import DDIMInverseScheduler
@@ -38,6 +39,7 @@ from diffferv_cli.editing.cache import (
     open_entry,
 )
 from diffferv_cli.editing.features import FeatureRecorder
+from diffferv_cli.editing.prefetch import HostTensor, LatentStream, WriteBehind, to_host
 from diffferv_cli.editing.prompts import encode_prompts
 from diffferv_cli.editing.vae import encode_frames
 from diffferv_cli.temporal.context import AttentionContext
@@ -128,7 +130,14 @@ def window_plan(entry: CacheEntry, components, branches: tuple[str, ...]) -> Win
         contexts.append(AttentionContext(frames=window.frames, branches=branches,
                                          latent_size=tuple(entry.manifest["latent_size"]), trajectories=trajectories,
                                          window=temporal["window"], swcfa=temporal["swcfa"], tta=temporal["tta"]))
-    return WindowPlan(frames, windows, blend_weights(windows, frames), contexts)
+    weights = [weight.to(components.device) for weight in blend_weights(windows, frames)]
+    return WindowPlan(frames, windows, weights, contexts)
+
+
+def unet_for_loop(unet, compile_unet: bool = False):
+    """The UNet as the step loops call it: itself, or `torch.compile(unet)` (one graph for every step of a
+    run: nothing a step changes is read as a Python value inside the call)."""
+    return torch.compile(unet, dynamic=False) if compile_unet else unet
 
 
 def inverse_scheduler(components, steps: int) -> DDIMInverseScheduler:
@@ -138,19 +147,22 @@ def inverse_scheduler(components, steps: int) -> DDIMInverseScheduler:
 
 
 def invert(components, clip, config: InversionConfig, *, cache_dir=None, force: bool = False,
-           progress: Progress = None) -> InversionOutcome:
+           progress: Progress = None, compile_unet: bool = False) -> InversionOutcome:
     """Invert `clip` (or resume / reuse its cached inversion) and return the cache entry. Holds the
-    entry's lock meanwhile: a concurrent run on the same entry waits, then reuses the result."""
+    entry's lock meanwhile: a concurrent run on the same entry waits, then reuses the result.
+
+    The step loop keeps the latents on the device; cache reads run ahead of it and writes behind it in
+    background threads (editing/prefetch.py). `compile_unet`: run the UNet through `torch.compile`."""
     report = progress or (lambda stage, done, total: None)
     request = cache_request(clip, components, config)
     root = cache_root(cache_dir)
     with entry_lock(root, request):
         entry = open_entry(root, request, force=force)
-        ran = _run(components, clip, config, entry, report)
+        ran = _run(components, clip, config, entry, report, compile_unet)
     return InversionOutcome(entry, ran)
 
 
-def _run(components, clip, config: InversionConfig, entry: CacheEntry, report) -> int:
+def _run(components, clip, config: InversionConfig, entry: CacheEntry, report, compile_unet: bool) -> int:
     """The inversion steps `entry` lacks (all, some after an interruption, or none); UNet passes run."""
     from diffferv_cli.temporal.flow import DISFlow, flow_pairs
     from diffferv_cli.temporal.trajectories import link_clip, token_grids
@@ -182,47 +194,63 @@ def _run(components, clip, config: InversionConfig, entry: CacheEntry, report) -
         start = min(start, int(manifest.get("feature_steps", 0)))
     steps = config.steps
     scheduler = inverse_scheduler(components, steps)
-    manifest["timesteps"] = [int(t) for t in scheduler.timesteps]
+    timesteps = [int(t) for t in scheduler.timesteps]
+    manifest["timesteps"] = timesteps
+    timestep_inputs = scheduler.timesteps.to(components.device)  # the UNet's timestep, read as a view per step
     prompt = encode_prompts(components, [config.prompt])  # (1, 77, hidden)
     # the same control in both modes, so that both compute the same latents (module notes)
     recorder = FeatureRecorder(dtype=components.dtype, keep=want_features)
     plan = window_plan(entry, components, ("source",))
-    latent = entry.read_latent(start)  # float32 (m, 4, h, w)
+    texts = {window.frames: prompt.repeat(window.frames, 1, 1) for window in plan.windows}  # (L, 77, hidden)
+    finished = entry.finished_steps  # the writer thread owns the manifest during the loop
+    # features added to a finished inversion follow the cached path, whose latents are the ones recompute
+    # mode feeds, so that both modes see the same features
+    cached_path = [start, *range(start + 1, min(finished, steps) + 1)]
+    unet = unet_for_loop(components.unet, compile_unet)
     stage = f"invert: {plan.passes(steps - start)}" + (f" (from step {start})" if start else "")
     total = (steps - start) * plan.frames_per_pass
     report(stage, 0, total)
     ran = done = 0
-    with temporal_attention(components.unet), torch.inference_mode():
+    with temporal_attention(components.unet), torch.inference_mode(), \
+            LatentStream(entry, cached_path, components.device) as cached, WriteBehind() as writer:
+        latent = cached(start)  # float32 (m, 4, h, w), on the device from here on
         for step in range(start, steps):
-            timestep = scheduler.timesteps[step]
             blended = plan.blend(tuple(latent.shape[1:]))
+            window_features = []
             for index, (window, context) in enumerate(zip(plan.windows, plan.contexts, strict=True)):
                 recorder.reset()
-                ctx = context.at_step(step, timestep, control=recorder)
-                text = prompt.repeat(window.frames, 1, 1)  # (L, 77, hidden)
-                window_latent = latent[window.slice].to(components.device, components.dtype)
-                noise = components.unet(window_latent, timestep, encoder_hidden_states=text,
-                                        cross_attention_kwargs={"ctx": ctx}).sample
+                ctx = context.at_step(step, timesteps[step], control=recorder)
+                noise = unet(latent[window.slice].to(components.dtype), timestep_inputs[step],
+                             encoder_hidden_states=texts[window.frames], cross_attention_kwargs={"ctx": ctx}).sample
                 blended.add(index, noise)
                 if want_features:
-                    entry.write_features(step, recorder.features, window=index)
+                    window_features.append(to_host(recorder.features))
                 done += window.frames
                 report(stage, done, total)
-            noise = blended.result
-            if step + 1 <= entry.finished_steps:
-                # features added to a finished inversion: keep the cached path (recomputing it gives the
-                # same latents; reading them is cheaper and keeps the files' hashes)
-                latent = entry.read_latent(step + 1)
+            if step + 1 <= finished:
+                latent, written = cached(step + 1), None
             else:
-                latent = scheduler.step(noise, timestep, latent).prev_sample  # z_{step+1}
-                entry.write_latent(step + 1, latent)
-            if want_features:
-                manifest["feature_steps"] = step + 1
-            manifest["finished_steps"] = max(entry.finished_steps, step + 1)
-            manifest["features_stored"] = int(manifest.get("feature_steps", 0)) >= steps
-            entry.save_manifest()
+                latent = scheduler.step(blended.result, timesteps[step], latent).prev_sample  # z_{step+1}
+                written = HostTensor(latent)
+            writer.submit(partial(_finish_step, entry, step, written, window_features if want_features else None))
             ran += 1
+    entry.save_manifest()  # durable
     return ran
+
+
+def _finish_step(entry: CacheEntry, step: int, latent: HostTensor | None, window_features: list | None) -> None:
+    """Writer thread: step `step`'s output latent z_{step+1} (fsynced) and features (one file per window),
+    then the manifest that names them (atomic rename; fsynced at the end of the run)."""
+    manifest = entry.manifest
+    if latent is not None:
+        entry.write_latent(step + 1, latent.get())
+    if window_features is not None:
+        for index, features in enumerate(window_features):
+            entry.write_features(step, {name: tensor.get() for name, tensor in features.items()}, window=index)
+        manifest["feature_steps"] = step + 1
+    manifest["finished_steps"] = max(entry.finished_steps, step + 1)
+    manifest["features_stored"] = int(manifest.get("feature_steps", 0)) >= entry.steps
+    entry.save_manifest(durable=False)
 
 
 def _geometry_dict(clip) -> dict:

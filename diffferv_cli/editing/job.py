@@ -100,23 +100,26 @@ def source_reference(components, entry, progress: Progress = None) -> np.ndarray
 
 
 def run_inversion(components, clip, config: InversionConfig, *, cache_dir=None, force=False,
-                  progress: Progress = None) -> InversionOutcome:
-    return invert(components, clip, config, cache_dir=cache_dir, force=force, progress=progress)
+                  progress: Progress = None, compile_unet: bool = False) -> InversionOutcome:
+    return invert(components, clip, config, cache_dir=cache_dir, force=force, progress=progress,
+                  compile_unet=compile_unet)
 
 
 def run_edits(components, clip, inversion: InversionConfig, edits: list[tuple[str, EditConfig]], *,
               cache_dir=None, force=False, out: Path | None = None, overwrite=False, side_by_side=False,
               composite: CompositeConfig = CompositeConfig(), lossless: bool = False,
-              progress: Progress = None) -> tuple[InversionOutcome, list[Path]]:
+              progress: Progress = None, compile_unet: bool = False) -> tuple[InversionOutcome, list[Path]]:
     """Invert once (or reuse the cache), then sample and write every edit."""
     targets = [output_path(clip.info.path, label, out, len(edits)) for label, _ in edits]
     for target in targets + ([side_by_side_path(target) for target in targets] if side_by_side else []):
         check_writable(target, [clip.info.path], overwrite)
-    outcome = run_inversion(components, clip, inversion, cache_dir=cache_dir, force=force, progress=progress)
+    outcome = run_inversion(components, clip, inversion, cache_dir=cache_dir, force=force, progress=progress,
+                            compile_unet=compile_unet)
     reference = source_reference(components, outcome.entry, progress) if composite.mode == "residual" else None
     written: list[Path] = []
     for (_, config), target in zip(edits, targets, strict=True):
-        result = edit(components, outcome.entry, config, feature_mode=inversion.feature_mode, progress=progress)
+        result = edit(components, outcome.entry, config, feature_mode=inversion.feature_mode, progress=progress,
+                      compile_unet=compile_unet)
         written += write_result(clip, result.frames, target, side_by_side=side_by_side, composite=composite,
                                 reference=reference, lossless=lossless, progress=progress)
     return outcome, written
@@ -159,13 +162,14 @@ def _path_label(config: EditConfig) -> str:
 
 def run_reconstruction(components, clip, inversion: InversionConfig, config: EditConfig, *, cache_dir=None,
                        force=False, compare=False, composite: CompositeConfig = CompositeConfig(),
-                       progress: Progress = None) -> tuple[InversionOutcome, Reconstruction]:
+                       progress: Progress = None, compile_unet: bool = False) -> tuple[InversionOutcome, Reconstruction]:
     """Reconstruction (edit prompt = source prompt) from the cache, with metrics against the input frames
     at working size: the VAE round trip alone (the floor), then the chosen path, then, with `compare`,
     the other two of: injected (the paper's method), exact (injected + the exact correction), plain DDIM;
     and at source resolution: the round trip and the chosen path scaled up as they are (`replace`) and
     the chosen path composited into the source frames (`residual`)."""
-    outcome = run_inversion(components, clip, inversion, cache_dir=cache_dir, force=force, progress=progress)
+    outcome = run_inversion(components, clip, inversion, cache_dir=cache_dir, force=force, progress=progress,
+                            compile_unet=compile_unet)
     entry = outcome.entry
     z0 = entry.read_latent(0)
     floor = source_reference(components, entry, progress)
@@ -177,7 +181,8 @@ def run_reconstruction(components, clip, inversion: InversionConfig, config: Edi
                   if config.model_copy(update=change) != config]
     result = None
     for path_config in paths:
-        path_result = edit(components, entry, path_config, feature_mode=inversion.feature_mode, progress=progress)
+        path_result = edit(components, entry, path_config, feature_mode=inversion.feature_mode, progress=progress,
+                           compile_unet=compile_unet)
         result = result or path_result
         metrics[_path_label(path_config)] = {**frame_metrics(clip.frames, path_result.frames),
                                              "latent_mse": float(((path_result.latents - z0) ** 2).mean())}

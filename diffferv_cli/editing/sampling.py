@@ -35,7 +35,8 @@ from diffusers import DDIMScheduler
 from diffferv_cli.config import EditConfig
 from diffferv_cli.editing.cache import CacheEntry
 from diffferv_cli.editing.features import FeatureInjector, InjectionSchedule
-from diffferv_cli.editing.inversion import window_plan
+from diffferv_cli.editing.inversion import unet_for_loop, window_plan
+from diffferv_cli.editing.prefetch import FeatureStream, LatentStream
 from diffferv_cli.editing.prompts import encode_prompts, token_alignment
 from diffferv_cli.editing.vae import decode_latents
 from diffferv_cli.errors import UserError
@@ -64,9 +65,13 @@ def branch_layout(config: EditConfig, source_prompt: str, feature_mode: str) -> 
 
 
 def edit(components, entry: CacheEntry, config: EditConfig, *, feature_mode: str = "recompute",
-         progress: Progress = None, decode: bool = True) -> EditResult:
+         progress: Progress = None, decode: bool = True, compile_unet: bool = False) -> EditResult:
     """Sample the edit from the cached inversion in `entry` and, with `decode`, decode it to frames (a
-    writer that streams them decodes `latents` with `vae.decoded_frames` instead)."""
+    writer that streams them decodes `latents` with `vae.decoded_frames` instead).
+
+    The step loop keeps every latent on the device; the cached latents (and disk-mode features) are read
+    ahead of it in a background thread, each file once (editing/prefetch.py). `compile_unet`: run the UNet
+    through `torch.compile`."""
     report = progress or (lambda stage, done, total: None)
     request = entry.manifest["request"]
     source_prompt, steps = request["prompt"], int(request["steps"])
@@ -79,19 +84,22 @@ def edit(components, entry: CacheEntry, config: EditConfig, *, feature_mode: str
                "positive": config.prompt_edit}
     embeddings = encode_prompts(components, [prompts[name] for name in branches])  # (branches, 77, hidden)
 
+    device = components.device
     injector = None
     if config.inject:
         schedule = InjectionSchedule(steps, config.tau_app, config.tau_motion, config.tau_cross)
         targets = tuple(name for name in branches if name != "source")
         token_maps = {name: token_alignment(components.tokenizer, source_prompt, prompts[name]) for name in targets}
-        injector = FeatureInjector(schedule, targets, token_maps,
-                                   source_branch="source" if feature_mode == "recompute" else None)
+        injector = FeatureInjector(schedule, branches, targets, token_maps,
+                                   source_branch="source" if feature_mode == "recompute" else None, device=device)
 
     scheduler = DDIMScheduler.from_config(components.scheduler_config)
     scheduler.set_timesteps(steps)
     inversion_timesteps = entry.manifest["timesteps"]
-    if [int(t) for t in scheduler.timesteps] != inversion_timesteps[::-1]:
+    timesteps = [int(t) for t in scheduler.timesteps]
+    if timesteps != inversion_timesteps[::-1]:
         raise UserError(f"The cache at {entry.folder} was inverted with other timesteps; rerun with --force.")
+    timestep_inputs = scheduler.timesteps.to(device)  # the UNet's timestep, read as a view per step
     plan = window_plan(entry, components, branches)
     texts = {window.frames: embeddings.repeat_interleave(window.frames, dim=0)  # (branches*L, 77, hidden)
              for window in plan.windows}
@@ -99,21 +107,31 @@ def edit(components, entry: CacheEntry, config: EditConfig, *, feature_mode: str
     stage = f"edit: {plan.passes(steps)}"
     total, done = steps * plan.frames_per_pass, 0
     report(stage, 0, total)
-    x = entry.read_latent(steps)  # z_T, float32 (m, 4, h, w)
-    with temporal_attention(components.unet), torch.inference_mode():
-        for k, timestep in enumerate(scheduler.timesteps):
+    # cached latents in the order the loop reads them: z_T, then per step k (inversion step s = T-1-k)
+    # the anchor's z_{s+1} and the source branch's / exact correction's z_s
+    reads_source = "source" in branches or config.exact
+    order = [steps] + [index for k in range(steps) for index in
+                       ([steps - k] if "anchor" in branches else []) + ([steps - 1 - k] if reads_source else [])]
+    disk_features = injector is not None and feature_mode == "disk"
+    feature_order = [(steps - 1 - k, index) for k in range(steps) for index in range(len(plan.windows))]
+    unet = unet_for_loop(components.unet, compile_unet)
+    with temporal_attention(components.unet), torch.inference_mode(), \
+            LatentStream(entry, order, device) as cached, \
+            FeatureStream(entry, feature_order if disk_features else [], device) as stored:
+        x = cached(steps)  # z_T, float32 (m, 4, h, w), on the device from here on
+        for k, timestep in enumerate(timesteps):
             inversion_step = steps - 1 - k  # the inversion step that ran at this timestep
-            cached = {"source": inversion_step, "anchor": inversion_step + 1}  # branches fed from the cache
-            latents_in = {name: entry.read_latent(cached[name]) if name in cached else x for name in branches}
+            cached_index = {"source": inversion_step, "anchor": inversion_step + 1}  # branches fed from the cache
+            latents_in = {name: cached(cached_index[name]) if name in cached_index else x for name in branches}
             blends = {name: plan.blend(tuple(x.shape[1:])) for name in predicted}
             for index, (window, context) in enumerate(zip(plan.windows, plan.contexts, strict=True)):
-                if injector is not None and feature_mode == "disk":
-                    injector.set_stored(entry.read_features(inversion_step, window=index))
+                control = None
+                if injector is not None:
+                    control = injector.at_step(k, stored(inversion_step, index) if disk_features else None)
                 batch = torch.cat([latents_in[name][window.slice] for name in branches])  # (branches*L, 4, h, w)
-                ctx = context.at_step(k, timestep, control=injector)
-                noise = components.unet(batch.to(components.device, components.dtype), timestep,
-                                        encoder_hidden_states=texts[window.frames],
-                                        cross_attention_kwargs={"ctx": ctx}).sample
+                ctx = context.at_step(k, timestep, control=control)
+                noise = unet(batch.to(components.dtype), timestep_inputs[k], encoder_hidden_states=texts[window.frames],
+                             cross_attention_kwargs={"ctx": ctx}).sample
                 for name, window_noise in zip(branches, noise.chunk(len(branches)), strict=True):
                     if name in blends:
                         blends[name].add(index, window_noise)
@@ -128,7 +146,8 @@ def edit(components, entry: CacheEntry, config: EditConfig, *, feature_mode: str
                 on_path = scheduler.step(eps["anchor"], timestep, latents_in["anchor"]).prev_sample
                 # z + (edit step - anchor step): when the edit path is on the inversion path the bracket
                 # is exactly zero, so reconstruction lands on the cached latents bit for bit
-                x_next = entry.read_latent(inversion_step) + (x_next - on_path)
+                x_next = cached(inversion_step) + (x_next - on_path)
             x = x_next
+    x = x.cpu()  # the edit leaves the device once, at the end
     frames_out = decode_latents(components.vae, x, progress=lambda d, t: report("decode", d, t)) if decode else None
     return EditResult(latents=x, frames=frames_out, branches=branches)

@@ -25,6 +25,8 @@ from typing import TYPE_CHECKING, Literal, Protocol
 
 import torch
 
+from diffferv_cli.temporal.plan import TrajectoryPlan
+
 if TYPE_CHECKING:
     from diffferv_cli.temporal.trajectories import TrajectorySet
 
@@ -51,7 +53,14 @@ class FeatureControl(Protocol):
 
 @dataclass
 class AttentionContext:
-    """What the processors need to know about the current UNet call."""
+    """What the processors need to know about the current UNet call.
+
+    `trajectories` are the clip's (or the temporal window's) trajectories; `plan` is what TTA reads, their
+    `TrajectoryPlan` on the device, built once from `trajectories` when the context is made (which also
+    checks them) and carried along by `at_step`. Only `plan` is read inside a UNet call, and nothing that
+    changes from step to step (`step`, `timestep`) is read there by the processors, so one compiled graph
+    serves every step. A `FeatureControl` that switches per step reads device tensors it is handed
+    before the call (see editing/features.py)."""
 
     frames: int
     branches: tuple[str, ...] = ("main",)
@@ -63,6 +72,13 @@ class AttentionContext:
     step: int = 0
     timestep: int = 0
     control: FeatureControl | None = None
+    plan: TrajectoryPlan | None = None
+
+    def __post_init__(self) -> None:
+        if self.trajectories is None:
+            self.plan = None
+        elif self.plan is None or self.plan.source is not self.trajectories:
+            self.plan = TrajectoryPlan.build(self.trajectories)
 
     @property
     def batch(self) -> int:

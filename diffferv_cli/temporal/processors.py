@@ -28,9 +28,13 @@ import torch
 import torch.nn.functional as F
 
 from diffferv_cli.temporal.context import AttentionContext, FeatureKind
+from diffferv_cli.temporal.plan import GridPlan, check_partition
 
 if TYPE_CHECKING:
     from diffferv_cli.temporal.trajectories import TrajectoryGrid
+
+__all__ = ["CrossAttention", "TemporalSelfAttention", "check_partition", "sliding_window_attention",
+           "trajectory_attention", "window_bounds"]
 
 # Explicit cross-attention maps are computed this many score elements at a time (256 MB in float32).
 CROSS_SCORES_CHUNK = 1 << 26
@@ -105,66 +109,32 @@ def _frame_windows(per_frame: torch.Tensor, span: int) -> torch.Tensor:
 
 
 def trajectory_attention(
-    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, grid: TrajectoryGrid, scale: float
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, grid: GridPlan | TrajectoryGrid, scale: float
 ) -> torch.Tensor:
     """TTA (eq. 8): every token attends to all tokens of its trajectory (same branch).
 
     query, key, value: (branches, frames*tokens, heads, head_dim), tokens numbered frame*tokens + p as
-    in `TrajectoryGrid.index`; returns the same shape.
+    in `TrajectoryGrid.index`; returns the same shape. `grid` is the grid's precomputed `GridPlan` (a
+    `TrajectoryGrid` is checked and planned on the spot: for tests and one-off calls).
 
-    Trajectories are gathered with index tensors in a few length buckets (rows are sorted longest first;
-    a bucket holds the rows longer than half its longest row, so padding at most doubles the work;
-    padded keys are masked). Singleton trajectories attend only to themselves: their output is their
-    own value, no attention needed."""
+    Trajectories are gathered in the plan's length buckets (padded keys masked); singleton trajectories
+    attend only to themselves, so their output is their own value. No host sync: every index is in the
+    plan. The same tensor passed as query, key and value is gathered once."""
+    plan = grid if isinstance(grid, GridPlan) else GridPlan.build(grid, query.device)
     branches, _, heads, head_dim = value.shape
-    index = grid.index.to(query.device)
-    lengths = grid.lengths.to(query.device)
-    output = value.new_empty(value.shape)
-    with_company = int((lengths > 1).sum())  # rows with at least 2 tokens come first
-    start = 0
-    while start < with_company:
-        longest = int(lengths[start])
-        end = int((lengths > longest // 2).sum())  # rows of length longest//2+1 .. longest
-        rows = index[start:end, :longest]  # (rows, longest), -1 padded
-        slots = rows.clamp(min=0).reshape(-1)  # (rows*longest,)
-        # (branches*rows, longest, heads, head_dim): one sequence per trajectory and branch
-        query_rows, key_rows, value_rows = (
-            x.index_select(1, slots).view(branches * (end - start), longest, heads, head_dim)
-            for x in (query, key, value)
-        )
-        valid = rows >= 0
-        full = int(lengths[end - 1]) == longest
-        mask = None if full else valid.repeat(branches, 1)[:, None, None, :]  # (branches*rows, 1, 1, slots)
+    pieces = []
+    for bucket in plan.buckets:
+        def rows(tensor, bucket=bucket):  # (branches*rows, length, heads, head_dim): one row per sequence
+            return tensor.index_select(1, bucket.slots).view(branches * bucket.rows, bucket.length, heads, head_dim)
+
+        query_rows = rows(query)
+        key_rows = query_rows if key is query else rows(key)
+        value_rows = query_rows if value is query else key_rows if value is key else rows(value)
+        mask = None if bucket.mask is None else bucket.mask.repeat(branches, 1, 1, 1)  # (branches*rows, 1, 1, L)
         attended = attend(query_rows, key_rows, value_rows, scale, mask)
-        attended = attended.reshape(branches, -1, heads, head_dim)  # (branches, rows*longest, heads, d)
-        if full:
-            output.index_copy_(1, slots, attended)
-        else:
-            keep = valid.reshape(-1).nonzero().squeeze(1)
-            output.index_copy_(1, slots[keep], attended.index_select(1, keep))
-        start = end
-    singletons = index[with_company:, 0]
-    output.index_copy_(1, singletons, value.index_select(1, singletons))
-    return output
-
-
-def check_partition(grid: TrajectoryGrid, frames: int, tokens: int) -> None:
-    """Raise ValueError unless `grid` partitions the frames*tokens tokens of this call (the TTA contract)."""
-    if grid.frames != frames or grid.tokens != tokens:
-        raise ValueError(
-            f"trajectories are for {grid.frames} frames of a {grid.height}x{grid.width} grid, but the UNet "
-            f"call has {frames} frames of {tokens} tokens"
-        )
-    index, lengths = grid.index, grid.lengths
-    if lengths.numel() > 1 and bool((lengths[1:] > lengths[:-1]).any()):
-        raise ValueError("trajectory rows must be sorted longest first")
-    slots = torch.arange(index.shape[1], device=index.device)
-    if not torch.equal(index >= 0, slots[None, :] < lengths[:, None]):
-        raise ValueError("trajectory rows must be left-aligned, -1 padded, and match their lengths")
-    members = index[index >= 0]
-    counts = torch.bincount(members, minlength=frames * tokens) if members.numel() else members
-    if members.numel() != frames * tokens or counts.numel() != frames * tokens or bool((counts != 1).any()):
-        raise ValueError("trajectories must hold every token of every frame exactly once")
+        pieces.append(attended.view(branches, bucket.rows * bucket.length, heads, head_dim))
+    pieces.append(value.index_select(1, plan.singletons))
+    return torch.cat(pieces, dim=1).index_select(1, plan.inverse)  # (branches, frames*tokens, heads, head_dim)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -336,33 +306,46 @@ class TemporalSelfAttention:
         """Hand Q,K to the control as (branches, frames, heads, tokens, head_dim); take them back."""
         if ctx.control is None:
             return query, key
-        query_heads, key_heads = query.transpose(2, 3), key.transpose(2, 3)
+        query_heads = query.transpose(2, 3)
+        key_heads = query_heads if key is query else key.transpose(2, 3)
         new_query, new_key = ctx.control.self_attention(ctx, self.layer, kind, query_heads, key_heads)
-        new_query = _checked(new_query, query_heads, f"{kind} query").transpose(2, 3)
-        new_key = _checked(new_key, key_heads, f"{kind} key").transpose(2, 3)
+        # the tensors handed back unchanged come back as themselves, a shared Q = K stays one tensor
+        same_key = new_key is new_query
+        new_query = query if new_query is query_heads else _checked(new_query, query_heads, f"{kind} query").transpose(2, 3)
+        if same_key:
+            new_key = new_query
+        else:
+            new_key = key if new_key is key_heads else _checked(new_key, key_heads, f"{kind} key").transpose(2, 3)
         return new_query, new_key
 
-    def _trajectory_grid(self, ctx: AttentionContext, tokens: int, spatial_shape) -> TrajectoryGrid | None:
-        """The trajectories of this layer's grid, or None when TTA is off or the grid has none."""
-        if not ctx.tta or ctx.trajectories is None:
+    def _trajectory_grid(self, ctx: AttentionContext, tokens: int, spatial_shape) -> GridPlan | None:
+        """The precomputed TTA plan of this layer's grid, or None when TTA is off or the grid has none."""
+        if not ctx.tta or ctx.plan is None:
             return None
         height, width = spatial_shape[1:] if spatial_shape is not None else ctx.grid_for(tokens)
-        grid = ctx.trajectories.grids.get((height, width))
-        if grid is not None:
-            check_partition(grid, ctx.frames, tokens)
+        grid = ctx.plan.get(height, width)
+        if grid is not None and (grid.frames != ctx.frames or grid.tokens != tokens):
+            raise ValueError(
+                f"{self.layer}: trajectories are for {grid.frames} frames of a {grid.height}x{grid.width} grid, "
+                f"but the UNet call has {ctx.frames} frames of {tokens} tokens"
+            )
         return grid
 
-    def _trajectory_attention(self, attn, ctx: AttentionContext, hidden_states, grid) -> torch.Tensor:
+    def _trajectory_attention(self, attn, ctx: AttentionContext, hidden_states, grid: GridPlan) -> torch.Tensor:
         """TTA (eq. 8) with Q_TTA = K_TTA = V_TTA = h, h the SWCFA output split into heads.
         (batch, tokens, heads*head_dim) -> the same shape."""
         batch, tokens, _ = hidden_states.shape
-        leading = (len(ctx.branches), ctx.frames)
-        per_head = _split_heads(hidden_states, leading, attn.heads)  # (B, m, N, heads, head_dim)
-        query, key = self._control(ctx, "motion", per_head, per_head)
-        clip = (leading[0], ctx.frames * tokens, attn.heads, -1)  # (B, m*N, heads, head_dim)
-        attended = trajectory_attention(
-            query.reshape(clip), key.reshape(clip), per_head.reshape(clip), grid, attn.scale
-        )
+        clip = (len(ctx.branches), ctx.frames * tokens, attn.heads, -1)  # (B, m*N, heads, head_dim)
+        values = hidden_states.view(clip)
+        query = key = values
+        if ctx.control is not None:
+            per_head = values.view(len(ctx.branches), ctx.frames, tokens, attn.heads, -1)  # (B, m, N, heads, d)
+            new_query, new_key = self._control(ctx, "motion", per_head, per_head)
+            if new_query is not per_head:
+                query = new_query.reshape(clip)
+            if new_key is not per_head:
+                key = query if new_key is new_query else new_key.reshape(clip)
+        attended = trajectory_attention(query, key, values, grid, attn.scale)
         return attended.reshape(batch, tokens, -1).to(hidden_states.dtype)
 
 

@@ -97,17 +97,19 @@ def blend_weights(windows: list[Window], frames: int) -> list[torch.Tensor]:
 
 class NoiseBlend:
     """Accumulates the windows' noise predictions of one UNet pass over the clip into one (frames, ...)
-    tensor: `add(k, eps_k)` for every window, then `result`. Float32, on the CPU."""
+    tensor: `add(k, eps_k)` for every window, then `result`. Float32, on the weights' device (the step
+    loops keep it on the UNet's device)."""
 
     def __init__(self, windows: list[Window], weights: list[torch.Tensor], shape: tuple[int, ...]):
         self.windows, self.weights = windows, weights
-        self.result = torch.zeros(shape, dtype=torch.float32)  # (frames, channels, height, width)
+        device = weights[0].device if weights else None
+        self.result = torch.zeros(shape, dtype=torch.float32, device=device)  # (frames, channels, height, width)
 
     def add(self, index: int, noise: torch.Tensor) -> None:
         window, weight = self.windows[index], self.weights[index]
         if noise.shape[0] != window.frames:
             raise ValueError(f"window {index} has {window.frames} frames, its noise {noise.shape[0]}")
-        self.result[window.slice] += weight.view(-1, *([1] * (noise.ndim - 1))) * noise.float().cpu()
+        self.result[window.slice] += weight.view(-1, *([1] * (noise.ndim - 1))) * noise.float().to(self.result.device)
 
 
 def blend(windows: list[Window], predictions: list[torch.Tensor], frames: int) -> torch.Tensor:
