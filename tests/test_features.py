@@ -41,10 +41,10 @@ BRANCHES = ("source", "negative", "positive")
 TOKEN_MAP = torch.tensor([0, 1, 3, -1, 4, 5])
 
 
-def _injector(steps=4, source_branch="source", **taus):
+def _injector(steps=4, source_branch="source", branches=BRANCHES, **taus):
     schedule = InjectionSchedule(steps, **taus)
     maps = {"negative": torch.arange(6), "positive": TOKEN_MAP}
-    return FeatureInjector(schedule, ("negative", "positive"), maps, source_branch=source_branch)
+    return FeatureInjector(schedule, branches, ("negative", "positive"), maps, source_branch=source_branch)
 
 
 def _ctx(step=0, branches=BRANCHES):
@@ -68,16 +68,23 @@ def test_self_attention_replaces_target_queries_and_keys_while_active_only():
     injector = _injector(steps=4, tau_app=0.5, tau_motion=0.25)
     for step, kind, active in [(0, "app", True), (1, "app", True), (2, "app", False), (0, "motion", True),
                                (1, "motion", False)]:
-        new_query, new_key = injector.self_attention(_ctx(step), "layer", kind, query, key)
+        new_query, new_key = injector.at_step(step).self_attention(_ctx(step), "layer", kind, query, key)
         for branch in range(3):
             from_source = active and branch > 0
             assert torch.equal(new_query[branch], query[0] if from_source else query[branch]), (step, kind, branch)
             assert torch.equal(new_key[branch], key[0] if from_source else key[branch]), (step, kind, branch)
 
 
-def test_cross_maps_are_asked_for_while_tau_cross_is_active():
+def test_cross_maps_are_replaced_while_tau_cross_is_active():
+    """Maps are computed in every step when any step replaces them (one graph for every step); they are
+    replaced in the first round(tau_cross * T) steps only."""
     injector = _injector(steps=4, tau_cross=0.75)
-    assert [injector.wants_cross_maps(_ctx(step), "layer") for step in range(4)] == [True, True, True, False]
+    assert all(injector.at_step(step).wants_cross_maps(_ctx(step), "layer") for step in range(4))
+    assert not _injector(steps=4, tau_cross=0.0).wants_cross_maps(_ctx(), "layer")
+    probs = torch.rand(3, 2, 2, 5, 6, generator=torch.Generator().manual_seed(5))
+    replaced = [not torch.equal(injector.at_step(step).cross_attention(_ctx(step), "layer", probs), probs)
+                for step in range(4)]
+    assert replaced == [True, True, True, False]
 
 
 def test_disk_mode_takes_the_stored_features_of_the_layer():
@@ -91,10 +98,10 @@ def test_disk_mode_takes_the_stored_features_of_the_layer():
               "b:app.q": torch.rand(2, 2, 5, 4, generator=generator),
               "b:app.k": torch.rand(2, 2, 5, 4, generator=generator),
               "a:cross": torch.rand(2, 2, 5, 6, generator=generator)}
-    injector = _injector(source_branch=None)
-    with pytest.raises(RuntimeError, match="set_stored"):
-        injector.self_attention(_ctx(branches=branches), "a", "app", query, key)
-    injector.set_stored(stored)
+    injector = _injector(source_branch=None, branches=branches)
+    with pytest.raises(RuntimeError, match="stored features"):
+        injector.at_step(0).self_attention(_ctx(branches=branches), "a", "app", query, key)
+    injector = injector.at_step(0, stored)
     new_query, new_key = injector.self_attention(_ctx(branches=branches), "a", "app", query, key)
     assert all(torch.equal(new_query[b], stored["a:app.q"]) and torch.equal(new_key[b], stored["a:app.k"])
                for b in range(2))
@@ -127,7 +134,7 @@ def test_only_the_target_branches_are_overridden():
     generator = torch.Generator().manual_seed(4)
     query, key = torch.rand(3, 2, 2, 5, 4, generator=generator), torch.rand(3, 2, 2, 5, 4, generator=generator)
     probs = torch.rand(3, 2, 2, 5, 6, generator=generator)
-    injector = FeatureInjector(InjectionSchedule(4), ("positive",), {"positive": torch.arange(6)})  # recompute mode
+    injector = FeatureInjector(InjectionSchedule(4), BRANCHES, ("positive",), {"positive": torch.arange(6)})  # recompute mode
     new_query, new_key = injector.self_attention(_ctx(), "layer", "app", query, key)
     out = injector.cross_attention(_ctx(), "layer", probs)
     for new, old in ((new_query, query), (new_key, key), (out, probs)):
