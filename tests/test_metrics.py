@@ -321,32 +321,41 @@ def test_clip_iqa_per_frame_scale_and_no_overflow():
     assert metrics.clip_iqa_from_similarities(np.array([9.0]), np.array([0.0]), logit_scale=1000)[0] == 1.0
 
 
-def test_lpips_status_names_what_is_missing(tmp_path, monkeypatch):
+def test_lpips_loader_names_what_is_missing(tmp_path, monkeypatch):
     import importlib.util
     import sys
     import types
 
     import torch
 
+    from diffferv_cli import components
+
     real_find_spec = importlib.util.find_spec
+    components.load_lpips.cache_clear()
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "lpips" else real_find_spec(name, *a))
-    assert "not installed" in str(metrics.lpips_status())
+    assert "not installed" in components.load_lpips()[1]
+    components.load_lpips.cache_clear()
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name == "lpips" else real_find_spec(name, *a))
     monkeypatch.setitem(sys.modules, "lpips", None)  # import fails
-    assert "does not import (ModuleNotFoundError" in str(metrics.lpips_status())
-    monkeypatch.setitem(sys.modules, "lpips", types.ModuleType("lpips"))
+    assert "does not import (ModuleNotFoundError" in components.load_lpips()[1]
+    components.load_lpips.cache_clear()
+    module = types.ModuleType("lpips")
+    module.LPIPS = lambda net, verbose: types.SimpleNamespace(eval=lambda: "model")
+    monkeypatch.setitem(sys.modules, "lpips", module)
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
-    missing = metrics.lpips_status()
-    assert isinstance(missing, metrics.Unavailable) and str(tmp_path / "checkpoints") in str(missing)
+    model, reason = components.load_lpips()
+    assert model is None and str(tmp_path / "checkpoints") in reason
+    assert isinstance(metrics.lpips_per_frame(np.zeros((1, 4, 4, 3), np.uint8), np.zeros((1, 4, 4, 3), np.uint8)),
+                      metrics.Unavailable)
+    components.load_lpips.cache_clear()
     (tmp_path / "checkpoints").mkdir()
-    (tmp_path / "checkpoints" / "alexnet-owt-7be5be79.pth").write_bytes(b"")
-    assert metrics.lpips_status() is None
+    (tmp_path / "checkpoints" / components.ALEXNET_WEIGHTS).write_bytes(b"")
+    assert components.load_lpips() == ("model", None)
+    components.load_lpips.cache_clear()
 
 
 def test_lpips_feeds_minus_one_to_one_images_per_frame(monkeypatch):
     """With a stand-in LPIPS model (mean absolute difference): inputs are (1, 3, H, W) in [-1, 1]."""
-    import sys
-    import types
 
     seen = []
 
@@ -361,10 +370,9 @@ def test_lpips_feeds_minus_one_to_one_images_per_frame(monkeypatch):
             seen.append((tuple(first.shape), float(first.min()), float(first.max())))
             return (first - second).abs().mean().reshape(1, 1, 1, 1)
 
-    module = types.ModuleType("lpips")
-    module.LPIPS = StandIn
-    monkeypatch.setitem(sys.modules, "lpips", module)
-    monkeypatch.setattr(metrics, "lpips_status", lambda: None)
+    from diffferv_cli import components
+
+    monkeypatch.setattr(components, "load_lpips", lambda: (StandIn("alex", False).eval(), None))
     source = np.zeros((2, 3, 5, 3), np.uint8)
     edited = source.copy()
     edited[1] = 255
