@@ -10,7 +10,7 @@ FLOPs, dominates). Calls: the stock UNet (one branch), the temporal UNet for an 
 and for an edit step in recompute mode (source, negative, positive; appearance, motion and cross maps
 injected). Sync points and torch calls come from `diffferv_cli.temporal.counting.CallCounter` (they do not
 depend on the device). Times are the best of --repeats after warmup; on the CPU, process CPU seconds.
-Steps per second: `invert` / `edit` on a generated clip, timed from the first to the last step report;
+Steps per second: `invert` / `edit` on a clip generated in memory (`common.synthetic_clip`), timed from the first to the last step report;
 "no I/O" runs the same loops with the cache held in memory (CacheEntry's file reads/writes replaced);
 the two alternate, best of two each.
 No assertion: it only reports.
@@ -139,15 +139,13 @@ class _InMemory:
 
 
 def steps_per_second(components, frames: int, size: int, steps: int, work: Path) -> dict[str, dict[str, float]]:
-    from common import make_test_clip
+    from common import synthetic_clip
 
-    from diffferv_cli.config import ClipSpec, EditConfig, InversionConfig
+    from diffferv_cli.config import EditConfig, InversionConfig
     from diffferv_cli.editing.inversion import invert
     from diffferv_cli.editing.sampling import edit
-    from diffferv_cli.video.io import read_clip
 
-    video = make_test_clip(work / "clip.mp4", width=size, height=size, frames=frames, fps=24)
-    clip = read_clip(video, ClipSpec(short_side=size, multiple=16))
+    clip = synthetic_clip(frames, size, size, multiple=16)
     config = InversionConfig(steps=steps, flow_preset="ultrafast")
     results: dict[str, dict[str, float]] = {"inversion": {}, "edit": {}}
 

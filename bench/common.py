@@ -165,3 +165,19 @@ def textured_clip(frames: int, height: int, width: int, seed: int = 0) -> np.nda
         image[inside] = disk_texture[inside]
         clip[frame] = image
     return clip
+
+
+def synthetic_clip(frames: int, height: int, width: int, seed: int = 0, multiple: int = 64):
+    """A `Clip` held in memory: `frames` generated frames at working size (no file behind it)."""
+    from diffferv_cli.config import ClipSpec
+    from diffferv_cli.video.geometry import working_geometry
+    from diffferv_cli.video.io import Clip
+    from diffferv_cli.video.probe import VideoInfo
+
+    spec = ClipSpec(short_side=min(height, width), multiple=multiple)
+    info = VideoInfo(path=Path("synthetic.mp4"), width=width, height=height, rotation=0, fps=24.0,
+                     fps_fraction="24/1", frame_count=frames, duration=frames / 24, has_audio=False, codec="none")
+    geometry = working_geometry((width, height), spec)
+    if geometry.working_size != (width, height):
+        raise SystemExit(f"frame sizes must be multiples of {multiple}")
+    return Clip(info, spec, geometry, tuple(range(frames)), textured_clip(frames, height, width, seed))

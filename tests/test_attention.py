@@ -90,10 +90,13 @@ def _reference_unet(unet, latents, text, ctx):
 # --------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize(
-    "frames, window", [(1, 3), (2, 3), (4, 1), (4, 2), (5, 3), (5, 4), (6, 5), (3, 7), (8, 3)]
+    "frames, window", [(1, 3), (2, 3), (4, 1), (4, 2), (5, 3), (5, 4), (6, 5), (3, 7), (8, 3), (4, 5), (5, 7), (9, 7)]
 )
-def test_sliding_window_equals_naive(frames, window):
-    query, key, value = _random_qkv(frames=frames)
+@pytest.mark.parametrize("branches", [1, 3])
+def test_sliding_window_equals_naive(frames, window, branches):
+    """Every branch count and window/clip shape: interior runs straddling two branches must be overwritten
+    by the edge frames' own windows, and short clips (every frame clamped) grouped correctly."""
+    query, key, value = _random_qkv(branches=branches, frames=frames)
     fast = sliding_window_attention(*map(_token_major, (query, key, value)), window, 0.5)
     torch.testing.assert_close(_token_major(fast), naive_swcfa(query, key, value, window, 0.5), **TOL)
 

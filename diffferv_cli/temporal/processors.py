@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
+from diffusers.models.attention_processor import AttnProcessor2_0
 
 from diffferv_cli.temporal.context import AttentionContext, FeatureKind
 from diffferv_cli.temporal.plan import GridPlan, check_partition
@@ -35,6 +36,10 @@ if TYPE_CHECKING:
 
 __all__ = ["CrossAttention", "TemporalSelfAttention", "check_partition", "sliding_window_attention",
            "trajectory_attention", "window_bounds"]
+
+# The stock processor: layers with nothing temporal to do (no context, or cross-attention without explicit
+# maps) run exactly what the pretrained UNet runs.
+_STOCK = AttnProcessor2_0()
 
 # Explicit cross-attention maps are computed this many score elements at a time (256 MB in float32).
 CROSS_SCORES_CHUNK = 1 << 26
@@ -74,38 +79,68 @@ def sliding_window_attention(
 
     query, key, value: (branches, frames, tokens, heads, head_dim); returns the same shape.
 
-    Interior frames (full window) are done in one attention call per branch, their windows being views
-    of the key/value memory (no copy); the `2 * (window // 2)` edge frames, whose clamped windows are
-    shorter, get one call each. Memory stays O(frames * window * tokens) for the scores' blocks."""
+    One attention call for the frames with a full window, of every branch at once: the branches' frames
+    are laid end to end and every run of `2 * (window // 2) + 1` consecutive frames is a view of the
+    key/value memory (no copy). Runs that straddle two branches are computed and overwritten: they are
+    centred on edge frames, whose clamped windows are shorter and get one call per window length (left
+    and right edges of all branches together). Memory stays O(frames * window * tokens)."""
     branches, frames, tokens, heads, head_dim = query.shape
     radius = window // 2
     if radius == 0 or frames == 1:  # eq. 5: per-frame self-attention
         flat = (branches * frames, tokens, heads, head_dim)
         return attend(query.reshape(flat), key.reshape(flat), value.reshape(flat), scale).reshape(query.shape)
 
-    span = 2 * radius + 1
-    output = query.new_empty(query.shape)
-    first, last = radius, frames - radius  # interior frames: first .. last-1
-    if last > first:
-        for branch in range(branches):
-            keys_window = _frame_windows(key[branch], span)  # (interior, span*tokens, heads, head_dim)
-            values_window = _frame_windows(value[branch], span)
-            output[branch, first:last] = attend(query[branch, first:last], keys_window, values_window, scale)
-    for frame in [*range(0, min(first, frames)), *range(max(last, first), frames)]:
-        low, high = window_bounds(frame, frames, window)
-        keys_window = key[:, low : high + 1].reshape(branches, -1, heads, head_dim)  # (branches, n*tokens, ...)
-        values_window = value[:, low : high + 1].reshape(branches, -1, heads, head_dim)
-        output[:, frame] = attend(query[:, frame], keys_window, values_window, scale)
+    span, rows = 2 * radius + 1, branches * frames
+    output = query.new_empty((branches, frames, tokens, heads, head_dim))
+    if frames >= span:  # frames radius .. frames-radius-1 of each branch have a full window
+        flat, runs = (rows * tokens, heads, head_dim), (0, span * tokens, tokens)
+        # unfold: every run of `span` frames, one frame apart -> (rows-span+1, heads, span*tokens, head_dim)
+        keys = key.reshape(flat).unfold(*runs).permute(0, 1, 3, 2)
+        values = value.reshape(flat).unfold(*runs).permute(0, 1, 3, 2)
+        centred = query.reshape(rows, tokens, heads, head_dim)[radius : rows - radius].transpose(1, 2)
+        attended = F.scaled_dot_product_attention(centred, keys, values, scale=scale)  # (.., heads, tokens, d)
+        output.view(rows, tokens, heads, head_dim)[radius : rows - radius] = attended.transpose(1, 2)
+    for frames_slice, group_windows in _edge_groups(frames, window):
+        count, length = len(group_windows), group_windows[0][1] - group_windows[0][0]
+
+        def windows(tensor, group_windows=group_windows, count=count, length=length):
+            pieces = [tensor[:, low:high] for low, high in group_windows]  # (branches, length, tokens, ...)
+            stacked = pieces[0] if count == 1 else torch.stack(pieces)
+            return stacked.reshape(count * branches, length * tokens, heads, head_dim).transpose(1, 2)
+
+        queries = query[:, frames_slice].transpose(0, 1).reshape(count * branches, tokens, heads, head_dim)
+        attended = F.scaled_dot_product_attention(queries.transpose(1, 2), windows(key), windows(value), scale=scale)
+        output[:, frames_slice] = attended.transpose(1, 2).view(count, branches, tokens, heads, head_dim).transpose(0, 1)
     return output
 
 
-def _frame_windows(per_frame: torch.Tensor, span: int) -> torch.Tensor:
-    """All runs of `span` consecutive frames as a view: (frames, tokens, heads, head_dim) ->
-    (frames - span + 1, span * tokens, heads, head_dim). Run j holds frames j .. j+span-1."""
-    frames, tokens, heads, head_dim = per_frame.shape
-    flat = per_frame.contiguous().view(frames * tokens, heads, head_dim)
-    runs = flat.unfold(0, span * tokens, tokens)  # (runs, heads, head_dim, span*tokens)
-    return runs.permute(0, 3, 1, 2)
+def _edge_groups(frames: int, window: int) -> tuple[tuple[slice, tuple[tuple[int, int], ...]], ...]:
+    """The frames whose SWCFA window is clamped (shorter than `2 * (window // 2) + 1` frames), grouped by
+    window length, one attention call per group: (frames as a slice, ((first, last + 1) per frame)).
+
+    A group is a pair of frames f, frames-1-f (the clamp is symmetric) or, when the clip is shorter than
+    a window, a run of middle frames; either way an arithmetic progression, hence a slice. Plain ints
+    (no tensors): torch.compile traces it to constants."""
+    span = 2 * (window // 2) + 1
+    groups: dict[int, list[int]] = {}
+    for frame in range(frames):
+        low, high = window_bounds(frame, frames, window)
+        if high - low + 1 < span:
+            groups.setdefault(high - low + 1, []).append(frame)
+    result = []
+    for members in groups.values():
+        step = members[1] - members[0] if len(members) > 1 else 1
+        if members != list(range(members[0], members[-1] + 1, step)):  # not a progression: one call per frame
+            result += [(slice(frame, frame + 1), (_bounds(frame, frames, window),)) for frame in members]
+        else:
+            result.append((slice(members[0], members[-1] + 1, step),
+                           tuple(_bounds(frame, frames, window) for frame in members)))
+    return tuple(result)
+
+
+def _bounds(frame: int, frames: int, window: int) -> tuple[int, int]:
+    low, high = window_bounds(frame, frames, window)
+    return low, high + 1
 
 
 def trajectory_attention(
@@ -124,21 +159,23 @@ def trajectory_attention(
     branches, _, heads, head_dim = value.shape
     pieces = []
     for bucket in plan.buckets:
-        def rows(tensor, bucket=bucket):  # (branches*rows, length, heads, head_dim): one row per sequence
-            return tensor.index_select(1, bucket.slots).view(branches * bucket.rows, bucket.length, heads, head_dim)
+        sequences = branches * bucket.rows
+
+        def rows(tensor, bucket=bucket, sequences=sequences):  # (branches*rows, heads, length, head_dim)
+            return tensor.index_select(1, bucket.slots).view(sequences, bucket.length, heads, head_dim).transpose(1, 2)
 
         query_rows = rows(query)
         key_rows = query_rows if key is query else rows(key)
         value_rows = query_rows if value is query else key_rows if value is key else rows(value)
-        mask = None if bucket.mask is None else bucket.mask.repeat(branches, 1, 1, 1)  # (branches*rows, 1, 1, L)
-        attended = attend(query_rows, key_rows, value_rows, scale, mask)
-        pieces.append(attended.view(branches, bucket.rows * bucket.length, heads, head_dim))
+        mask = bucket.mask if bucket.mask is None or branches == 1 else bucket.mask.repeat(branches, 1, 1, 1)
+        attended = F.scaled_dot_product_attention(query_rows, key_rows, value_rows, attn_mask=mask, scale=scale)
+        pieces.append(attended.transpose(1, 2).reshape(branches, bucket.rows * bucket.length, heads, head_dim))
     pieces.append(value.index_select(1, plan.singletons))
     return torch.cat(pieces, dim=1).index_select(1, plan.inverse)  # (branches, frames*tokens, heads, head_dim)
 
 
 # --------------------------------------------------------------------------------------------------
-# the stock AttnProcessor2_0 structure, shared by both processors
+# the stock AttnProcessor2_0 structure, for the temporal paths
 # --------------------------------------------------------------------------------------------------
 
 def _enter(attn, hidden_states: torch.Tensor, temb: torch.Tensor | None):
@@ -183,9 +220,10 @@ def _context_tokens(attn, hidden_states, encoder_hidden_states):
     return encoder_hidden_states
 
 
-def _split_heads(projected: torch.Tensor, leading: tuple[int, ...], heads: int) -> torch.Tensor:
-    """(batch, tokens, heads*head_dim) -> (*leading, tokens, heads, head_dim), a view."""
-    return projected.view(*leading, projected.shape[1], heads, projected.shape[-1] // heads)
+def _projected_heads(linear, hidden_states: torch.Tensor, leading: tuple[int, ...], tokens: int,
+                     heads: int) -> torch.Tensor:
+    """linear(hidden_states) as (*leading, tokens, heads, head_dim), sizes known up front (no shape reads)."""
+    return linear(hidden_states).view(*leading, tokens, heads, linear.out_features // heads)
 
 
 def _norm_query_key(attn, query: torch.Tensor, key: torch.Tensor):
@@ -195,20 +233,6 @@ def _norm_query_key(attn, query: torch.Tensor, key: torch.Tensor):
     if attn.norm_k is not None:
         key = attn.norm_k(key)
     return query, key
-
-
-def _stock_attention(attn, hidden_states, encoder_hidden_states, attention_mask) -> torch.Tensor:
-    """AttnProcessor2_0 between the preamble and `to_out`: each batch row attends on its own.
-    (batch, tokens, channels) -> (batch, tokens, heads*head_dim)."""
-    batch = hidden_states.shape[0]
-    context = _context_tokens(attn, hidden_states, encoder_hidden_states)
-    mask = _prepare_mask(attn, attention_mask, context.shape[1], batch)
-    query = _split_heads(attn.to_q(hidden_states), (batch,), attn.heads)  # (batch, tokens, heads, head_dim)
-    key = _split_heads(attn.to_k(context), (batch,), attn.heads)
-    value = _split_heads(attn.to_v(context), (batch,), attn.heads)
-    query, key = _norm_query_key(attn, query, key)
-    attended = attend(query, key, value, attn.scale, mask)  # (batch, tokens, heads, head_dim)
-    return attended.reshape(batch, -1, attended.shape[-2] * attended.shape[-1]).to(query.dtype)
 
 
 def _check_batch(ctx: AttentionContext, batch: int, layer: str) -> None:
@@ -270,29 +294,28 @@ class TemporalSelfAttention:
         ctx: AttentionContext | None = None,
         **kwargs,
     ) -> torch.Tensor:
-        residual = hidden_states
-        hidden_states, spatial_shape = _enter(attn, hidden_states, temb)
         if ctx is None:
-            hidden_states = _stock_attention(attn, hidden_states, encoder_hidden_states, attention_mask)
-            return _leave(attn, hidden_states, residual, spatial_shape)
+            return _STOCK(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
         if encoder_hidden_states is not None or attention_mask is not None:
             raise ValueError(f"{self.layer}: temporal self-attention takes no encoder states and no mask")
+        residual = hidden_states
+        hidden_states, spatial_shape = _enter(attn, hidden_states, temb)
 
         batch, tokens, _ = hidden_states.shape
         _check_batch(ctx, batch, self.layer)
         leading = (len(ctx.branches), ctx.frames)
 
         # 1. projections (eq. 6): (branches, frames, tokens, heads, head_dim)
-        query = _split_heads(attn.to_q(hidden_states), leading, attn.heads)
-        key = _split_heads(attn.to_k(hidden_states), leading, attn.heads)
-        value = _split_heads(attn.to_v(hidden_states), leading, attn.heads)
+        query = _projected_heads(attn.to_q, hidden_states, leading, tokens, attn.heads)
+        key = _projected_heads(attn.to_k, hidden_states, leading, tokens, attn.heads)
+        value = _projected_heads(attn.to_v, hidden_states, leading, tokens, attn.heads)
         query, key = _norm_query_key(attn, query, key)
         query, key = self._control(ctx, "app", query, key)
 
         # 2. SWCFA (eq. 6), or per-frame self-attention (eq. 5)
         window = ctx.window if ctx.swcfa else 1
         attended = sliding_window_attention(query, key, value, window, attn.scale)
-        hidden_states = attended.reshape(batch, tokens, -1).to(query.dtype)  # (batch, tokens, heads*head_dim)
+        hidden_states = attended.reshape(batch, tokens, -1)  # (batch, tokens, heads*head_dim)
 
         # 3. TTA (eq. 8) along the trajectories of this grid, replacing the SWCFA output
         grid = self._trajectory_grid(ctx, tokens, spatial_shape)
@@ -346,7 +369,7 @@ class TemporalSelfAttention:
             if new_key is not per_head:
                 key = query if new_key is new_query else new_key.reshape(clip)
         attended = trajectory_attention(query, key, values, grid, attn.scale)
-        return attended.reshape(batch, tokens, -1).to(hidden_states.dtype)
+        return attended.reshape(batch, tokens, -1)
 
 
 class CrossAttention:
@@ -371,27 +394,28 @@ class CrossAttention:
         ctx: AttentionContext | None = None,
         **kwargs,
     ) -> torch.Tensor:
+        if ctx is None or ctx.control is None or not ctx.control.wants_cross_maps(ctx, self.layer):
+            return _STOCK(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
         residual = hidden_states
         hidden_states, spatial_shape = _enter(attn, hidden_states, temb)
-        if ctx is None or ctx.control is None or not ctx.control.wants_cross_maps(ctx, self.layer):
-            hidden_states = _stock_attention(attn, hidden_states, encoder_hidden_states, attention_mask)
-            return _leave(attn, hidden_states, residual, spatial_shape)
 
         batch, tokens, _ = hidden_states.shape
         _check_batch(ctx, batch, self.layer)
         context = _context_tokens(attn, hidden_states, encoder_hidden_states)
-        mask = _prepare_mask(attn, attention_mask, context.shape[1], batch)
+        text_tokens = context.shape[1]
+        mask = _prepare_mask(attn, attention_mask, text_tokens, batch)
         # (batch, heads, tokens, head_dim) and (batch, heads, text_tokens, head_dim)
-        query = _split_heads(attn.to_q(hidden_states), (batch,), attn.heads).transpose(1, 2)
-        key = _split_heads(attn.to_k(context), (batch,), attn.heads).transpose(1, 2)
-        value = _split_heads(attn.to_v(context), (batch,), attn.heads).transpose(1, 2)
+        query = _projected_heads(attn.to_q, hidden_states, (batch,), tokens, attn.heads).transpose(1, 2)
+        key = _projected_heads(attn.to_k, context, (batch,), text_tokens, attn.heads).transpose(1, 2)
+        value = _projected_heads(attn.to_v, context, (batch,), text_tokens, attn.heads).transpose(1, 2)
         query, key = _norm_query_key(attn, query, key)
 
-        probs = self._maps(query, key, mask, attn.scale)  # (batch, heads, tokens, text_tokens)
-        maps = probs.view(len(ctx.branches), ctx.frames, *probs.shape[1:])
+        probs = self._maps(query, key, mask, attn.scale)  # (batch, heads, tokens, text_tokens), float32
+        maps_shape = (len(ctx.branches), ctx.frames, attn.heads, tokens, text_tokens)
+        maps = probs.view(maps_shape)
         maps = _checked(ctx.control.cross_attention(ctx, self.layer, maps), maps, "cross-attention maps")
-        attended = torch.matmul(maps.reshape(probs.shape).to(value.dtype), value)  # (batch, heads, tokens, d)
-        hidden_states = attended.transpose(1, 2).reshape(batch, tokens, -1).to(query.dtype)
+        attended = torch.matmul(maps.reshape(batch, attn.heads, tokens, text_tokens).to(value.dtype), value)  # (batch, heads, tokens, d)
+        hidden_states = attended.transpose(1, 2).reshape(batch, tokens, -1)
         return _leave(attn, hidden_states, residual, spatial_shape)
 
     @staticmethod
