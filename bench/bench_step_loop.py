@@ -184,6 +184,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile timings")
+    parser.add_argument("--calls-only", action="store_true", help="only the per-call figures (no steps/s runs)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -204,8 +205,10 @@ def main(argv: list[str] | None = None) -> None:
                 rows.append({"figure": f"{name} UNet call: {mode} s", "value": f"{values[f'{mode} s'] * 1e3:.1f} ms "
                              f"({values[f'{mode} ratio']:.2f}x stock {mode})",
                              "goal": "<= 1.3x stock" if name == "inversion" else ""})
-    with tempfile.TemporaryDirectory() as work:
-        rates = steps_per_second(components, args.frames, args.size, args.steps, Path(work))
+    rates = {}
+    if not args.calls_only:
+        with tempfile.TemporaryDirectory() as work:
+            rates = steps_per_second(components, args.frames, args.size, args.steps, Path(work))
     for loop, by_io in rates.items():
         hidden = by_io["with cache I/O"] / by_io["no I/O"]
         rows.append({"figure": f"{loop} steps/s with cache I/O / without", "value":
