@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
@@ -31,7 +32,7 @@ def clip(clip_path):
 
 
 def _inversion(**changes) -> InversionConfig:
-    return InversionConfig(steps=STEPS, flow_preset="ultrafast", **changes)
+    return InversionConfig(**{"steps": STEPS, "flow_preset": "ultrafast", **changes})
 
 
 def test_invert_then_edit_is_deterministic_and_reuses_the_cache(tiny, clip, tmp_path):
@@ -166,6 +167,94 @@ def test_interrupted_inversion_resumes_to_the_same_result(tiny, clip, tmp_path):
     assert resumed.steps_run == STEPS - 2
     for index in range(STEPS + 1):
         assert torch.equal(resumed.entry.read_latent(index), reference.read_latent(index))
+
+
+def _count_flushes(monkeypatch) -> list[int]:
+    """Counts every flush to the disk diffferv asks for: fsync calls and syncfs calls."""
+    import diffferv_cli.files as files_module
+
+    calls = [0]
+    real_fsync, real_syncfs = files_module.os.fsync, files_module._syncfs
+
+    def fsync(handle):
+        calls[0] += 1
+        return real_fsync(handle)
+
+    def syncfs(folder):
+        calls[0] += 1
+        return real_syncfs(folder)
+
+    monkeypatch.setattr(files_module.os, "fsync", fsync)
+    monkeypatch.setattr(files_module, "_syncfs", syncfs)
+    return calls
+
+
+@pytest.mark.parametrize("feature_mode", ["recompute", "disk"])
+def test_step_files_are_flushed_in_group_commits_not_per_step(tiny, clip, tmp_path, monkeypatch, feature_mode):
+    """Flushes per inversion do not grow with the number of steps (one group commit at the end when the
+    run is shorter than DURABLE_EVERY_S); with a commit after every step they do."""
+    import diffferv_cli.editing.inversion as inversion
+    import diffferv_cli.files as files_module
+
+    if not files_module._syncfs(tmp_path):
+        pytest.skip("no syncfs(2) here: a group commit flushes file by file")
+    monkeypatch.setattr(inversion, "DURABLE_EVERY_S", 1e9)
+    counts = {}
+    for steps in (2, 6):
+        calls = _count_flushes(monkeypatch)
+        invert(tiny, clip, _inversion(steps=steps, feature_mode=feature_mode), cache_dir=tmp_path / f"{steps}")
+        counts[steps] = calls[0]
+    assert counts[2] == counts[6]
+    monkeypatch.setattr(inversion, "DURABLE_EVERY_S", 0.0)
+    calls = _count_flushes(monkeypatch)
+    entry = invert(tiny, clip, _inversion(steps=6, feature_mode=feature_mode), cache_dir=tmp_path / "every").entry
+    assert calls[0] >= counts[6] + 5 * 2  # each step: its files, then the manifest
+    assert entry.manifest["durable_steps"] == 6
+
+
+def test_a_group_commit_without_syncfs_flushes_each_file_and_folder(tmp_path, monkeypatch):
+    import diffferv_cli.files as files_module
+
+    (tmp_path / "a").mkdir()
+    paths = [tmp_path / "a" / "1", tmp_path / "a" / "2", tmp_path / "3"]
+    for path in paths:
+        path.write_bytes(b"x")
+    monkeypatch.setattr(files_module, "_syncfs", lambda folder: False)
+    flushed = []
+    monkeypatch.setattr(files_module.os, "fsync", lambda handle: flushed.append(os.readlink(f"/proc/self/fd/{handle}")))
+    files_module.flush_files(paths)
+    assert sorted(flushed) == sorted([*map(str, paths), str(tmp_path / "a"), str(tmp_path)])
+
+
+@pytest.mark.parametrize("lost", ["deleted", "torn"])
+def test_resume_after_a_power_cut_redoes_the_steps_whose_files_were_lost(tiny, clip, tmp_path, lost):
+    """A manifest that names steps after its last group commit whose files did not reach the disk (a
+    power cut): the resume goes back to the last step whose file holds and recomputes from there, to
+    the same latents as an uninterrupted run."""
+    reference = invert(tiny, clip, _inversion(), cache_dir=tmp_path / "a").entry
+    entry = invert(tiny, clip, _inversion(), cache_dir=tmp_path / "b").entry
+    entry.manifest["durable_steps"] = 1  # as if the last group commit had been after step 1
+    entry.save_manifest()
+    broken = entry.folder / entry.latent_name(3)
+    if lost == "deleted":
+        broken.unlink()
+    else:
+        broken.write_bytes(broken.read_bytes()[:-7])
+    entry.manifest["finished_steps"] = STEPS - 1  # the run was cut during the last step
+    entry.save_manifest()
+    resumed = invert(tiny, clip, _inversion(), cache_dir=tmp_path / "b")
+    assert resumed.steps_run == STEPS - 2  # steps 3 and 4 recomputed, 1 and 2 kept
+    assert resumed.entry.manifest["durable_steps"] == STEPS
+    for index in range(STEPS + 1):
+        assert torch.equal(resumed.entry.read_latent(index), reference.read_latent(index))
+
+
+def test_resume_keeps_every_step_whose_file_holds(tiny, clip, tmp_path):
+    """Steps after the last group commit whose files are intact are not recomputed."""
+    entry = invert(tiny, clip, _inversion(), cache_dir=tmp_path).entry
+    entry.manifest.update(durable_steps=0, finished_steps=STEPS - 1)
+    entry.save_manifest()
+    assert invert(tiny, clip, _inversion(), cache_dir=tmp_path).steps_run == 1
 
 
 def test_latents_are_float32_and_cache_is_small(tiny, clip, tmp_path):

@@ -19,7 +19,10 @@ time). A different decoder build that decodes other pixels gets another entry.
 
 Every write goes to a temporary file in the same folder and is renamed into place (`files.atomic_path`),
 and the manifest is rewritten after each finished step, so an interrupted inversion resumes from its
-last finished step. A folder whose manifest does not describe the request, whose files fail their hash,
+last finished step. Step files are flushed to the disk in group commits (`make_durable`: the files
+written since the last commit, their folders, then the manifest naming them, with `durable_steps`),
+every few seconds and at the end, not twice per step; a resume first checks the hashes of the steps
+after `durable_steps` (those a power cut may have lost) and goes back to the last one that holds. A folder whose manifest does not describe the request, whose files fail their hash,
 or whose tensors hold NaN or infinity is never used: the user gets one sentence and `--force`
 recomputes.
 
@@ -49,7 +52,7 @@ from safetensors import SafetensorError
 from safetensors.torch import save
 
 from diffferv_cli.errors import UserError
-from diffferv_cli.files import atomic_write_bytes, to_json
+from diffferv_cli.files import atomic_write_bytes, flush_files, to_json
 
 log = logging.getLogger("diffferv")
 
@@ -114,6 +117,8 @@ class _ManifestShape(BaseModel):
     request: dict
     finished_steps: int = -1
     feature_steps: int = Field(0, ge=0)
+    durable_steps: int = Field(0, ge=0)  # group commits (inversion.StepCommits)
+    durable_feature_steps: int = Field(0, ge=0)
     encoded: bool = False
     features_stored: bool = False
     files: dict[str, str] = {}
@@ -162,16 +167,30 @@ class CacheEntry:
 
     def save_manifest(self, *, durable: bool = True) -> None:
         """Replace manifest.json atomically. The inversion loop saves it after every step with
-        `durable=False` (the step's latent itself was fsynced before) and durably at the end."""
+        `durable=False` and durably with each group commit (`make_durable`) and at the end."""
         self.manifest["updated"] = time.strftime("%Y-%m-%dT%H:%M:%S")
         atomic_write_bytes(self.manifest_path, to_json(self.manifest, sort_keys=True).encode(), durable=durable)
 
     # -- tensors -----------------------------------------------------------------------------------
-    def _write_tensors(self, relative: str, tensors: dict[str, torch.Tensor]) -> None:
+    def _write_tensors(self, relative: str, tensors: dict[str, torch.Tensor], *, durable: bool = True) -> None:
         data = save({name: tensor.detach().contiguous().cpu() for name, tensor in tensors.items()})
         (self.folder / relative).parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_bytes(self.folder / relative, data)
+        atomic_write_bytes(self.folder / relative, data, durable=durable)
         self.manifest.setdefault("files", {})[relative] = hashlib.sha256(data).hexdigest()
+
+    def holds(self, relative: str) -> bool:
+        """Whether `relative` is on disk with the content the manifest names (its hash), without raising."""
+        expected = self.manifest.get("files", {}).get(relative)
+        try:
+            return expected is not None and hashlib.sha256((self.folder / relative).read_bytes()).hexdigest() == expected
+        except OSError:
+            return False
+
+    def make_durable(self, relatives: list[str]) -> None:
+        """Flush the files `relatives` (written with `durable=False`) and their folders to the disk, then
+        save the manifest durably: one group commit for the steps written since the last one."""
+        flush_files([self.folder / relative for relative in relatives])
+        self.save_manifest(durable=True)
 
     def _read_tensors(self, relative: str) -> dict[str, torch.Tensor]:
         path = self.folder / relative
@@ -199,17 +218,18 @@ class CacheEntry:
     def feature_name(self, step: int, window: int = 0) -> str:
         return f"features/step-{step:03d}-w{window:03d}.safetensors"
 
-    def write_latent(self, index: int, latent: torch.Tensor) -> None:
+    def write_latent(self, index: int, latent: torch.Tensor, *, durable: bool = True) -> None:
         if not bool(torch.isfinite(latent).all()):
             raise UserError(f"The inversion produced NaN or infinite latents at step {index} (the model's "
                             f"dtype {self.manifest['request'].get('unet_dtype')} may overflow); try --dtype fp32.")
-        self._write_tensors(self.latent_name(index), {"latent": latent.float()})
+        self._write_tensors(self.latent_name(index), {"latent": latent.float()}, durable=durable)
 
     def read_latent(self, index: int) -> torch.Tensor:
         return self._read_tensors(self.latent_name(index))["latent"]
 
-    def write_features(self, step: int, features: dict[str, torch.Tensor], window: int = 0) -> None:
-        self._write_tensors(self.feature_name(step, window), features)
+    def write_features(self, step: int, features: dict[str, torch.Tensor], window: int = 0, *,
+                       durable: bool = True) -> None:
+        self._write_tensors(self.feature_name(step, window), features, durable=durable)
 
     def read_features(self, step: int, window: int = 0) -> dict[str, torch.Tensor]:
         return self._read_tensors(self.feature_name(step, window))

@@ -7,7 +7,8 @@ Preservation Feature Caching").
            for each temporal window W (temporal/windows.py):
                eps_W = UNet(z_i[W], t_i, source prompt)     guidance 1, SWCFA + TTA inside W
            eps     = blend of the eps_W                     weights summing to one per frame
-           z_{i+1} = DDIMInverse(eps, t_i, z_i)             (cached after each step: resumable)
+           z_{i+1} = DDIMInverse(eps, t_i, z_i)             (cached after each step: resumable; flushed
+                                                            to the disk in group commits, `StepCommits`)
        disk feature mode also writes the step's preservation features, one file per window.
 
 The latent fed to the UNet at step i is exactly z_i, which is what lets editing recompute the features
@@ -21,6 +22,7 @@ entry shared by both modes, are therefore bit-identical whichever mode made them
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
@@ -54,6 +56,9 @@ from diffferv_cli.temporal.windows import (
 )
 
 Progress = Callable[[str, int, int], None] | None
+
+# Group commits of the step files (`StepCommits`): at most one per this many seconds, and one at the end.
+DURABLE_EVERY_S = 10.0
 
 
 @dataclass
@@ -189,6 +194,7 @@ def _run(components, clip, config: InversionConfig, entry: CacheEntry, report, c
         manifest.update(encoded=True, finished_steps=0, feature_steps=0, features_stored=False)
         entry.save_manifest()
 
+    roll_back_unverified(entry)  # a resume after a power cut: keep only the steps whose files hold
     start = entry.finished_steps
     if want_features:  # features must cover every step from 0: recompute the missing ones
         start = min(start, int(manifest.get("feature_steps", 0)))
@@ -213,6 +219,7 @@ def _run(components, clip, config: InversionConfig, entry: CacheEntry, report, c
     ran = done = 0
     with temporal_attention(components.unet), torch.inference_mode(), \
             LatentStream(entry, cached_path, components.device) as cached, WriteBehind() as writer:
+        commits = StepCommits(entry)
         latent = cached(start)  # float32 (m, 4, h, w), on the device from here on
         for step in range(start, steps):
             blended = plan.blend(tuple(latent.shape[1:]))
@@ -232,25 +239,71 @@ def _run(components, clip, config: InversionConfig, entry: CacheEntry, report, c
             else:
                 latent = scheduler.step(blended.result, timesteps[step], latent).prev_sample  # z_{step+1}
                 written = HostTensor(latent)
-            writer.submit(partial(_finish_step, entry, step, written, window_features if want_features else None))
+            writer.submit(partial(commits.finish_step, step, written, window_features if want_features else None))
             ran += 1
-    entry.save_manifest()  # durable
+    commits.commit()  # the last group commit: every file of the run, then the manifest, durably
     return ran
 
 
-def _finish_step(entry: CacheEntry, step: int, latent: HostTensor | None, window_features: list | None) -> None:
-    """Writer thread: step `step`'s output latent z_{step+1} (fsynced) and features (one file per window),
-    then the manifest that names them (atomic rename; fsynced at the end of the run)."""
+class StepCommits:
+    """Writer thread: each step's files without fsync, then group commits (`CacheEntry.make_durable`) at
+    most every `every_s` seconds and at `close()`. Killing the process loses nothing (the page cache
+    holds every renamed file); a power cut loses at most the steps after `durable_steps`, which a resume
+    checks (`roll_back_unverified`)."""
+
+    def __init__(self, entry: CacheEntry, every_s: float | None = None):
+        self.entry, self.every_s = entry, DURABLE_EVERY_S if every_s is None else every_s
+        self.pending: list[str] = []
+        self.last = time.monotonic()
+
+    def finish_step(self, step: int, latent: HostTensor | None, window_features: list | None) -> None:
+        """Step `step`'s output latent z_{step+1} and features (one file per window), then the manifest
+        that names them (atomic rename; durable with the next group commit)."""
+        entry, manifest = self.entry, self.entry.manifest
+        if latent is not None:
+            entry.write_latent(step + 1, latent.get(), durable=False)
+            self.pending.append(entry.latent_name(step + 1))
+        if window_features is not None:
+            for index, features in enumerate(window_features):
+                entry.write_features(step, {name: tensor.get() for name, tensor in features.items()}, window=index,
+                                     durable=False)
+                self.pending.append(entry.feature_name(step, index))
+            manifest["feature_steps"] = step + 1
+        manifest["finished_steps"] = max(entry.finished_steps, step + 1)
+        manifest["features_stored"] = int(manifest.get("feature_steps", 0)) >= entry.steps
+        if time.monotonic() - self.last >= self.every_s:
+            self.commit()
+        else:
+            entry.save_manifest(durable=False)
+
+    def commit(self) -> None:
+        """Flush the files written since the last commit, then the manifest (with `durable_steps`)."""
+        manifest = self.entry.manifest
+        manifest["durable_steps"] = self.entry.finished_steps
+        manifest["durable_feature_steps"] = int(manifest.get("feature_steps", 0))
+        self.entry.make_durable(self.pending)
+        self.pending, self.last = [], time.monotonic()
+
+
+def roll_back_unverified(entry: CacheEntry) -> None:
+    """Before resuming: the steps after the last group commit are kept only up to the first whose file is
+    missing or fails its hash (what a power cut can leave); the manifest then says so."""
     manifest = entry.manifest
-    if latent is not None:
-        entry.write_latent(step + 1, latent.get())
-    if window_features is not None:
-        for index, features in enumerate(window_features):
-            entry.write_features(step, {name: tensor.get() for name, tensor in features.items()}, window=index)
-        manifest["feature_steps"] = step + 1
-    manifest["finished_steps"] = max(entry.finished_steps, step + 1)
-    manifest["features_stored"] = int(manifest.get("feature_steps", 0)) >= entry.steps
-    entry.save_manifest(durable=False)
+    durable = int(manifest.get("durable_steps", 0))
+    finished = entry.finished_steps
+    step = max(durable, 0)
+    while step < finished and entry.holds(entry.latent_name(step + 1)):
+        step += 1
+    features = int(manifest.get("feature_steps", 0))
+    feature_step = min(int(manifest.get("durable_feature_steps", 0)), features)
+    windows = len(schedule_from_json(manifest["request"]["windows"])) if features else 0
+    while feature_step < features and all(entry.holds(entry.feature_name(feature_step, window))
+                                          for window in range(windows)):
+        feature_step += 1
+    if (step, feature_step) != (finished, features):
+        manifest.update(finished_steps=step, feature_steps=feature_step,
+                        features_stored=feature_step >= entry.steps)
+        entry.save_manifest()
 
 
 def _geometry_dict(clip) -> dict:
