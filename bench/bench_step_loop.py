@@ -120,22 +120,25 @@ class _InMemory:
         from diffferv_cli.editing.cache import CacheEntry
 
         self.cls, self.files = CacheEntry, {}
-        self.saved = (CacheEntry._write_tensors, CacheEntry._read_tensors, CacheEntry.save_manifest)
+        self.saved = (CacheEntry._write_tensors, CacheEntry._read_tensors, CacheEntry.save_manifest,
+                      CacheEntry.make_durable)
 
     def __enter__(self):
         files = self.files
 
-        def write(entry, relative, tensors):
+        def write(entry, relative, tensors, durable=True):
             files[relative] = {name: tensor.detach().cpu().clone() for name, tensor in tensors.items()}
             entry.manifest.setdefault("files", {})[relative] = "in memory"
 
         self.cls._write_tensors = write
         self.cls._read_tensors = lambda entry, relative: files[relative]
         self.cls.save_manifest = lambda entry, durable=True: None
+        self.cls.make_durable = lambda entry, relatives: None
         return self
 
     def __exit__(self, *exc):
-        self.cls._write_tensors, self.cls._read_tensors, self.cls.save_manifest = self.saved
+        (self.cls._write_tensors, self.cls._read_tensors, self.cls.save_manifest,
+         self.cls.make_durable) = self.saved
 
 
 def steps_per_second(components, frames: int, size: int, steps: int, work: Path) -> dict[str, dict[str, float]]:

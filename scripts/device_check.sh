@@ -1,7 +1,7 @@
 #!/bin/bash
 # The figures that need a GPU, in one run (see README "Benchmarks"): end-to-end invert + edit of 16 frames
-# at 512x512, T=50 (eager, then torch.compile), one full-size UNet step temporal vs stock, and the step
-# loop's per-call figures. Wheels missing on the device machine go in .whl/ (git-ignored).
+# at 512x512, T=50 (fresh process, warmed up, torch.compile), one full-size UNet step temporal vs stock,
+# the step loop's per-call figures and a profile of a warm inversion. About 15 minutes with --compile. Wheels missing on the device machine go in .whl/ (git-ignored).
 #   bash scripts/device_check.sh [OUT]        # OUT: folder for the logs (default bench/results)
 out=${1:-bench/results}
 mkdir -p "$out"
@@ -15,9 +15,11 @@ python3 -c "import torch, diffusers, transformers; print('torch', torch.__versio
 run() { local limit=$1; shift; echo "=== $*"; timeout "$limit" python3 "$@" 2>&1 | grep -v "should be kept in float32\|token_id must be"; }
 {
 run 150 bench/bench_end_to_end.py --device cuda
+run 150 bench/bench_end_to_end.py --device cuda --warmup
 run 120 bench/bench_unet_step.py --device cuda --dtype fp16 --size 512 --frames 16 --repeats 5
 run 150 bench/bench_step_loop.py --device cuda --repeats 5 --no-compile
-run 200 bench/bench_end_to_end.py --device cuda --compile
+run 120 bench/profile_inversion.py
 run 150 bench/bench_step_loop.py --device cuda --repeats 5 --calls-only
+run 400 bench/bench_end_to_end.py --device cuda --compile --warmup
 } 2>&1 | tee "$out/device_check.log"
 tar czf "$out/device_results.tgz" bench/results/*.json 2>/dev/null
