@@ -28,6 +28,7 @@ from diffferv_cli.temporal import (
     sliding_window_attention,
     temporal_attention,
     trajectory_attention,
+    window_bounds,
 )
 from diffferv_cli.temporal.trajectories import TrajectoryGrid, TrajectorySet
 
@@ -99,6 +100,25 @@ def test_sliding_window_equals_naive(frames, window, branches):
     query, key, value = _random_qkv(branches=branches, frames=frames)
     fast = sliding_window_attention(*map(_token_major, (query, key, value)), window, 0.5)
     torch.testing.assert_close(_token_major(fast), naive_swcfa(query, key, value, window, 0.5), **TOL)
+
+
+def test_edge_groups_cover_exactly_the_clamped_frames_with_their_windows():
+    """Every clip length and window: the groups' slices list exactly the frames whose window is clamped,
+    each once, with that frame's own window, and all frames of a group have one window length."""
+    from diffferv_cli.temporal.processors import _edge_groups
+
+    for frames in range(2, 30):
+        for window in range(2, 12):
+            span = 2 * (window // 2) + 1
+            clamped = [f for f in range(frames) if window_bounds(f, frames, window)[1] - window_bounds(f, frames, window)[0] + 1 < span]
+            seen = []
+            for frames_slice, windows in _edge_groups(frames, window):
+                members = list(range(frames))[frames_slice]
+                assert len(members) == len(windows) and len({high - low for low, high in windows}) == 1
+                for frame, (low, high) in zip(members, windows, strict=True):
+                    assert (low, high - 1) == window_bounds(frame, frames, window)
+                seen += members
+            assert sorted(seen) == clamped == sorted(set(seen)), (frames, window)
 
 
 @pytest.mark.parametrize("frames", [1, 3, 5])

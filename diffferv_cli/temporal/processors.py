@@ -127,15 +127,8 @@ def _edge_groups(frames: int, window: int) -> tuple[tuple[slice, tuple[tuple[int
         low, high = window_bounds(frame, frames, window)
         if high - low + 1 < span:
             groups.setdefault(high - low + 1, []).append(frame)
-    result = []
-    for members in groups.values():
-        step = members[1] - members[0] if len(members) > 1 else 1
-        if members != list(range(members[0], members[-1] + 1, step)):  # not a progression: one call per frame
-            result += [(slice(frame, frame + 1), (_bounds(frame, frames, window),)) for frame in members]
-        else:
-            result.append((slice(members[0], members[-1] + 1, step),
-                           tuple(_bounds(frame, frames, window) for frame in members)))
-    return tuple(result)
+    return tuple((slice(members[0], members[-1] + 1, members[1] - members[0] if len(members) > 1 else 1),
+                   tuple(_bounds(frame, frames, window) for frame in members)) for members in groups.values())
 
 
 def _bounds(frame: int, frames: int, window: int) -> tuple[int, int]:
