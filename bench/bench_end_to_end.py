@@ -3,7 +3,7 @@
 
     python bench/bench_end_to_end.py --device cuda                    # 16 frames at 512x512, T=50, fp16
     python bench/bench_end_to_end.py --device cuda --compile          # the UNet through torch.compile
-    python bench/bench_end_to_end.py --device cpu --size 128 --frames 4 --steps 2   # a smoke run
+    python bench/bench_end_to_end.py --device cpu       # a smoke run: 4 frames at 128x128, T=2
 
 The clip is generated in memory (`common.synthetic_clip`: a drifting textured background and a disk
 crossing it), so no video file is decoded or written: the figures are the diffusion job's own. Stages
@@ -55,10 +55,11 @@ class Stages:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--frames", type=int, default=16)
-    parser.add_argument("--size", type=int, default=512, help="frame height in pixels")
+    parser.add_argument("--frames", type=int, default=None, help="default 16 on a GPU, 4 on the CPU")
+    parser.add_argument("--size", type=int, default=None, help="frame height in pixels; default 512 on a GPU, "
+                                                                "128 on the CPU")
     parser.add_argument("--width", type=int, default=None, help="frame width (default: --size)")
-    parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--steps", type=int, default=None, help="default 50 on a GPU, 2 on the CPU")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default="auto", choices=["auto", "fp32", "fp16", "bf16"])
     parser.add_argument("--window-frames", type=int, default=24)
@@ -67,6 +68,10 @@ def main(argv: list[str] | None = None) -> None:
                         help="run a 2-step invert + edit first, so one-time costs (kernel selection, compiling) "
                              "are left out of the figures")
     args = parser.parse_args(argv)
+    on_gpu = torch.device(args.device).type != "cpu"  # the CPU gets a smoke size: the full run takes hours there
+    args.frames = args.frames or (16 if on_gpu else 4)
+    args.size = args.size or (512 if on_gpu else 128)
+    args.steps = args.steps or (50 if on_gpu else 2)
 
     from diffferv_cli.components import build_full_size_random, pick_dtype
     from diffferv_cli.config import EditConfig, InversionConfig
