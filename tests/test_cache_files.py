@@ -186,3 +186,37 @@ def test_disk_bytes_counts_every_file_of_the_entry(tmp_path):
     entry, _ = _entry_with_latent(tmp_path)
     sizes = [p.stat().st_size for p in entry.folder.rglob("*") if p.is_file()]
     assert len(sizes) == 2 and entry.disk_bytes() == sum(sizes) > 4 * 120
+
+
+def test_trajectory_links_round_trip_through_the_cache(tmp_path):
+    """Non-square grids keep their (height, width) and every link, for a clip of 3 frames."""
+    from diffferv_cli.temporal.trajectories import ClipLinks
+
+    links = {(2, 3): torch.tensor([[-1, 0, 4, -1, 2, 5], [1, -1, -1, 3, 0, 2]], dtype=torch.int32),
+             (1, 2): torch.tensor([[1, -1], [-1, 0]], dtype=torch.int32)}
+    entry = open_entry(tmp_path, REQUEST)
+    entry.write_trajectories(cache.links_to_tensors(ClipLinks(3, links)))
+    entry.manifest.update(frames=3, latent_size=[2, 3])  # trajectories are written with these
+    entry.save_manifest()
+    read = cache.links_from_tensors(open_entry(tmp_path, REQUEST).read_trajectories(), frames=3)
+    assert read.frames == 3 and set(read.links) == set(links)
+    for size, grid_links in links.items():
+        assert read.links[size].dtype == torch.int32 and torch.equal(read.links[size], grid_links)
+
+
+def test_features_are_kept_per_step_and_window(tmp_path):
+    entry = open_entry(tmp_path, REQUEST)
+    for step in range(2):
+        for window in range(2):
+            entry.write_features(step, {"a:cross": torch.full((2,), 10.0 * step + window)}, window=window)
+    for step in range(2):
+        for window in range(2):
+            assert entry.read_features(step, window=window)["a:cross"].tolist() == [10.0 * step + window] * 2
+    assert entry.read_features(1)["a:cross"].tolist() == [10.0, 10.0]  # window 0 by default
+
+
+def test_a_cache_root_that_is_a_file_is_a_clear_error(tmp_path):
+    (tmp_path / "root").write_text("not a folder")
+    with pytest.raises(UserError) as error:
+        open_entry(tmp_path / "root", REQUEST)
+    assert _message(error, tmp_path).startswith("Cannot create the cache folder") and "--cache-dir" in str(error.value)
