@@ -319,6 +319,9 @@ def test_clip_iqa_per_frame_scale_and_no_overflow():
     values = metrics.clip_iqa_from_similarities(np.array([0.3, 0.2, 0.9]), np.array([0.2, 0.3, 0.1]), logit_scale=10)
     assert values == pytest.approx([1 / (1 + math.exp(-1)), 1 / (1 + math.exp(1)), 1 / (1 + math.exp(-8))])
     assert metrics.clip_iqa_from_similarities(np.array([9.0]), np.array([0.0]), logit_scale=1000)[0] == 1.0
+    # frames whose logits differ by thousands are each stabilised on their own (no 0/0 for the second)
+    mixed = metrics.clip_iqa_from_similarities(np.array([9.0, 0.0]), np.array([0.0, 0.001]), logit_scale=1000)
+    assert mixed == pytest.approx([1.0, 1 / (1 + math.exp(1))])
 
 
 def test_lpips_loader_names_what_is_missing(tmp_path, monkeypatch):
