@@ -25,12 +25,14 @@ SCRATCH = REPO / ".mutation"
 # module (under diffferv_cli/) -> pytest arguments selecting the tests that exercise it
 MODULES: dict[str, list[str]] = {
     "temporal/processors.py": ["tests/test_attention.py", "tests/test_prior.py"],
-    "temporal/trajectories.py": ["tests/test_trajectories.py"],
+    "temporal/trajectories.py": ["tests/test_trajectories.py",
+                                 "tests/test_windows.py::test_window_trajectories_are_the_clip_trajectories_cut_to_the_window",
+                                 "tests/test_windows.py::test_streamed_links_equal_the_whole_clip_trajectories"],
     "editing/inversion.py": ["tests/test_sampling.py"],
     "editing/sampling.py": ["tests/test_sampling.py"],
     "editing/features.py": ["tests/test_features.py"],
     "editing/prompts.py": ["tests/test_prompts.py"],
-    "editing/cache.py": ["tests/test_cache.py"],
+    "editing/cache.py": ["tests/test_cache_files.py", "tests/test_cache.py"],
     "evaluation/metrics.py": ["tests/test_metrics.py"],
     "training/data.py": ["tests/test_training.py", "-k", "not loss and not resume and not exported and not caption "
                          "and not unreadable and not prior_share_from and not refused and not non_empty"],
@@ -48,6 +50,7 @@ def _settings(module: str) -> str:
         f"pytest_add_cli_args_test_selection = {json.dumps(tests)}",
         'pytest_add_cli_args = ["-p", "no:cacheprovider", "-x", "-q"]',
         'process_isolation = "forkserver"  # torch is not fork-safe after its thread pools start',
+        "timeout_constant = 60  # CPU seconds: a worker also builds its session fixtures (the tiny model)",
         "",
     ])
 
