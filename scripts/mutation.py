@@ -2,6 +2,7 @@
 
     python scripts/mutation.py                       # every module below
     python scripts/mutation.py editing/features.py   # some of them
+    MUTATION_CHILDREN=1 python scripts/mutation.py   # one test process at a time (default 2)
 
 Each module runs in its own scratch folder `.mutation/<module>/` (git-ignored): a copy of the package and
 the tests with a pyproject.toml whose [tool.mutmut] table mutates that one module and selects its test
@@ -14,6 +15,7 @@ mutmut results` lists the survivors and `mutmut show <name>` prints one. Prints 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -89,7 +91,8 @@ def main(names: list[str]) -> int:
     for module in modules:
         folder = prepare(module)
         print(f"== {module}: mutmut run in {folder.relative_to(REPO)}", flush=True)
-        env_run = subprocess.run([sys.executable, "-m", "mutmut", "run", "--max-children", "2"], cwd=folder)
+        children = os.environ.get("MUTATION_CHILDREN", "2")
+        env_run = subprocess.run([sys.executable, "-m", "mutmut", "run", "--max-children", children], cwd=folder)
         if env_run.returncode:
             print(f"mutmut failed on {module} (exit {env_run.returncode})", file=sys.stderr)
         killed, total, survivors = score(folder)
