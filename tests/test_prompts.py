@@ -105,3 +105,10 @@ def test_encode_prompts_equals_encoding_each_prompt_alone(tiny):
 def test_very_short_prompts_align(tiny, prompt):
     mapping = token_alignment(tiny.tokenizer, prompt, prompt)
     assert torch.equal(mapping, torch.arange(77))
+
+
+def test_prompts_of_more_than_200_words_still_align_word_by_word(tiny):
+    """difflib's autojunk would treat every word repeated in a 200+ word prompt as junk and match nothing."""
+    many_words = " ".join(["a photo of a person"] * 50)  # 250 words, each repeated 50 or 100 times
+    assert torch.equal(token_alignment(tiny.tokenizer, many_words, many_words), torch.arange(77))
+    assert torch.equal(token_alignment(tiny.tokenizer, many_words, many_words + " smiling"), torch.arange(77))
