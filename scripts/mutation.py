@@ -36,8 +36,11 @@ MODULES: dict[str, list[str]] = {
     "editing/prompts.py": ["tests/test_prompts.py"],
     "editing/cache.py": ["tests/test_cache_files.py", "tests/test_cache.py"],
     "evaluation/metrics.py": ["tests/test_metrics.py"],
-    "training/data.py": ["tests/test_training.py", "-k", "not loss and not resume and not exported and not caption "
-                         "and not unreadable and not prior_share_from and not refused and not non_empty"],
+    "training/data.py": ["tests/test_training_data.py",
+                         "tests/test_training.py::test_sidecar_manifest_and_tar_layouts_give_the_same_items",
+                         "tests/test_training.py::test_sample_plan_keeps_the_prior_share_and_walks_epochs",
+                         "tests/test_training.py::test_augmentation_applies_to_faces_only_and_keeps_images_valid",
+                         "tests/test_hostile.py::test_tar_shard_caption_of_the_wrong_type_counts_as_missing"],
     "training/loop.py": ["tests/test_training.py", "-k", "not caption"],
 }
 
