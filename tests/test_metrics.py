@@ -438,6 +438,17 @@ def test_attribute_predictions_are_taken_as_booleans():
     rates = metrics.attribute_rates(np.array([[2, 0], [0, 3]]), np.array([[1, 0], [0, 1]]), ["Smiling", "Young"],
                                     "Smiling")
     assert (rates.tacr, rates.napr) == (0.0, 1.0)
+    swapped = metrics.attribute_rates(np.array([[1, 0], [0, 1]]), np.array([[2, 0], [0, 3]]), ["Smiling", "Young"],
+                                      "Smiling")
+    assert (swapped.tacr, swapped.napr) == (0.0, 1.0)
+
+
+def test_lpips_passes_on_why_it_is_unavailable(monkeypatch):
+    from diffferv_cli import components
+
+    monkeypatch.setattr(components, "load_lpips", lambda: (None, "the lpips package is not installed"))
+    frames = np.zeros((1, 4, 4, 3), np.uint8)
+    assert metrics.lpips_per_frame(frames, frames) == metrics.Unavailable("the lpips package is not installed")
 
 
 def test_clip_iqa_computes_in_float64_and_keeps_leading_axes():
