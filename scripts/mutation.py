@@ -75,12 +75,14 @@ def prepare(module: str) -> Path:
 
 
 def score(folder: Path) -> tuple[int, int, list[str]]:
-    """(killed, total, survivors) from `mutmut results --all true`."""
+    """(killed, total, survivors) from `mutmut results --all true`; "killed" counts the mutants whose tests
+    failed, timed out or crashed (a segfault in cv2 on a None image is a caught mutant, not a survivor)."""
     listing = subprocess.run([sys.executable, "-m", "mutmut", "results", "--all", "true"], cwd=folder,
                              capture_output=True, text=True, check=True).stdout
     rows = [line.strip().rsplit(": ", 1) for line in listing.splitlines() if ": " in line]
-    killed = sum(status in ("killed", "timeout") for _, status in rows)
-    survivors = [name for name, status in rows if status not in ("killed", "timeout")]
+    caught = ("killed", "timeout", "segfault")  # a test failed, hung or crashed its process
+    killed = sum(status in caught for _, status in rows)
+    survivors = [name for name, status in rows if status not in caught]
     return killed, len(rows), survivors
 
 
