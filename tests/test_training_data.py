@@ -431,3 +431,90 @@ def test_collate_stacks_pixels_and_keeps_captions_prior_flags_and_skips_in_order
     assert batch["captions"] == ["c0", "c1", "c2"]
     assert batch["prior"].tolist() == [False, True, False] and batch["prior"].dtype == torch.bool
     assert batch["skipped"] == ["s1", "s2", "s2"]
+
+
+# ------------------------------------------------------------------------------------------ edges
+
+
+def test_exactly_three_missing_captions_are_all_named_without_an_ellipsis(tmp_path):
+    for index in range(4):
+        _write_png(tmp_path / f"img{index}.png", _image(index))
+    (tmp_path / "img0.txt").write_text("a face")
+    with pytest.raises(UserError) as error:
+        scan_images(tmp_path)
+    assert "3 of 4 images" in _message(error) and "(img1.png, img2.png, img3.png); " in _message(error)
+
+
+def test_captions_that_are_not_utf8_are_read_with_replacement_characters(tmp_path):
+    _write_png(tmp_path / "faces" / "a.png", _image(0))
+    (tmp_path / "faces" / "a.txt").write_bytes(b"caf\xe9 au lait")  # Latin-1, not UTF-8
+    assert scan_images(tmp_path / "faces").items[0].caption == "caf\ufffd au lait"
+    manifest = tmp_path / "captions.csv"
+    manifest.write_bytes(b"file,text\na.png,na\xefve\n")
+    assert scan_images(tmp_path / "faces", manifest).items[0].caption == "na\ufffdve"
+    _tar(tmp_path / "s" / "0.tar", [("a.png", _png(_image(0))), ("a.txt", b"\xff smiling")])
+    assert scan_images(tmp_path / "s").items[0].caption == "\ufffd smiling"
+
+
+def test_a_sidecar_caption_that_is_too_long_is_named(tmp_path):
+    _write_png(tmp_path / "a.png", _image(0))
+    (tmp_path / "a.txt").write_bytes(b"x" * (MAX_CAPTION_BYTES + 1))
+    with pytest.raises(UserError) as error:
+        scan_images(tmp_path)
+    assert _message(error) == (f"The caption file {tmp_path / 'a.txt'} is {MAX_CAPTION_BYTES + 1} bytes; at most "
+                               f"{MAX_CAPTION_BYTES} are accepted.")
+
+
+def test_a_number_with_a_fraction_is_named_a_number(tmp_path):
+    _write_png(tmp_path / "faces" / "a.png", _image(0))
+    manifest = tmp_path / "captions.jsonl"
+    manifest.write_text('{"file": "a.png", "text": 1.5}\n')
+    with pytest.raises(UserError) as error:
+        scan_images(tmp_path / "faces", manifest)
+    assert _message(error) == f"Caption manifest {manifest}, row 1: 'text' must be a string, not a number."
+
+
+def test_shard_keys_keep_their_folders_and_end_at_the_first_dot(tmp_path):
+    """webdataset keys: "a/x" and "b/x" are two samples; "my.set/x" keeps its dotted folder; "x.seg.png" has
+    the key "x" and the extension "seg.png", which is not an image; a caption of exactly the limit counts."""
+    shard = _tar(tmp_path / "s" / "0.tar", [
+        ("a/x.png", _png(_image(0))), ("a/x.txt", b"first"),
+        ("b/x.png", _png(_image(1))), ("b/x.txt", b"second"),
+        ("my.set/x.png", _png(_image(2))), ("my.set/x.txt", b"third"),
+        ("x.png", _png(_image(3))), ("x.seg.png", _png(_image(4))), ("x.txt", b"y" * MAX_CAPTION_BYTES),
+    ])
+    found = scan_images(shard)
+    assert [(item.name, item.caption[:6]) for item in found.items] == [
+        ("0.tar:a/x.png", "first"), ("0.tar:b/x.png", "second"), ("0.tar:my.set/x.png", "third"),
+        ("0.tar:x.png", "yyyyyy")]
+
+
+def test_a_compressed_shard_is_refused(tmp_path):
+    shard = tmp_path / "s" / "0.tar"
+    shard.parent.mkdir()
+    with tarfile.open(shard, "w:gz") as tar:  # named .tar, but gzip inside: offsets would point into gzip data
+        for name, data in (("a.png", _png(_image(0))), ("a.txt", b"a face")):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    with pytest.raises(UserError, match=r"shards must be uncompressed \.tar files\.$"):
+        scan_images(shard)
+
+
+def test_a_prior_share_without_a_prior_set_gives_faces(tmp_path):
+    faces, _ = _pools(tmp_path, prior=0)
+    dataset = TrainSamples(faces, None, length=8, resolution=16, prior_ratio=0.5, seed=0, max_zoom=1.0,
+                           max_rotation=0.0, center_crop=True)
+    assert [dataset[n]["prior"] for n in range(8)] == [False] * 8
+
+
+def test_a_zoom_without_rotation_is_still_applied(tmp_path):
+    faces, _ = _pools(tmp_path, prior=0)
+    dataset = TrainSamples(faces, None, length=2, resolution=16, prior_ratio=0.0, seed=0, max_zoom=1.5,
+                           max_rotation=0.0, center_crop=True)
+    sample = dataset[0]
+    zoom, degrees = sample["augment"]
+    assert zoom > 1.0 and degrees == 0.0
+    image = resize_crop(decode_image(faces.items[dataset.plan(0).index].read_bytes()), 16, None)
+    assert torch.equal(sample["pixels"], to_tensor(augment_face(image, zoom, 0.0)))
+    assert not torch.equal(sample["pixels"], to_tensor(image))
