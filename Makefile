@@ -18,7 +18,7 @@ test-slow:  ## the default suite plus the tests marked slow (e.g. two real proce
 lint:
 	$(PYTHON) -m ruff check diffferv_cli tests bench
 
-mutation:  ## mutation testing of the core modules (mutmut 3; MODULES="editing/cache.py ..." for some)
+mutation:  ## mutation testing of the core modules (mutmut 3; MODULES="editing/cache.py ..." for some, MUTATION_CHILDREN=1 for one process)
 	$(PYTHON) scripts/mutation.py $(MODULES)
 
 demo:  ## invert + edit --preset age on a generated clip with the tiny random-weight model

@@ -30,9 +30,9 @@ from typing import Any
 
 import torch
 
+from diffferv_cli.config import DEFAULT_MODEL
 from diffferv_cli.errors import UserError
 
-DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 TINY_RANDOM = "tiny-random"
 
 # SD1.5's noise schedule; every model here is sampled with it.

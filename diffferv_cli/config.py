@@ -9,10 +9,11 @@ deep inside torch. `MAX_COUNT` bounds counts (frames, steps, batch sizes); `MAX_
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 DEFAULT_SOURCE_PROMPT = "a photo of a person"
 MAX_COUNT = 2**31 - 1
 MAX_SEED = 2**63 - 1  # torch generators take 64 bits; the seed plus a small offset must still fit
@@ -28,6 +29,16 @@ DEFAULT_WINDOW_FRAMES = 24
 
 class Frozen(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
+
+
+def default(model: type[BaseModel], field: str):
+    """The default of `model.field`: the CLI's options take their defaults from here, never a copy."""
+    return model.model_fields[field].default
+
+
+def choices(model: type[BaseModel], field: str) -> tuple[str, ...]:
+    """The values a `Literal` field of `model` allows, in order (what the CLI lists in its messages)."""
+    return get_args(model.model_fields[field].annotation)
 
 
 class ClipSpec(Frozen):

@@ -186,3 +186,202 @@ def test_disk_bytes_counts_every_file_of_the_entry(tmp_path):
     entry, _ = _entry_with_latent(tmp_path)
     sizes = [p.stat().st_size for p in entry.folder.rglob("*") if p.is_file()]
     assert len(sizes) == 2 and entry.disk_bytes() == sum(sizes) > 4 * 120
+
+
+def test_trajectory_links_round_trip_through_the_cache(tmp_path):
+    """Non-square grids keep their (height, width) and every link, for a clip of 3 frames."""
+    from diffferv_cli.temporal.trajectories import ClipLinks
+
+    links = {(2, 3): torch.tensor([[-1, 0, 4, -1, 2, 5], [1, -1, -1, 3, 0, 2]], dtype=torch.int32),
+             (1, 2): torch.tensor([[1, -1], [-1, 0]], dtype=torch.int32)}
+    entry = open_entry(tmp_path, REQUEST)
+    entry.write_trajectories(cache.links_to_tensors(ClipLinks(3, links)))
+    entry.manifest.update(frames=3, latent_size=[2, 3])  # trajectories are written with these
+    entry.save_manifest()
+    read = cache.links_from_tensors(open_entry(tmp_path, REQUEST).read_trajectories(), frames=3)
+    assert read.frames == 3 and set(read.links) == set(links)
+    for size, grid_links in links.items():
+        assert read.links[size].dtype == torch.int32 and torch.equal(read.links[size], grid_links)
+
+
+def test_features_are_kept_per_step_and_window(tmp_path):
+    entry = open_entry(tmp_path, REQUEST)
+    for step in range(2):
+        for window in range(2):
+            entry.write_features(step, {"a:cross": torch.full((2,), 10.0 * step + window)}, window=window)
+    for step in range(2):
+        for window in range(2):
+            assert entry.read_features(step, window=window)["a:cross"].tolist() == [10.0 * step + window] * 2
+    assert entry.read_features(1)["a:cross"].tolist() == [10.0, 10.0]  # window 0 by default
+
+
+def test_a_cache_root_that_is_a_file_is_a_clear_error(tmp_path):
+    (tmp_path / "root").write_text("not a folder")
+    with pytest.raises(UserError) as error:
+        open_entry(tmp_path / "root", REQUEST)
+    assert _message(error, tmp_path).startswith("Cannot create the cache folder") and "--cache-dir" in str(error.value)
+
+
+# Exact names, messages and bookkeeping ------------------------------------------------------------------
+
+
+def test_file_names_of_latents_features_and_links():
+    entry = CacheEntry(cache.Path("/nowhere"))
+    assert entry.latent_name(7) == "latents/step-007.safetensors"
+    assert entry.feature_name(12) == "features/step-012-w000.safetensors"
+    assert entry.feature_name(12, window=3) == "features/step-012-w003.safetensors"
+    from diffferv_cli.temporal.trajectories import ClipLinks
+
+    links = ClipLinks(2, {(2, 3): torch.zeros(1, 6, dtype=torch.int64)})
+    tensors = cache.links_to_tensors(links)
+    assert list(tensors) == ["2x3.links"] and tensors["2x3.links"].dtype == torch.int32
+
+
+def test_frames_hash_is_sha256_of_dtype_shape_and_pixels():
+    import hashlib
+
+    import numpy as np
+
+    frames = np.arange(12, dtype=np.uint8).reshape(1, 2, 2, 3)
+    expected = hashlib.sha256(b"|u1(1, 2, 2, 3)" + bytes(range(12))).hexdigest()
+    assert cache.frames_sha256(frames) == expected
+
+
+def test_every_write_records_the_sha256_of_the_file_and_takes_any_layout(tmp_path):
+    import hashlib
+
+    entry = CacheEntry(tmp_path / "entry", {"request": REQUEST})  # no "files" yet
+    transposed = torch.arange(6, dtype=torch.float32).reshape(2, 3).t()  # not contiguous
+    entry.write_features(1, {"a:cross": transposed}, window=2)
+    entry.write_latent(0, torch.ones(1, 2, dtype=torch.float16))
+    for name in (entry.feature_name(1, 2), entry.latent_name(0)):
+        assert entry.manifest["files"][name] == hashlib.sha256((entry.folder / name).read_bytes()).hexdigest()
+    assert torch.equal(entry.read_features(1, window=2)["a:cross"], transposed)
+    latent = entry.read_latent(0)
+    assert latent.dtype == torch.float32 and torch.equal(latent, torch.ones(1, 2))
+
+
+def test_the_manifest_file_is_sorted_indented_json_with_an_update_time(tmp_path, monkeypatch):
+    from diffferv_cli.files import to_json
+
+    entry = open_entry(tmp_path, REQUEST)
+    entry.manifest["zzz"], entry.manifest["aaa"] = 1, 2
+    writes = []
+    real_write = cache.atomic_write_bytes
+    monkeypatch.setattr(cache, "atomic_write_bytes",
+                        lambda path, data, durable=True: writes.append(durable) or real_write(path, data, durable=durable))
+    entry.save_manifest()
+    entry.save_manifest(durable=False)
+    assert writes == [True, False]
+    text = entry.manifest_path.read_text()
+    assert text == to_json(entry.manifest, sort_keys=True) and text.index('"aaa"') < text.index('"zzz"')
+    assert json.loads(text)["updated"] == entry.manifest["updated"]
+
+
+def test_cache_errors_read_as_one_exact_sentence(tmp_path):
+    import hashlib
+
+    entry, _ = _entry_with_latent(tmp_path)
+    folder, name = entry.folder, entry.latent_name(0)
+    path = folder / name
+    with pytest.raises(UserError) as error:
+        entry.read_latent(3)
+    assert str(error.value) == f"The cache at {folder} is missing latents/step-003.safetensors; rerun with --force to recompute it."
+    path.write_bytes(path.read_bytes()[:-1] + bytes([path.read_bytes()[-1] ^ 0x01]))
+    with pytest.raises(UserError) as error:
+        entry.read_latent(0)
+    assert str(error.value) == f"The cache file {path} is corrupted (hash mismatch); rerun with --force to recompute it."
+    from safetensors.torch import save
+
+    for value, what in ((float("nan"), "NaN"), (float("inf"), "infinity"), (float("-inf"), "minus infinity")):
+        data = save({"latent": torch.tensor([1.0, value]), "steps": torch.tensor([1, 2])})
+        path.write_bytes(data)
+        entry.manifest["files"][name] = hashlib.sha256(data).hexdigest()
+        with pytest.raises(UserError) as error:
+            entry.read_latent(0)
+        assert str(error.value) == (f"The cache file {path} holds NaN or infinite values (latent); rerun with "
+                                    "--force to recompute it."), what
+    path.write_bytes(b"{}")
+    entry.manifest["files"][name] = hashlib.sha256(b"{}").hexdigest()
+    with pytest.raises(UserError) as error:
+        entry.read_latent(0)
+    assert str(error.value).startswith(f"The cache file {path} cannot be read (")
+    assert str(error.value).endswith("); rerun with --force.")
+    entry.manifest["request"]["unet_dtype"] = "float16"
+    with pytest.raises(UserError) as error:
+        entry.write_latent(4, torch.tensor([0.0, float("nan")]))
+    assert str(error.value) == ("The inversion produced NaN or infinite latents at step 4 (the model's dtype float16 "
+                                "may overflow); try --dtype fp32.")
+    assert not (folder / entry.latent_name(4)).exists()
+
+
+def test_manifest_errors_read_as_one_exact_sentence(tmp_path):
+    entry, _ = _entry_with_latent(tmp_path)
+    manifest = json.loads(entry.manifest_path.read_text())
+    entry.manifest_path.write_text(json.dumps({**manifest, "request": {**REQUEST, "steps": 9}}))
+    with pytest.raises(UserError) as error:
+        open_entry(tmp_path, REQUEST)
+    assert str(error.value) == f"The cache at {entry.folder} does not match this request; rerun with --force to recompute."
+    for broken in ("[1", json.dumps({**manifest, "files": {"trajectories.safetensors": "00"}}),
+                   json.dumps({**manifest, "finished_steps": 2}), json.dumps({**manifest, "feature_steps": -1}),
+                   json.dumps({**manifest, "frames": 0}), json.dumps({**manifest, "latent_size": [1, 2, 3]})):
+        entry.manifest_path.write_text(broken)
+        with pytest.raises(UserError) as error:
+            open_entry(tmp_path, REQUEST)
+        kind = "JSONDecodeError" if broken == "[1" else "ValidationError"
+        assert str(error.value) == (f"The cache manifest {entry.manifest_path} is broken ({kind}); rerun with --force "
+                                    "to recompute."), broken
+    written = {**manifest, "files": {"trajectories.safetensors": "00"}, "frames": 3, "latent_size": [2, 3],
+               "finished_steps": 2, "timesteps": [1, 2]}
+    entry.manifest_path.write_text(json.dumps(written))
+    assert open_entry(tmp_path, REQUEST).manifest == written  # written together: accepted
+
+
+def test_unwritable_cache_folders_are_one_sentence(tmp_path, monkeypatch):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(UserError) as error:
+        with cache.entry_lock(tmp_path / "file", REQUEST):
+            pass
+    assert str(error.value) == f"Cannot create the cache folder {tmp_path / 'file'} (File exists); pass --cache-dir." \
+        or str(error.value) == f"Cannot create the cache folder {tmp_path / 'file'} (Not a directory); pass --cache-dir."
+    monkeypatch.setattr(cache.os, "access", lambda path, mode: False)
+    with pytest.raises(UserError) as error:
+        with cache.entry_lock(tmp_path / "root", REQUEST):
+            pass
+    assert str(error.value) == f"The cache folder {tmp_path / 'root'} is not writable; pass --cache-dir."
+    with pytest.raises(UserError) as error:
+        open_entry(tmp_path / "root", REQUEST)
+    folder = tmp_path / "root" / request_key(REQUEST)
+    assert str(error.value) == f"The cache folder {folder} is not writable; pass --cache-dir."
+    monkeypatch.undo()
+    with pytest.raises(UserError) as error:
+        open_entry(tmp_path / "file", REQUEST)
+    assert str(error.value).startswith(f"Cannot create the cache folder {tmp_path / 'file' / request_key(REQUEST)} (")
+    assert str(error.value).endswith("); pass --cache-dir.")
+
+
+def test_the_lock_is_a_file_per_entry_and_is_released(tmp_path):
+    from filelock import FileLock
+
+    lock_path = tmp_path / ".locks" / f"{request_key(REQUEST)}.lock"
+    with cache.entry_lock(tmp_path, REQUEST):
+        assert lock_path.exists()
+        with pytest.raises(TimeoutError):
+            FileLock(lock_path).acquire(timeout=0)
+    FileLock(lock_path).acquire(timeout=0)  # free again
+
+
+def test_cache_roots_expand_the_home_folder(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("DIFFFERV_CACHE", "~/env")
+    assert cache.cache_root("~/given") == tmp_path / "given"
+    assert cache.cache_root("") == cache.cache_root(None) == tmp_path / "env"
+    monkeypatch.setenv("DIFFFERV_CACHE", "")
+    monkeypatch.setenv("XDG_CACHE_HOME", "")
+    assert cache.cache_root() == tmp_path / ".cache" / "diffferv"
+
+
+def test_steps_and_finished_steps_are_numbers_from_the_manifest():
+    entry = CacheEntry(cache.Path("/nowhere"), {"request": {"steps": "5"}, "finished_steps": "2"})
+    assert entry.steps == 5 and entry.finished_steps == 2
+    assert CacheEntry(cache.Path("/nowhere"), {"request": {"steps": 5}}).finished_steps == -1

@@ -151,3 +151,42 @@ def test_recorder_stores_half_precision_and_asks_for_cross_maps():
         "a:app.q": torch.float16, "a:app.k": torch.float16, "a:cross": torch.float16}
     assert torch.allclose(recorder.features["a:app.k"].float(), query[0] + 1, atol=1e-3)
     assert recorder.wants_cross_maps(_ctx(branches=("main",)), "a")
+
+
+def test_an_injector_not_yet_at_a_step_uses_the_flags_of_step_zero():
+    generator = torch.Generator().manual_seed(6)
+    query, key = torch.rand(3, 2, 2, 5, 4, generator=generator), torch.rand(3, 2, 2, 5, 4, generator=generator)
+    new_query, _ = _injector(steps=4, tau_app=0.25).self_attention(_ctx(), "layer", "app", query, key)
+    assert torch.equal(new_query[2], query[0])  # step 0 is on (1 of 4 steps), step 1 would be off
+    disk = _injector(source_branch=None, branches=("negative", "positive"))
+    with pytest.raises(RuntimeError, match=r"^disk feature mode needs the step's stored features \(at_step\(step, stored\)\)$"):
+        disk.self_attention(_ctx(branches=("negative", "positive")), "a", "app", query[:2], key[:2])
+
+
+def test_tta_query_and_key_are_one_tensor_in_recompute_mode():
+    generator = torch.Generator().manual_seed(7)
+    h = torch.rand(3, 2, 2, 5, 4, generator=generator)
+    new_query, new_key = _injector().self_attention(_ctx(), "layer", "motion", h, h)
+    assert new_key is new_query
+    assert torch.equal(new_query[0], h[0]) and torch.equal(new_query[1], h[0]) and torch.equal(new_query[2], h[0])
+
+
+def test_disk_mode_uses_the_stored_query_for_a_key_that_was_not_stored():
+    generator = torch.Generator().manual_seed(8)
+    branches = ("negative", "positive")
+    query, key = torch.rand(2, 2, 2, 5, 4, generator=generator), torch.rand(2, 2, 2, 5, 4, generator=generator)
+    stored = {"c:app.q": torch.rand(2, 2, 5, 4, generator=generator).half()}
+    injector = _injector(source_branch=None, branches=branches).at_step(0, stored)
+    new_query, new_key = injector.self_attention(_ctx(branches=branches), "c", "app", query, key)
+    assert new_query.dtype == torch.float32
+    assert all(torch.equal(new_query[b], stored["c:app.q"].float()) and torch.equal(new_key[b], stored["c:app.q"].float())
+               for b in range(2))
+
+
+def test_an_injector_without_targets_changes_nothing():
+    generator = torch.Generator().manual_seed(9)
+    query, key = torch.rand(2, 2, 2, 5, 4, generator=generator), torch.rand(2, 2, 2, 5, 4, generator=generator)
+    branches = ("source", "negative")
+    injector = FeatureInjector(InjectionSchedule(4), branches, (), {})
+    new_query, new_key = injector.self_attention(_ctx(branches=branches), "layer", "app", query, key)
+    assert torch.equal(new_query, query) and torch.equal(new_key, key)

@@ -319,6 +319,9 @@ def test_clip_iqa_per_frame_scale_and_no_overflow():
     values = metrics.clip_iqa_from_similarities(np.array([0.3, 0.2, 0.9]), np.array([0.2, 0.3, 0.1]), logit_scale=10)
     assert values == pytest.approx([1 / (1 + math.exp(-1)), 1 / (1 + math.exp(1)), 1 / (1 + math.exp(-8))])
     assert metrics.clip_iqa_from_similarities(np.array([9.0]), np.array([0.0]), logit_scale=1000)[0] == 1.0
+    # frames whose logits differ by thousands are each stabilised on their own (no 0/0 for the second)
+    mixed = metrics.clip_iqa_from_similarities(np.array([9.0, 0.0]), np.array([0.0, 0.001]), logit_scale=1000)
+    assert mixed == pytest.approx([1.0, 1 / (1 + math.exp(1))])
 
 
 def test_lpips_loader_names_what_is_missing(tmp_path, monkeypatch):
@@ -381,3 +384,79 @@ def test_lpips_feeds_minus_one_to_one_images_per_frame(monkeypatch):
     assert seen[0] == ((1, 3, 3, 5), -1.0, -1.0)
     with pytest.raises(ValueError, match="shapes differ"):
         metrics.lpips_per_frame(source, edited[:, :2])
+
+
+# Exact messages, defaults and dtypes -------------------------------------------------------------------
+
+
+def test_unknown_similarity_and_attribute_are_named():
+    with pytest.raises(ValueError, match=r"^unknown similarity 'arcface'; use 'dlib' or 'cosine'$"):
+        metrics.similarity(_e(0, 1), _e(0, 1), "arcface")
+    with pytest.raises(ValueError, match=r"^target attribute 'Bald' is not one of \['Smiling', 'Young'\]$"):
+        metrics.attribute_rates(np.zeros((1, 2), bool), np.zeros((1, 2), bool), ["Smiling", "Young"], "Bald")
+    with pytest.raises(ValueError, match=r"^the warping error needs at least two frames$"):
+        metrics.flow_warping_error(np.zeros((1, 2, 2, 3), np.uint8), np.zeros((0, 2, 2, 2), np.float32),
+                                   np.zeros((0, 2, 2), bool))
+
+
+def test_pair_similarities_default_to_dlib_and_a_single_pair_counts():
+    two = SOURCE[:2]  # one pair, distance 0.2
+    assert metrics.all_pairs_similarity(two) == pytest.approx(0.8)
+    assert metrics.adjacent_similarity(two) == pytest.approx(0.8)
+    assert metrics.all_pairs_similarity(SOURCE) == pytest.approx(2.2 / 3)
+
+
+def test_tl_id_uses_the_same_adjacent_pairs_on_both_sides():
+    """Both means run over the pairs `adjacent` keeps: source (0, 1) 0.8, edited (0, 1) 0.7."""
+    adjacent = np.array([True, False])
+    assert metrics.temporal_local_identity(SOURCE, EDITED, adjacent=adjacent) == pytest.approx(0.7 / 0.8)
+    skewed = np.stack([_e(0, 0.0), _e(0, 0.2), _e(0, 1.0)])  # its second pair (0.2) differs from the first
+    assert metrics.temporal_local_identity(skewed, EDITED, adjacent=np.array([False, True])) == pytest.approx(0.6 / 0.2)
+
+
+def test_empty_means_are_nan_without_warnings():
+    import warnings
+
+    frames = np.zeros((2, 2, 2, 3), np.uint8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert math.isnan(metrics.adjacent_similarity(SOURCE, adjacent=np.array([False, False])))
+        assert math.isnan(metrics.attribute_rates(np.ones((2, 1)), np.ones((2, 1)), ["Smiling"], "Smiling").napr)
+        error = metrics.flow_warping_error(frames, np.zeros((1, 2, 2, 2), np.float32), np.ones((1, 2, 2), bool))
+        assert math.isnan(error.per_pair_mse[0]) and error.valid_fraction == 0.0
+
+
+def test_warp_interpolates_uint8_frames_without_rounding():
+    row = np.array([[[0], [1], [3], [7]]], np.uint8)  # (1, 4, 1): halfway values are not whole levels
+    half = np.zeros((1, 4, 2), np.float32)
+    half[..., 0] = 0.5
+    assert metrics.warp_to_previous(row, half)[0, :3, 0] * 255 == pytest.approx([0.5, 2.0, 5.0])
+
+
+def test_attribute_predictions_are_taken_as_booleans():
+    """Any non-zero prediction means the attribute is present: 2 and 1 are the same prediction."""
+    rates = metrics.attribute_rates(np.array([[2, 0], [0, 3]]), np.array([[1, 0], [0, 1]]), ["Smiling", "Young"],
+                                    "Smiling")
+    assert (rates.tacr, rates.napr) == (0.0, 1.0)
+    swapped = metrics.attribute_rates(np.array([[1, 0], [0, 1]]), np.array([[2, 0], [0, 3]]), ["Smiling", "Young"],
+                                      "Smiling")
+    assert (swapped.tacr, swapped.napr) == (0.0, 1.0)
+
+
+def test_lpips_passes_on_why_it_is_unavailable(monkeypatch):
+    from diffferv_cli import components
+
+    monkeypatch.setattr(components, "load_lpips", lambda: (None, "the lpips package is not installed"))
+    frames = np.zeros((1, 4, 4, 3), np.uint8)
+    assert metrics.lpips_per_frame(frames, frames) == metrics.Unavailable("the lpips package is not installed")
+
+
+def test_clip_iqa_computes_in_float64_and_keeps_leading_axes():
+    positive, negative = np.array([0.3, 0.21], np.float16), np.array([0.2, 0.2], np.float16)
+    expected = [1 / (1 + math.exp(-100 * (float(p) - float(n)))) for p, n in zip(positive, negative, strict=True)]
+    assert metrics.clip_iqa_from_similarities(positive, negative) == pytest.approx(expected, rel=1e-12)
+    grid_positive = np.array([[0.3, 0.2, 0.25], [0.1, 0.4, 0.2]])  # (clips, frames)
+    grid_negative = np.array([[0.2, 0.3, 0.25], [0.2, 0.1, 0.3]])
+    values = metrics.clip_iqa_from_similarities(grid_positive, grid_negative, logit_scale=10)
+    assert values.shape == (2, 3)
+    assert values == pytest.approx(1 / (1 + np.exp(-10 * (grid_positive - grid_negative))))

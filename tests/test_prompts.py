@@ -65,7 +65,26 @@ def test_prompts_longer_than_the_tokenizer_stay_in_range(tiny):
     long_prompt = " ".join(["a photo of a person"] * 12)
     mapping = token_alignment(tiny.tokenizer, long_prompt, long_prompt + " smiling")
     assert mapping.shape == (77,) and int(mapping.min()) >= -1 and int(mapping.max()) <= 76
-    assert torch.equal(mapping[:76], torch.arange(76))
+    assert torch.equal(mapping, torch.arange(77))  # the shared prefix fills every position
+    shifted = token_alignment(tiny.tokenizer, "an old " + long_prompt, long_prompt)  # source words sit later
+    assert int(shifted.max()) == 76 and int(shifted.min()) >= -1
+    assert shifted[1].item() == 1 + len(tiny.tokenizer("an old", add_special_tokens=False).input_ids)
+
+
+def test_prompts_longer_than_the_tokenizer_are_truncated_not_refused(tiny):
+    long_prompt = " ".join(["a photo of a person"] * 12)
+    embeddings = encode_prompts(tiny, [long_prompt])
+    ids = torch.tensor([tiny.tokenizer(long_prompt, truncation=True, max_length=77).input_ids])
+    assert ids.shape == (1, 77)
+    with torch.no_grad():
+        assert torch.allclose(embeddings[0], tiny.text_encoder(ids)[0][0], atol=1e-5)
+
+
+def test_embeddings_come_in_the_unet_dtype(tiny):
+    from types import SimpleNamespace
+
+    half_unet = SimpleNamespace(tokenizer=tiny.tokenizer, text_encoder=tiny.text_encoder, dtype=torch.float16)
+    assert encode_prompts(half_unet, [SHORT]).dtype == torch.float16
 
 
 def test_encode_prompts_equals_encoding_each_prompt_alone(tiny):
@@ -86,3 +105,11 @@ def test_encode_prompts_equals_encoding_each_prompt_alone(tiny):
 def test_very_short_prompts_align(tiny, prompt):
     mapping = token_alignment(tiny.tokenizer, prompt, prompt)
     assert torch.equal(mapping, torch.arange(77))
+
+
+def test_prompts_of_more_than_200_words_still_align_word_by_word(tiny):
+    """difflib's autojunk would treat every word repeated in a 200+ word prompt as junk, so words shifted
+    by an insertion would find no match."""
+    many_words = " ".join(["a photo of a person"] * 50)  # 250 words, each repeated 50 or 100 times
+    mapping = token_alignment(tiny.tokenizer, many_words, "an old " + many_words).tolist()
+    assert mapping == [0] + [-1] * 5 + list(range(1, 72))  # "an old": 5 new tokens, then the source's 1, 2, ...

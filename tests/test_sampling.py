@@ -185,3 +185,132 @@ def test_source_branch_sees_what_the_inversion_fed_the_unet_at_each_timestep(tin
         assert torch.equal(rows["negative"], rows["positive"])
         if timestep == TIMESTEPS[0]:
             assert torch.equal(rows["negative"], x)  # sampling starts from z_T
+
+
+# Bookkeeping: the request, the manifest, progress, refusals ---------------------------------------------
+
+
+def _recorded_progress():
+    calls: list[tuple[str, int, int]] = []
+    return calls, lambda stage, done, total: calls.append((stage, done, total))
+
+
+def test_inversion_records_its_request_manifest_and_progress(tiny, clip, tmp_path):
+    from diffferv_cli.editing.cache import frames_sha256
+    from diffferv_cli.editing.inversion import latent_size
+
+    calls, progress = _recorded_progress()
+    config = InversionConfig(steps=STEPS, flow_preset="ultrafast")
+    outcome = invert(tiny, clip, config, cache_dir=tmp_path, progress=progress)
+    manifest = outcome.entry.manifest
+    assert outcome.steps_run == STEPS
+    assert manifest["request"] == {
+        "frames_sha256": frames_sha256(clip.frames),
+        "selection": {"start": 0, "frames": 3, "stride": 1, "indices": [0, 1, 2]},
+        "working_size": [96, 64], "model": tiny.fingerprint, "unet_dtype": "float32", "prompt": SOURCE,
+        "steps": STEPS, "temporal": {"window": 3, "swcfa": True, "tta": True}, "flow": "ultrafast",
+        "windows": [[0, 3]]}
+    assert latent_size(clip, tiny) == (64 // tiny.vae_scale_factor, 96 // tiny.vae_scale_factor)
+    assert (manifest["frames"], manifest["latent_size"]) == (3, list(latent_size(clip, tiny)))
+    assert manifest["geometry"] == {"source_size": [96, 64], "working_size": [96, 64], "scaled_size": [96, 64],
+                                    "crop": [0, 0, 0, 0], "region": None}
+    assert manifest["source"] == {"path": str(clip.info.path)}
+    assert (manifest["encoded"], manifest["finished_steps"], manifest["feature_steps"], manifest["features_stored"]) \
+        == (True, STEPS, 0, False)
+    assert manifest["timesteps"] == TIMESTEPS[::-1]
+    assert [call for call in calls if call[0] == "flow"] == [("flow", 1, 2), ("flow", 2, 2)]
+    assert [call for call in calls if call[0] == "encode"] == [("encode", 3, 3)]
+    stage = f"invert: {STEPS} steps × 1 window"
+    assert [call for call in calls if call[0].startswith("invert")] == [(stage, 3 * k, 3 * STEPS) for k in range(STEPS + 1)]
+    again_calls, again = _recorded_progress()
+    assert invert(tiny, clip, config, cache_dir=tmp_path, progress=again).steps_run == 0 and again_calls == []
+
+
+def test_disk_mode_adds_features_to_a_finished_entry_without_changing_its_latents(tiny, clip, tmp_path):
+    config = InversionConfig(steps=STEPS, flow_preset="ultrafast")
+    entry = invert(tiny, clip, config, cache_dir=tmp_path).entry
+    latents = [entry.read_latent(index) for index in range(STEPS + 1)]
+    calls, progress = _recorded_progress()
+    disk = InversionConfig(steps=STEPS, flow_preset="ultrafast", feature_mode="disk")
+    outcome = invert(tiny, clip, disk, cache_dir=tmp_path, progress=progress)
+    entry = outcome.entry
+    assert outcome.steps_run == STEPS and entry.folder == invert(tiny, clip, config, cache_dir=tmp_path).entry.folder
+    assert (entry.manifest["feature_steps"], entry.manifest["features_stored"], entry.has_features) == (STEPS, True, True)
+    assert all(torch.equal(entry.read_latent(index), latents[index]) for index in range(STEPS + 1))
+    features = [entry.read_features(step) for step in range(STEPS)]
+    assert all(set(step) == set(features[0]) and step for step in features)
+    assert all(name.endswith((":app.q", ":app.k", ":motion.q", ":cross")) for name in features[0])
+    assert {call[0] for call in calls} == {f"invert: {STEPS} steps × 1 window"}  # no flow, no encoding again
+    assert invert(tiny, clip, disk, cache_dir=tmp_path).steps_run == 0
+
+
+def test_an_interrupted_inversion_resumes_from_its_last_step(tiny, clip, tmp_path):
+    config = InversionConfig(steps=STEPS, flow_preset="ultrafast")
+    entry = invert(tiny, clip, config, cache_dir=tmp_path).entry
+    latents = [entry.read_latent(index) for index in range(STEPS + 1)]
+    entry.manifest["finished_steps"] = 2  # as if killed after step 2
+    entry.save_manifest()
+    calls, progress = _recorded_progress()
+    outcome = invert(tiny, clip, config, cache_dir=tmp_path, progress=progress)
+    assert outcome.steps_run == 2 and outcome.entry.finished_steps == STEPS
+    assert all(torch.equal(outcome.entry.read_latent(index), latents[index]) for index in range(STEPS + 1))
+    stage = "invert: 2 steps × 1 window (from step 2)"
+    assert [call for call in calls if call[0].startswith("invert")] == [(stage, 0, 6), (stage, 3, 6), (stage, 6, 6)]
+
+
+def test_a_region_enters_the_request_only_when_set(tiny, clip):
+    from dataclasses import replace
+
+    from diffferv_cli.editing.inversion import cache_request
+
+    config = InversionConfig(steps=STEPS)
+    assert "region" not in cache_request(clip, tiny, config)
+    framed = replace(clip, spec=clip.spec.model_copy(update={"region": (8, 4, 32, 24)}))
+    assert cache_request(framed, tiny, config)["region"] == [8, 4, 32, 24]
+
+
+@pytest.mark.parametrize("changes, mode, branches", [
+    ({}, "recompute", ("source", "negative", "positive")),
+    ({"exact": True}, "recompute", ("source", "anchor", "negative", "positive")),
+    ({}, "disk", ("negative", "positive")),
+    ({"inject": False}, "recompute", ("negative", "positive")),
+    ({"inject": False, "exact": True}, "disk", ("anchor", "negative", "positive")),
+    ({"prompt_edit": SOURCE}, "recompute", ("source", "negative")),
+])
+def test_branch_layout(changes, mode, branches):
+    from diffferv_cli.editing.sampling import branch_layout
+
+    assert branch_layout(EditConfig(**{"prompt_edit": EDIT, **changes}), SOURCE, mode) == branches
+
+
+def test_edit_refuses_unfinished_featureless_and_retimed_entries(tiny, clip, tmp_path):
+    from diffferv_cli.errors import UserError
+
+    entry, _ = _inverted(tiny, clip, tmp_path)
+    config = EditConfig(prompt_edit=EDIT)
+    entry.manifest["finished_steps"] = STEPS - 1
+    with pytest.raises(UserError) as error:
+        edit(tiny, entry, config)
+    assert str(error.value) == f"The inversion in {entry.folder} is unfinished; run `diffferv invert` again to resume it."
+    entry.manifest["finished_steps"] = STEPS
+    with pytest.raises(UserError) as error:
+        edit(tiny, entry, config, feature_mode="disk")
+    assert str(error.value) == "This inversion was cached without features; run `diffferv invert --features disk` first."
+    entry.manifest["timesteps"] = [t + 1 for t in entry.manifest["timesteps"]]
+    with pytest.raises(UserError) as error:
+        edit(tiny, entry, config)
+    assert str(error.value) == f"The cache at {entry.folder} was inverted with other timesteps; rerun with --force."
+
+
+def test_edit_reports_progress_and_decodes_only_when_asked(tiny, clip, tmp_path):
+    entry, _ = _inverted(tiny, clip, tmp_path)
+    calls, progress = _recorded_progress()
+    config = EditConfig(prompt_edit=EDIT)
+    result = edit(tiny, entry, config, progress=progress, decode=False)
+    assert result.frames is None and result.branches == ("source", "negative", "positive")
+    stage = f"edit: {STEPS} steps × 1 window"
+    assert calls == [(stage, 3 * k, 3 * STEPS) for k in range(STEPS + 1)]
+    decoded_calls, decoded_progress = _recorded_progress()
+    decoded = edit(tiny, entry, config, progress=decoded_progress)
+    assert torch.equal(decoded.latents, result.latents) and decoded.frames.shape == (3, 64, 96, 3)
+    assert decoded_calls == calls + [("decode", 3, 3)]

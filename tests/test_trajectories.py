@@ -16,6 +16,7 @@ from diffferv_cli.temporal.trajectories import (
     buckets,
     build_grid_trajectories,
     build_trajectories,
+    link_clip,
     naive_trajectories,
     token_grids,
 )
@@ -250,3 +251,70 @@ def test_trajectory_sets_move_between_devices_unchanged():
     back = TrajectorySet({(1, 2): grid}).to("cpu").for_grid(1, 2)
     assert (back.height, back.width, back.frames) == (1, 2, 2)
     assert torch.equal(back.index, index) and torch.equal(back.lengths, lengths)
+
+
+def _collisions_and_occlusion() -> tuple[ClipFlow, ClipFlow]:
+    """Two pair flows on a 1x4 grid: the collisions of `test_collisions_keep_exactly_one`, then no motion
+    with token 2 occluded."""
+    forward = np.zeros((1, 1, 4, 2), np.float32)
+    backward = np.zeros_like(forward)
+    forward[0, 0, 0] = forward[0, 0, 2] = (1, 0)
+    backward[0, 0, 1], backward[0, 0, 3] = (-1, 0), (-0.5, 0)
+    collide = ClipFlow(forward, backward, np.zeros((1, 1, 4), bool))
+    occlusion = np.zeros((1, 1, 4), bool)
+    occlusion[0, 0, 2] = True
+    still = ClipFlow(np.zeros_like(forward), np.zeros_like(forward), occlusion)
+    return collide, still
+
+
+def test_link_clip_keeps_each_pairs_links_as_int32_and_reports_each_pair():
+    calls = []
+    links = link_clip(_collisions_and_occlusion(), 3, [(1, 4)], progress=lambda *done: calls.append(done))
+    assert links.frames == 3 and links.grids == [(1, 4)]
+    assert links.links[(1, 4)].dtype == torch.int32
+    # entry [i, q]: the token of frame i linked to token q of frame i + 1, -1 where q starts a trajectory
+    assert links.links[(1, 4)].tolist() == [[-1, 0, -1, 2], [0, 1, -1, 3]]
+    assert calls == [(1, 2), (2, 2)]
+    assert partition(links.window(0, 3).for_grid(1, 4)) == {(0, 5, 9), (1,), (2, 7, 11), (3,), (4, 8), (6,), (10,)}
+    assert partition(links.window(1, 3).for_grid(1, 4)) == {(0, 4), (1, 5), (2,), (3, 7), (6,)}
+
+
+def test_link_clip_of_one_frame_has_no_links_and_a_missing_pair_is_an_error():
+    single = link_clip([], 1, [(2, 3)])
+    assert single.links[(2, 3)].shape == (0, 6) and single.links[(2, 3)].dtype == torch.int32
+    assert partition(single.window(0, 1).for_grid(2, 3)) == {(token,) for token in range(6)}
+    with pytest.raises(ValueError, match=r"^1 flow pairs for a clip of 3 frames$"):
+        link_clip(_collisions_and_occlusion()[:1], 3, [(1, 4)])
+
+
+@pytest.mark.parametrize("start, stop", [(1, 1), (2, 1), (-1, 2), (0, 4)])
+def test_a_window_outside_the_clip_is_refused(start, stop):
+    links = link_clip(_collisions_and_occlusion(), 3, [(1, 4)])
+    with pytest.raises(ValueError, match=rf"^window {start}\.\.{stop} is not inside a clip of 3 frames$"):
+        links.window(start, stop)
+
+
+def _lengths_grid(lengths: list[int]) -> TrajectoryGrid:
+    index = torch.full((len(lengths), lengths[0]), -1, dtype=torch.int64)  # only lengths matter here
+    return TrajectoryGrid(1, 1, lengths[0], index, torch.tensor(lengths))
+
+
+@pytest.mark.parametrize("lengths, max_buckets, expected", [
+    # at most 4 by default: five lengths, the two shortest share a bucket (25 + 16 + 9 + 2*4 = 58)
+    ([5, 4, 3, 2, 1], None, [(0, 1, 5), (1, 2, 4), (2, 3, 3), (3, 5, 2)]),
+    ([5, 4, 3, 2, 1], 5, [(0, 1, 5), (1, 2, 4), (2, 3, 3), (3, 4, 2), (4, 5, 1)]),
+    # buckets only split where the length changes, never inside a run of equal lengths
+    ([2, 2, 2, 1], 4, [(0, 3, 2), (3, 4, 1)]),
+    # cost rows * length^2: 4*9 + 6*1 = 42 beats 9 + 9*4 = 45 (a cubic cost would choose the other)
+    ([3, 2, 2, 2, 1, 1, 1, 1, 1, 1], 2, [(0, 4, 3), (4, 10, 1)]),
+    ([4, 1], 1, [(0, 2, 4)]),
+])
+def test_buckets_exact_splits(lengths, max_buckets, expected):
+    grid = _lengths_grid(lengths)
+    split = buckets(grid) if max_buckets is None else buckets(grid, max_buckets)
+    assert [(rows.start, rows.stop, padded) for rows, padded in split] == expected
+
+
+def test_buckets_need_at_least_one():
+    with pytest.raises(ValueError, match=r"^max_buckets must be at least 1$"):
+        buckets(_lengths_grid([2, 1]), 0)

@@ -21,12 +21,14 @@ from rich.text import Text
 
 from diffferv_cli.cli import DeviceOpt, DtypeOpt, ModelOpt, console, err_console
 from diffferv_cli.config import (
-    DEFAULT_SOURCE_PROMPT,
-    DEFAULT_WINDOW_FRAMES,
+    DEFAULT_MODEL,
     ClipSpec,
+    CompositeConfig,
     EditConfig,
     InversionConfig,
     TemporalConfig,
+    choices,
+    default,
 )
 from diffferv_cli.errors import UserError
 
@@ -35,7 +37,7 @@ StartOpt = Annotated[int, typer.Option("--start", help="First frame (0-based).")
 FramesOpt = Annotated[int | None, typer.Option("--frames", help="Number of frames (default: all).")]
 StrideOpt = Annotated[int, typer.Option("--stride", help="Take every n-th frame.")]
 SizeOpt = Annotated[int, typer.Option("--size", help="Short side of the working size (multiple of 64).")]
-PromptOpt = Annotated[str | None, typer.Option("--prompt", help=f"Source prompt (default: {DEFAULT_SOURCE_PROMPT!r}).")]
+PromptOpt = Annotated[str | None, typer.Option("--prompt", help=f"Source prompt (default: {default(InversionConfig, 'prompt')!r}).")]
 StepsOpt = Annotated[int, typer.Option("--steps", help="DDIM steps T.")]
 WindowOpt = Annotated[int, typer.Option("--window", help="SWCFA window w (frames).")]
 NoSwcfaOpt = Annotated[bool, typer.Option("--no-swcfa", help="Per-frame self-attention instead of SWCFA (ablation).")]
@@ -47,7 +49,7 @@ CompileOpt = Annotated[bool, typer.Option("--compile", help="Run the UNet throug
 FlowOpt = Annotated[str, typer.Option("--flow-preset", help="OpenCV DIS preset: ultrafast, fast, medium.")]
 WindowFramesOpt = Annotated[int, typer.Option(
     "--window-frames", help=f"Frames per temporal window: every UNet pass runs on overlapping windows of this "
-    f"many frames, so memory is set by the window, not the clip's length (default {DEFAULT_WINDOW_FRAMES}: a 512x512 "
+    f"many frames, so memory is set by the window, not the clip's length (default {default(InversionConfig, 'window_frames')}: a 512x512 "
     "edit fits a 24 GB GPU). At least --window + 1; a clip this short or shorter is one window.")]
 RegionOpt = Annotated[str, typer.Option("--region", help="Part of the frame that is edited: full, auto (the face's "
                                         "head box, found over the clip) or X,Y,W,H in pixels.")]
@@ -57,6 +59,16 @@ ThresholdOpt = Annotated[float, typer.Option("--composite-threshold", help="Chan
                                              "replaces the source in residual compositing.")]
 LosslessOpt = Annotated[bool, typer.Option("--lossless", help="Write lossless RGB H.264 (large files).")]
 
+# Option defaults, all read from the config models (a test checks that none is retyped).
+START, FRAMES, STRIDE = default(ClipSpec, "start"), default(ClipSpec, "frames"), default(ClipSpec, "stride")
+SIZE = default(ClipSpec, "short_side")
+STEPS, FEATURES = default(InversionConfig, "steps"), default(InversionConfig, "feature_mode")
+FLOW_PRESET, WINDOW_FRAMES = default(InversionConfig, "flow_preset"), default(InversionConfig, "window_frames")
+WINDOW = default(TemporalConfig, "window")
+NO_SWCFA, NO_TTA = not default(TemporalConfig, "swcfa"), not default(TemporalConfig, "tta")
+COMPOSITE, THRESHOLD = default(CompositeConfig, "mode"), default(CompositeConfig, "threshold")
+NO_INJECT, EXACT = not default(EditConfig, "inject"), default(EditConfig, "exact")
+
 
 def _spec(start: int, frames: int | None, stride: int, size: int, model: str) -> ClipSpec:
     from diffferv_cli.cli.video import clip_spec  # the same working size `probe --model` shows
@@ -64,17 +76,21 @@ def _spec(start: int, frames: int | None, stride: int, size: int, model: str) ->
     return clip_spec(start, frames, stride, size, model=model)
 
 
+def _one_of(option: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        listed = ", ".join(allowed[:-1]) + f" or {allowed[-1]}"
+        raise UserError(f"{option} must be {listed}, not {value!r}.")
+
+
 def _inversion(prompt: str | None, steps: int, window: int, no_swcfa: bool, no_tta: bool, features: str,
-               flow_preset: str, window_frames: int = DEFAULT_WINDOW_FRAMES) -> InversionConfig:
+               flow_preset: str, window_frames: int = WINDOW_FRAMES) -> InversionConfig:
     if window_frames < window + 1:
         raise UserError(f"--window-frames must be at least the SWCFA window + 1 = {window + 1} (windows overlap "
                         f"by at least the SWCFA window), got {window_frames}.")
-    if features not in ("recompute", "disk"):
-        raise UserError(f"--features must be recompute or disk, not {features!r}.")
-    if flow_preset not in ("ultrafast", "fast", "medium"):
-        raise UserError(f"--flow-preset must be ultrafast, fast or medium, not {flow_preset!r}.")
+    _one_of("--features", features, choices(InversionConfig, "feature_mode"))
+    _one_of("--flow-preset", flow_preset, choices(InversionConfig, "flow_preset"))
     try:
-        return InversionConfig(prompt=prompt or DEFAULT_SOURCE_PROMPT, steps=steps, feature_mode=features,
+        return InversionConfig(prompt=prompt or default(InversionConfig, "prompt"), steps=steps, feature_mode=features,
                                temporal=TemporalConfig(window=window, swcfa=not no_swcfa, tta=not no_tta),
                                flow_preset=flow_preset, window_frames=window_frames)
     except ValueError as err:
@@ -89,11 +105,8 @@ class _FramesPerSecond(ProgressColumn):
         return Text("" if speed is None else f"{speed:.1f} frames/s")
 
 
-def _composite(mode: str, threshold: float):
-    from diffferv_cli.config import CompositeConfig
-
-    if mode not in ("residual", "replace"):
-        raise UserError(f"--composite must be residual or replace, not {mode!r}.")
+def _composite(mode: str, threshold: float) -> CompositeConfig:
+    _one_of("--composite", mode, choices(CompositeConfig, "mode"))
     try:
         return CompositeConfig(mode=mode, threshold=threshold)
     except ValueError as err:
@@ -152,11 +165,12 @@ def _warn_without_face(clip) -> None:
 
 
 def invert_cmd(
-    clip: ClipArg, prompt: PromptOpt = None, model: ModelOpt = "stable-diffusion-v1-5/stable-diffusion-v1-5",
-    start: StartOpt = 0, frames: FramesOpt = None, stride: StrideOpt = 1, size: SizeOpt = 512,
-    steps: StepsOpt = 50, window: WindowOpt = 3, no_swcfa: NoSwcfaOpt = False, no_tta: NoTtaOpt = False,
-    features: FeaturesOpt = "recompute", flow_preset: FlowOpt = "medium",
-    window_frames: WindowFramesOpt = DEFAULT_WINDOW_FRAMES, cache_dir: CacheOpt = None,
+    clip: ClipArg,
+    prompt: PromptOpt = None, model: ModelOpt = DEFAULT_MODEL,
+    start: StartOpt = START, frames: FramesOpt = FRAMES, stride: StrideOpt = STRIDE, size: SizeOpt = SIZE,
+    steps: StepsOpt = STEPS, window: WindowOpt = WINDOW, no_swcfa: NoSwcfaOpt = NO_SWCFA, no_tta: NoTtaOpt = NO_TTA,
+    features: FeaturesOpt = FEATURES, flow_preset: FlowOpt = FLOW_PRESET,
+    window_frames: WindowFramesOpt = WINDOW_FRAMES, cache_dir: CacheOpt = None,
     force: ForceOpt = False, device: DeviceOpt = "auto", dtype: DtypeOpt = "auto", region: RegionOpt = "full",
     compile_unet: CompileOpt = False,
 ) -> None:
@@ -182,24 +196,24 @@ def edit_cmd(
     clip: ClipArg,
     preset: Annotated[list[str] | None, typer.Option("--preset", "-p", help="Preset name or .toml file; repeat for several edits from one inversion.")] = None,
     prompt_edit: Annotated[str | None, typer.Option("--prompt-edit", help="Edit prompt (instead of a preset).")] = None,
-    subject: Annotated[str, typer.Option("--subject", help="Fills {subject} in preset prompts.")] = "person",
+    subject: Annotated[str | None, typer.Option("--subject", help="Fills {subject} in preset prompts (default: the preset's own subject, 'person' unless it sets one).")] = None,
     tau_app: Annotated[float | None, typer.Option("--tau-app", help="Appearance features (SWCFA Q,K) are injected in the first round(tau*T) steps, the noisiest (preset default). 0 turns only them off.")] = None,
-    tau_motion: Annotated[float, typer.Option("--tau-motion", help="Same for motion features (TTA Q,K); stays on with --tau-app 0.")] = EditConfig.model_fields["tau_motion"].default,
-    tau_cross: Annotated[float, typer.Option("--tau-cross", help="Same for shared-word cross-attention maps; stays on with --tau-app 0.")] = EditConfig.model_fields["tau_cross"].default,
-    guidance: Annotated[float | None, typer.Option("--guidance", "-g", help=f"Guidance g (preset default, else {EditConfig.model_fields['guidance'].default:g}).")] = None,
-    no_inject: Annotated[bool, typer.Option("--no-inject", help="Turn all injection off (appearance, motion, cross maps): plain DDIM editing.")] = False,
-    exact: Annotated[bool, typer.Option("--exact", help="Correct the edit path with the cached inversion path.")] = False,
+    tau_motion: Annotated[float, typer.Option("--tau-motion", help="Same for motion features (TTA Q,K); stays on with --tau-app 0.")] = default(EditConfig, "tau_motion"),
+    tau_cross: Annotated[float, typer.Option("--tau-cross", help="Same for shared-word cross-attention maps; stays on with --tau-app 0.")] = default(EditConfig, "tau_cross"),
+    guidance: Annotated[float | None, typer.Option("--guidance", "-g", help=f"Guidance g (preset default, else {default(EditConfig, 'guidance'):g}).")] = None,
+    no_inject: Annotated[bool, typer.Option("--no-inject", help="Turn all injection off (appearance, motion, cross maps): plain DDIM editing.")] = NO_INJECT,
+    exact: Annotated[bool, typer.Option("--exact", help="Correct the edit path with the cached inversion path.")] = EXACT,
     out: Annotated[Path | None, typer.Option("--out", "-o", help="Output file (one edit) or folder.")] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing output file.")] = False,
     side_by_side: Annotated[bool, typer.Option("--side-by-side", help="Also write original|edited.")] = False,
-    prompt: PromptOpt = None, model: ModelOpt = "stable-diffusion-v1-5/stable-diffusion-v1-5",
-    start: StartOpt = 0, frames: FramesOpt = None, stride: StrideOpt = 1, size: SizeOpt = 512,
-    steps: StepsOpt = 50, window: WindowOpt = 3, no_swcfa: NoSwcfaOpt = False, no_tta: NoTtaOpt = False,
-    features: FeaturesOpt = "recompute", flow_preset: FlowOpt = "medium",
-    window_frames: WindowFramesOpt = DEFAULT_WINDOW_FRAMES, cache_dir: CacheOpt = None,
+    prompt: PromptOpt = None, model: ModelOpt = DEFAULT_MODEL,
+    start: StartOpt = START, frames: FramesOpt = FRAMES, stride: StrideOpt = STRIDE, size: SizeOpt = SIZE,
+    steps: StepsOpt = STEPS, window: WindowOpt = WINDOW, no_swcfa: NoSwcfaOpt = NO_SWCFA, no_tta: NoTtaOpt = NO_TTA,
+    features: FeaturesOpt = FEATURES, flow_preset: FlowOpt = FLOW_PRESET,
+    window_frames: WindowFramesOpt = WINDOW_FRAMES, cache_dir: CacheOpt = None,
     force: ForceOpt = False, device: DeviceOpt = "auto", dtype: DtypeOpt = "auto", region: RegionOpt = "full",
     compile_unet: CompileOpt = False,
-    composite: CompositeOpt = "residual", composite_threshold: ThresholdOpt = 0.1, lossless: LosslessOpt = False,
+    composite: CompositeOpt = COMPOSITE, composite_threshold: ThresholdOpt = THRESHOLD, lossless: LosslessOpt = False,
 ) -> None:
     """Edit a clip with presets or a prompt (inverts first when the cache has no inversion)."""
     from diffferv_cli.editing.presets import load_preset
@@ -212,21 +226,23 @@ def edit_cmd(
         raise UserError("Say what to edit: --preset NAME (see `diffferv presets`) or --prompt-edit TEXT.")
     edits: list[tuple[str, str, float, float]] = []  # label, edit prompt, tau_app, guidance
     source_prompts = set()
+    subjects: dict[str, str] = {}  # preset name -> the subject that filled its prompts
     for name in preset or []:
         loaded = load_preset(name)
+        subjects[loaded.name] = subject or loaded.subject
         source, edited = loaded.prompts(subject)
         source_prompts.add(source)
         edits.append((loaded.name, edited, tau_app if tau_app is not None else loaded.tau_app,
                       guidance if guidance is not None else loaded.guidance))
     if prompt_edit:
-        edits.append(("edit", prompt_edit, tau_app if tau_app is not None else EditConfig.model_fields["tau_app"].default,
-                      guidance if guidance is not None else EditConfig.model_fields["guidance"].default))
+        edits.append(("edit", prompt_edit, tau_app if tau_app is not None else default(EditConfig, "tau_app"),
+                      guidance if guidance is not None else default(EditConfig, "guidance")))
     if prompt is None and len(source_prompts) == 1:
         prompt = source_prompts.pop()
     inversion = _inversion(prompt, steps, window, no_swcfa, no_tta, features, flow_preset, window_frames)
     for label, text, _, _ in edits:
         if text == inversion.prompt:
-            what = f"--prompt-edit {text!r}" if label == "edit" else f"preset {label!r} with --subject {subject!r}"
+            what = f"--prompt-edit {text!r}" if label == "edit" else f"preset {label!r} with --subject {subjects[label]!r}"
             raise UserError(f"Nothing to edit: {what} gives the edit prompt {text!r}, the same as the source "
                             "prompt; choose another preset, subject or prompt (`diffferv reconstruct` rebuilds "
                             "the input).")
@@ -256,16 +272,16 @@ def reconstruct_cmd(
     out: Annotated[Path | None, typer.Option("--out", "-o", help="Output video.")] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite")] = False,
     plain: Annotated[bool, typer.Option("--plain", help="Plain DDIM reconstruction (no injection).")] = False,
-    exact: Annotated[bool, typer.Option("--exact", help="Add the exact correction (not in the paper): reconstruction is then bounded by the VAE round trip.")] = False,
+    exact: Annotated[bool, typer.Option("--exact", help="Add the exact correction (not in the paper): reconstruction is then bounded by the VAE round trip.")] = EXACT,
     compare: Annotated[bool, typer.Option("--compare", help="Also run and print the other paths (injected, --exact, plain DDIM).")] = False,
-    prompt: PromptOpt = None, model: ModelOpt = "stable-diffusion-v1-5/stable-diffusion-v1-5",
-    start: StartOpt = 0, frames: FramesOpt = None, stride: StrideOpt = 1, size: SizeOpt = 512,
-    steps: StepsOpt = 50, window: WindowOpt = 3, no_swcfa: NoSwcfaOpt = False, no_tta: NoTtaOpt = False,
-    features: FeaturesOpt = "recompute", flow_preset: FlowOpt = "medium",
-    window_frames: WindowFramesOpt = DEFAULT_WINDOW_FRAMES, cache_dir: CacheOpt = None,
+    prompt: PromptOpt = None, model: ModelOpt = DEFAULT_MODEL,
+    start: StartOpt = START, frames: FramesOpt = FRAMES, stride: StrideOpt = STRIDE, size: SizeOpt = SIZE,
+    steps: StepsOpt = STEPS, window: WindowOpt = WINDOW, no_swcfa: NoSwcfaOpt = NO_SWCFA, no_tta: NoTtaOpt = NO_TTA,
+    features: FeaturesOpt = FEATURES, flow_preset: FlowOpt = FLOW_PRESET,
+    window_frames: WindowFramesOpt = WINDOW_FRAMES, cache_dir: CacheOpt = None,
     force: ForceOpt = False, device: DeviceOpt = "auto", dtype: DtypeOpt = "auto", region: RegionOpt = "full",
     compile_unet: CompileOpt = False,
-    composite: CompositeOpt = "residual", composite_threshold: ThresholdOpt = 0.1, lossless: LosslessOpt = False,
+    composite: CompositeOpt = COMPOSITE, composite_threshold: ThresholdOpt = THRESHOLD, lossless: LosslessOpt = False,
 ) -> None:
     """Reconstruct a clip from its cached inversion (the paper's path: preservation-feature injection) and
     print MSE / PSNR / SSIM against the input, at working size and at source resolution (scaled up as it

@@ -18,6 +18,7 @@ from rich.progress import (
 )
 
 from diffferv_cli.cli import ModelOpt, console, err_console
+from diffferv_cli.config import DEFAULT_MODEL, TrainConfig, choices, default
 from diffferv_cli.errors import UserError
 
 
@@ -37,39 +38,38 @@ def _is_main_process() -> bool:
 def train_cmd(
     faces: Annotated[Path, typer.Option("--faces", help="Face images: folder (sidecar .txt captions) or .tar shards.", show_default=False)],
     out: Annotated[Path, typer.Option("--out", "-o", help="Output folder: the trained diffusers model, checkpoints, validation images.", show_default=False)],
-    model: ModelOpt = "stable-diffusion-v1-5/stable-diffusion-v1-5",
-    prior: Annotated[Path | None, typer.Option("--prior", help="General image-text pairs that keep the original prior.")] = None,
-    prior_ratio: Annotated[float, typer.Option("--prior-ratio", help="Share of samples drawn from --prior.")] = 0.1,
-    captions: Annotated[Path | None, typer.Option("--captions", help="JSONL/CSV manifest (file,text) for --faces instead of sidecar .txt.")] = None,
-    prior_captions: Annotated[Path | None, typer.Option("--prior-captions", help="Same for --prior.")] = None,
-    steps: Annotated[int, typer.Option("--steps", help="Optimizer steps.")] = 10_000,
-    batch_size: Annotated[int, typer.Option("--batch-size", help="Samples per process per micro-batch.")] = 8,
-    grad_accum: Annotated[int, typer.Option("--grad-accum", help="Micro-batches per optimizer step.")] = 1,
-    lr: Annotated[float, typer.Option("--lr", help="Adam learning rate.")] = 2.5e-6,
-    warmup: Annotated[int, typer.Option("--warmup", help="Linear LR warm-up steps.")] = 0,
-    resolution: Annotated[int, typer.Option("--resolution", help="Training image size (square crops).")] = 512,
-    center_crop: Annotated[bool, typer.Option("--center-crop", help="Centre crops instead of random crops.")] = False,
-    max_zoom: Annotated[float, typer.Option("--max-zoom", help="Face zoom-in drawn from [1, max].")] = 1.3,
-    max_rotation: Annotated[float, typer.Option("--max-rotation", help="Face rotation drawn from +-max degrees.")] = 15.0,
-    mixed_precision: Annotated[str, typer.Option("--mixed-precision", help="no, fp16 or bf16.")] = "no",
-    gradient_checkpointing: Annotated[bool, typer.Option("--gradient-checkpointing", help="Trade compute for memory.")] = False,
-    adam_8bit: Annotated[bool, typer.Option("--8bit-adam", help="bitsandbytes 8-bit Adam.")] = False,
-    ema: Annotated[bool, typer.Option("--ema", help="Keep an EMA of the weights and export it.")] = False,
-    checkpoint_every: Annotated[int, typer.Option("--checkpoint-every", help="Checkpoint every N steps (0: never).")] = 1000,
-    keep_checkpoints: Annotated[int, typer.Option("--keep-checkpoints", help="Newest checkpoints kept (0: all).")] = 3,
-    resume: Annotated[str | None, typer.Option("--resume", help="'latest' or a checkpoint folder.")] = None,
-    validate_every: Annotated[int, typer.Option("--validate-every", help="Sample the validation prompts every N steps.")] = 0,
+    model: ModelOpt = DEFAULT_MODEL,
+    prior: Annotated[Path | None, typer.Option("--prior", help="General image-text pairs that keep the original prior.")] = default(TrainConfig, "prior"),
+    prior_ratio: Annotated[float, typer.Option("--prior-ratio", help="Share of samples drawn from --prior.")] = default(TrainConfig, "prior_ratio"),
+    captions: Annotated[Path | None, typer.Option("--captions", help="JSONL/CSV manifest (file,text) for --faces instead of sidecar .txt.")] = default(TrainConfig, "captions"),
+    prior_captions: Annotated[Path | None, typer.Option("--prior-captions", help="Same for --prior.")] = default(TrainConfig, "prior_captions"),
+    steps: Annotated[int, typer.Option("--steps", help="Optimizer steps.")] = default(TrainConfig, "steps"),
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Samples per process per micro-batch.")] = default(TrainConfig, "batch_size"),
+    grad_accum: Annotated[int, typer.Option("--grad-accum", help="Micro-batches per optimizer step.")] = default(TrainConfig, "grad_accum"),
+    lr: Annotated[float, typer.Option("--lr", help="Adam learning rate.")] = default(TrainConfig, "lr"),
+    warmup: Annotated[int, typer.Option("--warmup", help="Linear LR warm-up steps.")] = default(TrainConfig, "lr_warmup_steps"),
+    resolution: Annotated[int, typer.Option("--resolution", help="Training image size (square crops).")] = default(TrainConfig, "resolution"),
+    center_crop: Annotated[bool, typer.Option("--center-crop", help="Centre crops instead of random crops.")] = default(TrainConfig, "center_crop"),
+    max_zoom: Annotated[float, typer.Option("--max-zoom", help="Face zoom-in drawn from [1, max].")] = default(TrainConfig, "max_zoom"),
+    max_rotation: Annotated[float, typer.Option("--max-rotation", help="Face rotation drawn from +-max degrees.")] = default(TrainConfig, "max_rotation"),
+    mixed_precision: Annotated[str, typer.Option("--mixed-precision", help="no, fp16 or bf16.")] = default(TrainConfig, "mixed_precision"),
+    gradient_checkpointing: Annotated[bool, typer.Option("--gradient-checkpointing", help="Trade compute for memory.")] = default(TrainConfig, "gradient_checkpointing"),
+    adam_8bit: Annotated[bool, typer.Option("--8bit-adam", help="bitsandbytes 8-bit Adam.")] = default(TrainConfig, "use_8bit_adam"),
+    ema: Annotated[bool, typer.Option("--ema", help="Keep an EMA of the weights and export it.")] = default(TrainConfig, "ema"),
+    checkpoint_every: Annotated[int, typer.Option("--checkpoint-every", help="Checkpoint every N steps (0: never).")] = default(TrainConfig, "checkpoint_every"),
+    keep_checkpoints: Annotated[int, typer.Option("--keep-checkpoints", help="Newest checkpoints kept (0: all).")] = default(TrainConfig, "keep_checkpoints"),
+    resume: Annotated[str | None, typer.Option("--resume", help="'latest' or a checkpoint folder.")] = default(TrainConfig, "resume"),
+    validate_every: Annotated[int, typer.Option("--validate-every", help="Sample the validation prompts every N steps.")] = default(TrainConfig, "validate_every"),
     validation_prompt: Annotated[list[str] | None, typer.Option("--validation-prompt", help="Repeat for several.")] = None,
-    seed: Annotated[int, typer.Option("--seed")] = 0,
-    workers: Annotated[int, typer.Option("--workers", help="Data-loading processes.")] = 2,
+    seed: Annotated[int, typer.Option("--seed")] = default(TrainConfig, "seed"),
+    workers: Annotated[int, typer.Option("--workers", help="Data-loading processes.")] = default(TrainConfig, "workers"),
     cpu: Annotated[bool, typer.Option("--cpu", help="Train on the CPU even when a GPU is present.")] = False,
 ) -> None:
     """Fine-tune the UNet on captioned faces (paper section 3.2); the result loads with --model OUT."""
     from diffferv_cli.components import load_components
-    from diffferv_cli.config import TrainConfig
     from diffferv_cli.training.loop import train
 
-    if mixed_precision not in ("no", "fp16", "bf16"):
+    if mixed_precision not in choices(TrainConfig, "mixed_precision"):
         raise UserError(f"--mixed-precision must be no, fp16 or bf16, not {mixed_precision!r}.")
     try:
         cfg = TrainConfig(

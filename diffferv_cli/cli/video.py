@@ -9,7 +9,7 @@ import typer
 from rich.table import Table
 
 from diffferv_cli.cli import ModelOpt, console
-from diffferv_cli.config import ClipSpec
+from diffferv_cli.config import DEFAULT_MODEL, ClipSpec, default
 from diffferv_cli.errors import UserError
 
 ClipArg = Annotated[Path, typer.Argument(help="Input video.", show_default=False)]
@@ -54,8 +54,9 @@ def presets_cmd(folder: PresetDirOpt = None) -> None:
     console.print(table)
 
 
-def probe_cmd(clip: ClipArg, start: StartOpt = 0, frames: FramesOpt = None, stride: StrideOpt = 1,
-              size: SizeOpt = 512, model: ModelOpt = "stable-diffusion-v1-5/stable-diffusion-v1-5",
+def probe_cmd(clip: ClipArg, start: StartOpt = default(ClipSpec, "start"), frames: FramesOpt = default(ClipSpec, "frames"),
+              stride: StrideOpt = default(ClipSpec, "stride"), size: SizeOpt = default(ClipSpec, "short_side"),
+              model: ModelOpt = DEFAULT_MODEL,
               multiple: MultipleOpt = None) -> None:
     """Show a video's properties and the frames and working size diffferv would use (for --model)."""
     from diffferv_cli.video.geometry import frame_selection, working_geometry

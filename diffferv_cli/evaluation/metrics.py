@@ -286,8 +286,14 @@ def flow_warping_error(frames: np.ndarray, forward: np.ndarray, occlusion: np.nd
         squared.append(float(np.square(difference).mean()) if difference.size else float("nan"))
         absolute.append(float(np.abs(difference).mean()) if difference.size else float("nan"))
     per_pair = np.asarray(squared)
-    return WarpError(float(np.nanmean(per_pair)), float(np.nanmean(absolute)), per_pair,
-                     valid_total / occlusion.size)
+    return WarpError(_mean_of_counted(per_pair), _mean_of_counted(absolute), per_pair, valid_total / occlusion.size)
+
+
+def _mean_of_counted(values: Sequence[float] | np.ndarray) -> float:
+    """Mean over the pairs that had visible pixels (not NaN); NaN, without a warning, when none had."""
+    values = np.asarray(values, dtype=np.float64)
+    counted = values[~np.isnan(values)]
+    return float(counted.mean()) if counted.size else float("nan")
 
 
 # Attribute classifier and CLIP-IQA (from user-supplied models) -----------------------------------------
