@@ -291,7 +291,7 @@ def roll_back_unverified(entry: CacheEntry) -> None:
     manifest = entry.manifest
     durable = int(manifest.get("durable_steps", 0))
     finished = entry.finished_steps
-    step = max(durable, 0)
+    step = max(min(durable, finished), 0)  # never past what the manifest claims
     while step < finished and entry.holds(entry.latent_name(step + 1)):
         step += 1
     features = int(manifest.get("feature_steps", 0))
