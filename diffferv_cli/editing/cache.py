@@ -180,11 +180,11 @@ class CacheEntry:
 
     def holds(self, relative: str) -> bool:
         """Whether `relative` is on disk with the content the manifest names (its hash), without raising."""
-        expected = self.manifest.get("files", {}).get(relative)
         try:
-            return expected is not None and hashlib.sha256((self.folder / relative).read_bytes()).hexdigest() == expected
-        except OSError:
+            self._verified_bytes(relative)
+        except (UserError, OSError):
             return False
+        return True
 
     def make_durable(self, relatives: list[str]) -> None:
         """Flush the files `relatives` (written with `durable=False`) and their folders to the disk, then
@@ -192,7 +192,8 @@ class CacheEntry:
         flush_files([self.folder / relative for relative in relatives])
         self.save_manifest(durable=True)
 
-    def _read_tensors(self, relative: str) -> dict[str, torch.Tensor]:
+    def _verified_bytes(self, relative: str) -> bytes:
+        """The bytes of `relative`, checked against the manifest's hash (UserError when missing or changed)."""
         path = self.folder / relative
         expected = self.manifest.get("files", {}).get(relative)
         if expected is None or not path.is_file():
@@ -200,6 +201,11 @@ class CacheEntry:
         data = path.read_bytes()
         if hashlib.sha256(data).hexdigest() != expected:
             raise UserError(f"The cache file {path} is corrupted (hash mismatch); rerun with --force to recompute it.")
+        return data
+
+    def _read_tensors(self, relative: str) -> dict[str, torch.Tensor]:
+        path = self.folder / relative
+        data = self._verified_bytes(relative)
         try:
             from safetensors.torch import load
 
