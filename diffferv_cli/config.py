@@ -18,6 +18,7 @@ DEFAULT_SOURCE_PROMPT = "a photo of a person"
 MAX_COUNT = 2**31 - 1
 MAX_SEED = 2**63 - 1  # torch generators take 64 bits; the seed plus a small offset must still fit
 MAX_GUIDANCE = 50.0
+MAX_SHORT_SIDE = 2048  # working sizes; `eval` compares larger videos with --size
 Pixels = Annotated[int, Field(ge=0, le=MAX_COUNT)]
 
 # Default window: 24 frames. An edit at 512x512 in recompute mode runs 3 branches, a batch of 72. The
@@ -51,7 +52,7 @@ class ClipSpec(Frozen):
     start: int = Field(0, ge=0, le=MAX_COUNT, description="first frame (0-based, in decoded frame order)")
     frames: int | None = Field(None, ge=1, le=MAX_COUNT, description="how many frames; all remaining when None")
     stride: int = Field(1, ge=1, le=MAX_COUNT, description="take every n-th frame")
-    short_side: int = Field(512, ge=16, le=2048)
+    short_side: int = Field(512, ge=16, le=MAX_SHORT_SIDE)
     multiple: int = Field(64, ge=8, le=256)
     region: tuple[Pixels, Pixels, Pixels, Pixels] | None = Field(
         None, description="(x, y, width, height) of the part of the displayed frame that is edited; None: all")
@@ -164,3 +165,22 @@ class TrainConfig(Frozen):
     validation_guidance: float = Field(7.5, ge=0.0, le=MAX_GUIDANCE)
     seed: int = Field(0, ge=0, le=MAX_SEED)
     workers: int = Field(2, ge=0, le=1024, description="data-loading processes")
+
+
+class EvalConfig(Frozen):
+    """What to compare and how. The CLI builds it; `evaluate` only reads it."""
+
+    start: int = Field(0, ge=0, le=MAX_COUNT, description="first frame of the edited video")
+    frames: int | None = Field(None, ge=1, le=MAX_COUNT)
+    stride: int = Field(1, ge=1, le=MAX_COUNT)
+    original_start: int | None = Field(None, ge=0, le=MAX_COUNT, description="the original's frame shown as the "
+                                       "edited video's frame 0 (default: from the edited file's metadata)")
+    original_stride: int | None = Field(None, ge=1, le=MAX_COUNT, description="original frames per edited frame "
+                                        "(default: from the edited file's metadata)")
+    size: int | None = Field(None, ge=16, le=MAX_SHORT_SIDE, description="short side to compare at; None = native size")
+    similarity: Literal["dlib", "cosine"] = "dlib"
+    temporal: bool = True
+    flow_preset: Literal["ultrafast", "fast", "medium"] = "medium"
+    attribute_model: Path | None = None
+    target_attribute: str | None = None
+    clip_model: Path | None = None

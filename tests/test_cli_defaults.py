@@ -15,6 +15,7 @@ from diffferv_cli.config import (
     ClipSpec,
     CompositeConfig,
     EditConfig,
+    EvalConfig,
     InversionConfig,
     TemporalConfig,
     TrainConfig,
@@ -63,6 +64,9 @@ COMPOSITE = _fields(CompositeConfig, composite="mode", composite_threshold="thre
         adam_8bit="use_8bit_adam", ema="ema", checkpoint_every="checkpoint_every",
         keep_checkpoints="keep_checkpoints", resume="resume", validate_every="validate_every", seed="seed",
         workers="workers")}),
+    ("eval", {**_fields(EvalConfig, start="start", frames="frames", stride="stride", original_start="original_start",
+                        original_stride="original_stride", size="size", similarity="similarity"),
+              "no_temporal": not EvalConfig.model_fields["temporal"].default}),
 ])
 def test_option_defaults_are_the_config_defaults(command, expected):
     shown = _defaults(command)
@@ -155,3 +159,17 @@ def test_a_bare_train_builds_the_default_config(monkeypatch, tmp_path):
     monkeypatch.setattr(loop, "train", train)
     _stopped("train", "--faces", str(tmp_path / "faces"), "--out", str(tmp_path / "out"))
     assert seen["config"] == TrainConfig(faces=tmp_path / "faces", out=tmp_path / "out")
+
+
+def test_a_bare_eval_builds_the_default_config(monkeypatch, tmp_path):
+    import diffferv_cli.evaluation.report as report
+
+    seen = {}
+
+    def evaluate(original, edited, config, progress=None):
+        seen["config"] = config
+        raise Stop("eval")
+
+    monkeypatch.setattr(report, "evaluate", evaluate)
+    _stopped("eval", str(tmp_path / "a.mp4"), str(tmp_path / "b.mp4"))
+    assert seen["config"] == EvalConfig()

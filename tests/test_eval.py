@@ -11,7 +11,8 @@ from media import make_test_clip
 from typer.testing import CliRunner
 
 from diffferv_cli.cli import app
-from diffferv_cli.evaluation.report import EvalConfig, evaluate
+from diffferv_cli.config import EvalConfig
+from diffferv_cli.evaluation.report import evaluate
 
 
 def _texture_clip(frames: int = 5, height: int = 48, width: int = 64, seed: int = 0) -> np.ndarray:

@@ -22,12 +22,12 @@ from diffferv_cli.config import (
     ClipSpec,
     CompositeConfig,
     EditConfig,
+    EvalConfig,
     InversionConfig,
     TemporalConfig,
     TrainConfig,
 )
 from diffferv_cli.editing.presets import Preset
-from diffferv_cli.evaluation.report import EvalConfig
 
 
 def _invoke(args: list[str], timeout: float = 120):

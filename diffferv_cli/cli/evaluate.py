@@ -10,6 +10,7 @@ import typer
 from rich.table import Table
 
 from diffferv_cli.cli import console, err_console
+from diffferv_cli.config import EvalConfig, choices, default
 from diffferv_cli.errors import UserError
 from diffferv_cli.files import atomic_write_text, to_json
 
@@ -32,14 +33,14 @@ def eval_command(
     original: InputArg,
     edited: InputArg,
     json_out: Annotated[Path | None, typer.Option("--json", help="Write the metrics (and per-frame values) here.")] = None,
-    start: Annotated[int, typer.Option("--start", help="First frame (0-based) of the edited video.")] = 0,
-    frames: Annotated[int | None, typer.Option("--frames", help="Number of frames (default: all).")] = None,
-    stride: Annotated[int, typer.Option("--stride", help="Take every n-th frame.")] = 1,
-    original_start: Annotated[int | None, typer.Option("--original-start", help="The original's frame shown as the edited video's frame 0 (default: read from the edited file, which diffferv writes it into).")] = None,
-    original_stride: Annotated[int | None, typer.Option("--original-stride", help="Original frames per edited frame (default: read from the edited file).")] = None,
-    size: Annotated[int | None, typer.Option("--size", help="Compare at this short side (default: native size).")] = None,
-    similarity: Annotated[str, typer.Option("--identity-similarity", help="dlib (1 - distance) or cosine.")] = "dlib",
-    no_temporal: Annotated[bool, typer.Option("--no-temporal", help="Skip the flow-warping error.")] = False,
+    start: Annotated[int, typer.Option("--start", help="First frame (0-based) of the edited video.")] = default(EvalConfig, "start"),
+    frames: Annotated[int | None, typer.Option("--frames", help="Number of frames (default: all).")] = default(EvalConfig, "frames"),
+    stride: Annotated[int, typer.Option("--stride", help="Take every n-th frame.")] = default(EvalConfig, "stride"),
+    original_start: Annotated[int | None, typer.Option("--original-start", help="The original's frame shown as the edited video's frame 0 (default: read from the edited file, which diffferv writes it into).")] = default(EvalConfig, "original_start"),
+    original_stride: Annotated[int | None, typer.Option("--original-stride", help="Original frames per edited frame (default: read from the edited file).")] = default(EvalConfig, "original_stride"),
+    size: Annotated[int | None, typer.Option("--size", help="Compare at this short side (default: native size).")] = default(EvalConfig, "size"),
+    similarity: Annotated[str, typer.Option("--identity-similarity", help="dlib (1 - distance) or cosine.")] = default(EvalConfig, "similarity"),
+    no_temporal: Annotated[bool, typer.Option("--no-temporal", help="Skip the flow-warping error.")] = not default(EvalConfig, "temporal"),
     attribute_model: Annotated[Path | None, typer.Option("--attribute-model", help="Local image-classification model folder (for TACR/NAPR).")] = None,
     target_attribute: Annotated[str | None, typer.Option("--target-attribute", help="The edited attribute, one of the model's labels.")] = None,
     clip_model: Annotated[Path | None, typer.Option("--clip-model", help="Local CLIP model folder (for CLIP-IQA).")] = None,
@@ -67,10 +68,11 @@ def _check_json_target(path: Path, inputs: list[Path], overwrite: bool) -> None:
 
 
 def _run(original: Path, edited: Path, json_out: Path | None, **options) -> None:
-    from diffferv_cli.evaluation.report import EvalConfig, evaluate
+    from diffferv_cli.evaluation.report import evaluate
 
-    if options["similarity"] not in ("dlib", "cosine"):
-        raise UserError(f"--identity-similarity must be dlib or cosine, not {options['similarity']!r}.")
+    if options["similarity"] not in choices(EvalConfig, "similarity"):
+        raise UserError(f"--identity-similarity must be one of {', '.join(choices(EvalConfig, 'similarity'))}, "
+                        f"not {options['similarity']!r}.")
     try:
         config = EvalConfig(**options)
     except ValueError as err:

@@ -35,36 +35,15 @@ from pathlib import Path
 from typing import Literal
 
 import numpy as np
-from pydantic import Field
 
-from diffferv_cli.config import MAX_COUNT, Frozen
+from diffferv_cli.config import MAX_SHORT_SIDE, EvalConfig
 from diffferv_cli.errors import UserError
 from diffferv_cli.evaluation import metrics
 
 Progress = Callable[[str, int, int], None] | None
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 SIZE_MULTIPLE = 8
-MAX_SHORT_SIDE = 2048  # ClipSpec's bound; larger videos are compared with --size
 CLIP_IQA_PROMPTS = ("Good photo.", "Bad photo.")
-
-
-class EvalConfig(Frozen):
-    """What to compare and how. The CLI builds it; `evaluate` only reads it."""
-
-    start: int = Field(0, ge=0, le=MAX_COUNT, description="first frame of the edited video")
-    frames: int | None = Field(None, ge=1, le=MAX_COUNT)
-    stride: int = Field(1, ge=1, le=MAX_COUNT)
-    original_start: int | None = Field(None, ge=0, le=MAX_COUNT, description="the original's frame shown as the "
-                                       "edited video's frame 0 (default: from the edited file's metadata)")
-    original_stride: int | None = Field(None, ge=1, le=MAX_COUNT, description="original frames per edited frame "
-                                        "(default: from the edited file's metadata)")
-    size: int | None = Field(None, ge=16, le=MAX_SHORT_SIDE, description="short side to compare at; None = native size")
-    similarity: Literal["dlib", "cosine"] = "dlib"
-    temporal: bool = True
-    flow_preset: Literal["ultrafast", "fast", "medium"] = "medium"
-    attribute_model: Path | None = None
-    target_attribute: str | None = None
-    clip_model: Path | None = None
 
 
 @dataclass(frozen=True)
