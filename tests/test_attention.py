@@ -333,6 +333,39 @@ def test_explicit_cross_maps_respect_the_text_mask(tiny):
     torch.testing.assert_close(explicit, stock, **TOL)
 
 
+@torch.no_grad()
+@pytest.mark.parametrize("mask_kind", [None, "bool", "float", "per-query"])
+def test_explicit_cross_maps_equal_the_stock_attention_over_several_chunks(monkeypatch, mask_kind):
+    """Pass-through maps give the stock result: with a boolean, an additive or a per-query text mask, with the encoder
+    states normalised (`norm_cross`), and with the scores computed a few rows at a time (chunks of 2 rows
+    over 6, and an uneven last chunk over 5 of them)."""
+    import diffferv_cli.temporal.processors as processors
+
+    torch.manual_seed(0)
+    attn = Attention(32, cross_attention_dim=24, heads=2, dim_head=16, cross_attention_norm="layer_norm").eval()
+    with torch.no_grad():
+        attn.norm_cross.weight.uniform_(0.5, 1.5)  # not the identity it starts as
+        attn.norm_cross.bias.uniform_(-0.5, 0.5)
+    frames, branches, tokens, text_tokens = 3, 2, 10, 7
+    hidden = torch.randn(branches * frames, tokens, 32)
+    context = torch.randn(branches * frames, text_tokens, 24)
+    mask = None
+    if mask_kind is not None:
+        keep = torch.rand(branches * frames, tokens if mask_kind == "per-query" else 1, text_tokens) > 0.3
+        keep[..., 0] = True  # every query keeps a token
+        mask = torch.where(keep, 0.0, -1e4) + torch.randn(keep.shape) * 0.5 if mask_kind == "float" else keep
+    stock = AttnProcessor2_0()(attn, hidden, context, attention_mask=mask)
+    ctx = AttentionContext(frames=frames, branches=("source", "positive"), window=1, tta=False,
+                           control=_MapsControl(override=False))
+    per_row = attn.heads * tokens * text_tokens
+    for rows in (2, 4, 100):  # 3 chunks, 2 chunks (last uneven), 1 chunk
+        monkeypatch.setattr(processors, "CROSS_SCORES_CHUNK", rows * per_row)
+        explicit = CrossAttention("x")(attn, hidden, context, attention_mask=mask, ctx=ctx)
+        torch.testing.assert_close(explicit, stock, **TOL)
+    if mask is not None:  # the mask matters
+        assert not torch.allclose(stock, AttnProcessor2_0()(attn, hidden, context), atol=1e-4)
+
+
 # --------------------------------------------------------------------------------------------------
 # stock structure, installation, contract checks
 # --------------------------------------------------------------------------------------------------
