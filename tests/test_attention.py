@@ -439,3 +439,30 @@ def test_contract_violations_are_reported(tiny):
         _temporal_unet(tiny.unet, latents, text, ctx.at_step(0, 0, trajectories=TrajectorySet({LATENT: unsorted})))
     with pytest.raises(ValueError, match="3 frames"):
         _temporal_unet(tiny.unet, latents, text, _context(3, branches=1).at_step(0, 0, frames=4, branches=("a",)))
+
+
+class _WrongShape:
+    """A control that hands back one frame too few, for the kind of features named."""
+
+    def __init__(self, kind):
+        self.kind = kind
+
+    def self_attention(self, ctx, layer, kind, query, key):
+        return (query[:, 1:], key) if kind == self.kind else (query, key)
+
+    def wants_cross_maps(self, ctx, layer):
+        return self.kind == "cross"
+
+    def cross_attention(self, ctx, layer, probs):
+        return probs[:, 1:]
+
+
+@pytest.mark.parametrize("kind, what", [("app", "app query"), ("motion", "motion query"),
+                                        ("cross", "cross-attention maps")])
+def test_a_control_returning_the_wrong_shape_is_named_with_both_shapes(tiny, kind, what):
+    latents, text = _inputs(2)
+    with pytest.raises(ValueError) as error:
+        _temporal_unet(tiny.unet, latents, text, _context(2, control=_WrongShape(kind)))
+    message = str(error.value)
+    assert message.startswith(f"FeatureControl returned {what} of shape (2, 1, ")
+    assert ", expected (2, 2, " in message
