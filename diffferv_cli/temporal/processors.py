@@ -49,14 +49,10 @@ CROSS_SCORES_CHUNK = 1 << 26
 # attention kernels on token-major tensors
 # --------------------------------------------------------------------------------------------------
 
-def attend(
-    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float, mask: torch.Tensor | None = None
-) -> torch.Tensor:
-    """Softmax attention on token-major tensors `(..., tokens, heads, head_dim)`; same layout out.
-
-    `mask` (boolean, True = attend) broadcasts against `(..., heads, query_tokens, key_tokens)`."""
+def attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float) -> torch.Tensor:
+    """Softmax attention on token-major tensors `(..., tokens, heads, head_dim)`; same layout out."""
     output = F.scaled_dot_product_attention(
-        query.transpose(-3, -2), key.transpose(-3, -2), value.transpose(-3, -2), attn_mask=mask, scale=scale
+        query.transpose(-3, -2), key.transpose(-3, -2), value.transpose(-3, -2), scale=scale
     )  # (..., heads, tokens, head_dim)
     return output.transpose(-3, -2)
 
