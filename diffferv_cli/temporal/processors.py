@@ -115,15 +115,16 @@ def _edge_groups(frames: int, window: int) -> tuple[tuple[slice, tuple[tuple[int
     window length, one attention call per group: (frames as a slice, ((first, last + 1) per frame)).
 
     A group is a pair of frames f, frames-1-f (the clamp is symmetric) or, when the clip is shorter than
-    a window, a run of middle frames; either way an arithmetic progression, hence a slice. Plain ints
-    (no tensors): torch.compile traces it to constants."""
+    a window, a run of middle frames; either way an arithmetic progression, hence a slice. It always has
+    two frames or more (the middle frame of an odd clip is clamped only when its neighbours are, to the
+    same length: the whole clip). Plain ints (no tensors): torch.compile traces it to constants."""
     span = 2 * (window // 2) + 1
     groups: dict[int, list[int]] = {}
     for frame in range(frames):
         low, high = window_bounds(frame, frames, window)
         if high - low + 1 < span:
             groups.setdefault(high - low + 1, []).append(frame)
-    return tuple((slice(members[0], members[-1] + 1, members[1] - members[0] if len(members) > 1 else 1),
+    return tuple((slice(members[0], members[-1] + 1, members[1] - members[0]),
                    tuple(_bounds(frame, frames, window) for frame in members)) for members in groups.values())
 
 
