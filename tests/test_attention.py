@@ -302,6 +302,46 @@ def test_overriding_query_key_changes_only_other_branches(tiny, kind):
     torch.testing.assert_close(overridden, reference, **TOL)
 
 
+class _OwnKeys:
+    """Q stays, K is replaced by the previous frame's K (of the same branch): Q and K differ afterwards."""
+
+    def __init__(self, kind):
+        self.kind = kind
+
+    def self_attention(self, ctx, layer, kind, query, key):
+        return (query, key.roll(1, dims=1).clone()) if kind == self.kind else (query, key)
+
+    def wants_cross_maps(self, ctx, layer):
+        return False
+
+
+@pytest.mark.parametrize("kind", ["app", "motion"])
+def test_a_key_replaced_on_its_own_is_used_as_the_key(tiny, kind):
+    """For TTA, Q = K = h: a control that replaces K only must not have its K replaced by Q again."""
+    latents, text = _inputs(3)
+    ctx = _context(3, control=_OwnKeys(kind))
+    replaced = _temporal_unet(tiny.unet, latents, text, ctx)
+    assert (replaced - _temporal_unet(tiny.unet, latents, text, _context(3))).abs().max() > 1e-6
+    torch.testing.assert_close(replaced, _reference_unet(tiny.unet, latents, text, ctx), **TOL)
+
+
+def test_every_attention_uses_the_layers_own_scale(tiny):
+    """A self-attention layer whose scale is not SDPA's default head_dim ** -0.5 (diffusers'
+    `scale_qk=False`) keeps it in SWCFA, its edge frames, per-frame attention and TTA."""
+    import copy
+
+    unet = copy.deepcopy(tiny.unet)
+    for path, kind in attention_layers(unet).items():
+        if kind == "self":  # (diffusers' stock cross-attention leaves the scale to SDPA's default)
+            attn = unet.get_submodule(path.removesuffix(".processor"))
+            attn.scale = 0.7 * attn.scale
+    latents, text = _inputs(3)
+    for changes in (dict(window=3), dict(window=1)):
+        ctx = _context(3, **changes)
+        torch.testing.assert_close(_temporal_unet(unet, latents, text, ctx), _reference_unet(unet, latents, text, ctx), **TOL)
+    assert (_temporal_unet(unet, latents, text, ctx) - _temporal_unet(tiny.unet, latents, text, ctx)).abs().max() > 1e-6
+
+
 def test_pass_through_controls_change_nothing(tiny):
     latents, text = _inputs(3)
     plain = _temporal_unet(tiny.unet, latents, text, _context(3))
