@@ -436,6 +436,53 @@ def test_stock_structure_for_four_dimensional_input():
     assert out.shape == hidden.shape and not torch.allclose(out, stock, atol=1e-4)
 
 
+@torch.no_grad()
+@pytest.mark.parametrize("text", [True, False])
+def test_explicit_cross_maps_keep_the_stock_structure(text):
+    """The explicit-maps path of CrossAttention on an Attention with group norm, spatial norm, residual
+    connection and output rescale, 4-D input, with text states or (self-attention use) without: pass-through
+    maps give the stock result."""
+    attn = _attention_with_everything()
+    frames, height, width = 3, 4, 6
+    hidden = torch.randn(2 * frames, 32, height, width)
+    temb = torch.randn(2 * frames, 3, height, width)
+    context = torch.randn(2 * frames, 5, 32) if text else None
+    stock = AttnProcessor2_0()(attn, hidden, context, temb=temb)
+    ctx = AttentionContext(frames=frames, branches=("a", "b"), window=1, tta=False, control=_MapsControl(False))
+    torch.testing.assert_close(CrossAttention("x")(attn, hidden, context, temb=temb, ctx=ctx), stock, **TOL)
+
+
+class _OneLayerMaps(_MapsControl):
+    """Explicit maps for one layer only; checks it is asked with the call's context."""
+
+    def __init__(self, layer, frames):
+        super().__init__(override=False)
+        self.layer, self.frames, self.seen = layer, frames, []
+
+    def wants_cross_maps(self, ctx, layer):
+        assert ctx.frames == self.frames
+        return layer == self.layer
+
+    def cross_attention(self, ctx, layer, probs):
+        self.seen.append(layer)
+        return probs
+
+
+def test_a_control_is_asked_per_layer_and_sees_only_the_maps_it_wants(tiny):
+    layers = [path.removesuffix(".processor") for path, kind in attention_layers(tiny.unet).items() if kind == "cross"]
+    control = _OneLayerMaps(layers[-1], frames=2)
+    latents, text = _inputs(2)
+    _temporal_unet(tiny.unet, latents, text, _context(2, control=control))
+    assert control.seen == [layers[-1]]
+
+
+def test_a_wrong_batch_in_explicit_cross_maps_names_the_layer():
+    attn = _attention_with_everything()
+    ctx = AttentionContext(frames=4, branches=("a",), window=1, tta=False, control=_MapsControl(False))
+    with pytest.raises(ValueError, match=r"^up\.x: the UNet batch has 6 rows but the context says 1 branch\(es\) x 4"):
+        CrossAttention("up.x")(attn, torch.randn(6, 32, 4, 6), temb=torch.randn(6, 3, 4, 6), ctx=ctx)
+
+
 def test_install_names_and_restore(tiny):
     unet = tiny.unet
     before = dict(unet.attn_processors)
