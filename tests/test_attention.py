@@ -141,6 +141,23 @@ def test_trajectory_attention_equals_naive(grid_shape, frames, link_probability)
     torch.testing.assert_close(fast, clip(expected), **TOL)
 
 
+def test_a_trajectory_grid_is_planned_on_the_device_of_the_query(monkeypatch):
+    from diffferv_cli.temporal.plan import GridPlan
+
+    devices = []
+    build = GridPlan.build
+
+    def recording(grid, device):
+        devices.append(device)
+        return build(grid, device)
+
+    monkeypatch.setattr(GridPlan, "build", staticmethod(recording))
+    grid = random_partition(4, 6, 3, torch.Generator().manual_seed(0), 0.6)
+    query, key, value = (x.reshape(2, 3 * 24, 2, 4) for x in _random_qkv(frames=3, tokens=24))
+    trajectory_attention(query, key, value, grid, 0.3)
+    assert devices == [query.device]
+
+
 def test_trajectory_partitions_are_varied():
     """The random partitions used above really hold singletons, short and full-length rows."""
     lengths = random_partition(8, 12, 6, torch.Generator().manual_seed(6), 0.6).lengths

@@ -100,8 +100,7 @@ def sliding_window_attention(
         count, length = len(group_windows), group_windows[0][1] - group_windows[0][0]
 
         def windows(tensor, group_windows=group_windows, count=count, length=length):
-            pieces = [tensor[:, low:high] for low, high in group_windows]  # (branches, length, tokens, ...)
-            stacked = pieces[0] if count == 1 else torch.stack(pieces)
+            stacked = torch.stack([tensor[:, low:high] for low, high in group_windows])  # (count, branches, length, ..)
             return stacked.reshape(count * branches, length * tokens, heads, head_dim).transpose(1, 2)
 
         queries = query[:, frames_slice].transpose(0, 1).reshape(count * branches, tokens, heads, head_dim)
