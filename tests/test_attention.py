@@ -141,6 +141,38 @@ def test_trajectory_attention_equals_naive(grid_shape, frames, link_probability)
     torch.testing.assert_close(fast, clip(expected), **TOL)
 
 
+def test_trajectory_attention_with_padded_buckets_three_branches_and_three_heads():
+    """Buckets holding trajectories of several lengths (padded, masked) with the mask repeated per branch,
+    an odd head count, and the shared Q = K = V gathered once per bucket (same result as three tensors)."""
+    from torch.overrides import TorchFunctionMode
+
+    from diffferv_cli.temporal.plan import GridPlan
+
+    frames, height, width, branches, heads = 9, 4, 6, 3, 3
+    grid = random_partition(height, width, frames, torch.Generator().manual_seed(1), 0.7)
+    plan = GridPlan.build(grid)
+    assert any(bucket.mask is not None for bucket in plan.buckets)
+    query, key, value = _random_qkv(branches=branches, frames=frames, heads=heads, tokens=height * width)
+    clip = lambda x: _token_major(x).reshape(branches, frames * height * width, heads, 4)  # noqa: E731
+    torch.testing.assert_close(trajectory_attention(clip(query), clip(key), clip(value), plan, 0.3),
+                               clip(naive_tta(query, key, value, grid, 0.3)), **TOL)
+
+    class Gathers(TorchFunctionMode):
+        count = 0
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            Gathers.count += func is torch.Tensor.index_select
+            return func(*args, **(kwargs or {}))
+
+    h = clip(value)
+    with Gathers():
+        shared = trajectory_attention(h, h, h, plan, 0.3)
+    assert Gathers.count == len(plan.buckets) + 2  # one per bucket, the singletons, the inverse order
+    torch.testing.assert_close(shared, clip(naive_tta(value, value, value, grid, 0.3)), **TOL)
+    separate = trajectory_attention(h, h.clone(), h.clone(), plan, 0.3)
+    torch.testing.assert_close(shared, separate, **TOL)
+
+
 def test_a_trajectory_grid_is_planned_on_the_device_of_the_query(monkeypatch):
     from diffferv_cli.temporal.plan import GridPlan
 
