@@ -136,8 +136,8 @@ def test_trajectory_attention_equals_naive(grid_shape, frames, link_probability)
     grid = random_partition(height, width, frames, torch.Generator().manual_seed(frames), link_probability)
     query, key, value = _random_qkv(frames=frames, tokens=height * width)
     clip = lambda x: _token_major(x).reshape(2, frames * height * width, 2, 4)  # noqa: E731
-    fast = trajectory_attention(clip(query), clip(key), clip(value), grid, 0.5)
-    expected = naive_tta(query, key, value, grid, 0.5)
+    fast = trajectory_attention(clip(query), clip(key), clip(value), grid, 0.3)  # not SDPA's default 0.5
+    expected = naive_tta(query, key, value, grid, 0.3)
     torch.testing.assert_close(fast, clip(expected), **TOL)
 
 
