@@ -513,6 +513,7 @@ class _OneLayerMaps(_MapsControl):
         return layer == self.layer
 
     def cross_attention(self, ctx, layer, probs):
+        assert ctx.frames == self.frames
         self.seen.append(layer)
         return probs
 
