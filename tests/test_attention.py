@@ -454,6 +454,9 @@ def test_explicit_cross_maps_equal_the_stock_attention_over_several_chunks(monke
         torch.testing.assert_close(explicit, stock, **TOL)
     if mask is not None:  # the mask matters
         assert not torch.allclose(stock, AttnProcessor2_0()(attn, hidden, context), atol=1e-4)
+    else:  # one row: one frame of one branch
+        one = AttentionContext(frames=1, branches=("source",), window=1, tta=False, control=_MapsControl(override=False))
+        torch.testing.assert_close(CrossAttention("x")(attn, hidden[:1], context[:1], ctx=one), stock[:1], **TOL)
 
 
 # --------------------------------------------------------------------------------------------------
