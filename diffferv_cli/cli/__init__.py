@@ -21,6 +21,13 @@ console = Console()
 err_console = Console(stderr=True)
 
 
+def one_of(option: str, value: str, allowed: tuple[str, ...]) -> None:
+    """A `UserError` naming the allowed values unless `value` is one of them."""
+    if value not in allowed:
+        listed = ", ".join(allowed[:-1]) + f" or {allowed[-1]}"
+        raise UserError(f"{option} must be {listed}, not {value!r}.")
+
+
 def _report(message: str, code: int) -> typer.Exit:
     err_console.print(f"Error: {message}", markup=False, highlight=False, soft_wrap=True)
     return typer.Exit(code)

@@ -19,7 +19,7 @@ from rich.progress import (
 from rich.table import Table
 from rich.text import Text
 
-from diffferv_cli.cli import DeviceOpt, DtypeOpt, ModelOpt, console, err_console
+from diffferv_cli.cli import DeviceOpt, DtypeOpt, ModelOpt, console, err_console, one_of
 from diffferv_cli.config import (
     DEFAULT_MODEL,
     ClipSpec,
@@ -76,19 +76,13 @@ def _spec(start: int, frames: int | None, stride: int, size: int, model: str) ->
     return clip_spec(start, frames, stride, size, model=model)
 
 
-def _one_of(option: str, value: str, allowed: tuple[str, ...]) -> None:
-    if value not in allowed:
-        listed = ", ".join(allowed[:-1]) + f" or {allowed[-1]}"
-        raise UserError(f"{option} must be {listed}, not {value!r}.")
-
-
 def _inversion(prompt: str | None, steps: int, window: int, no_swcfa: bool, no_tta: bool, features: str,
                flow_preset: str, window_frames: int = WINDOW_FRAMES) -> InversionConfig:
     if window_frames < window + 1:
         raise UserError(f"--window-frames must be at least the SWCFA window + 1 = {window + 1} (windows overlap "
                         f"by at least the SWCFA window), got {window_frames}.")
-    _one_of("--features", features, choices(InversionConfig, "feature_mode"))
-    _one_of("--flow-preset", flow_preset, choices(InversionConfig, "flow_preset"))
+    one_of("--features", features, choices(InversionConfig, "feature_mode"))
+    one_of("--flow-preset", flow_preset, choices(InversionConfig, "flow_preset"))
     try:
         return InversionConfig(prompt=prompt or default(InversionConfig, "prompt"), steps=steps, feature_mode=features,
                                temporal=TemporalConfig(window=window, swcfa=not no_swcfa, tta=not no_tta),
@@ -106,7 +100,7 @@ class _FramesPerSecond(ProgressColumn):
 
 
 def _composite(mode: str, threshold: float) -> CompositeConfig:
-    _one_of("--composite", mode, choices(CompositeConfig, "mode"))
+    one_of("--composite", mode, choices(CompositeConfig, "mode"))
     try:
         return CompositeConfig(mode=mode, threshold=threshold)
     except ValueError as err:

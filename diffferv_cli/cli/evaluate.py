@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from diffferv_cli.cli import console, err_console
+from diffferv_cli.cli import console, err_console, one_of
 from diffferv_cli.config import EvalConfig, choices, default
 from diffferv_cli.errors import UserError
 from diffferv_cli.files import atomic_write_text, to_json
@@ -70,9 +70,7 @@ def _check_json_target(path: Path, inputs: list[Path], overwrite: bool) -> None:
 def _run(original: Path, edited: Path, json_out: Path | None, **options) -> None:
     from diffferv_cli.evaluation.report import evaluate
 
-    if options["similarity"] not in choices(EvalConfig, "similarity"):
-        raise UserError(f"--identity-similarity must be one of {', '.join(choices(EvalConfig, 'similarity'))}, "
-                        f"not {options['similarity']!r}.")
+    one_of("--identity-similarity", options["similarity"], choices(EvalConfig, "similarity"))
     try:
         config = EvalConfig(**options)
     except ValueError as err:
