@@ -15,6 +15,11 @@ from diffferv_cli.video.probe import as_rate, file_url, probe
 MUXERS = {".mkv": "matroska", ".webm": "webm", ".mov": "mov", ".avi": "avi"}
 
 
+# A smooth three-colour diagonal for 160x96 clips. The colours are given: the filter's default colours
+# are random on every run whatever its seed, which made round-trip PSNR figures vary by several dB.
+GRADIENTS = "gradients=c0=0x102040:c1=0xf0d0a0:c2=0x40a060:nb_colors=3:x0=0:y0=0:x1=160:y1=96:seed=1"
+
+
 def make_test_clip(path, *, width: int = 96, height: int = 64, frames: int = 8, fps: float = 24,
                    audio: bool = False, pattern: str = "testsrc2", rotation: int = 0, vfr: bool = False,
                    codec: str = "libx264", sar: str | None = None) -> Path:

@@ -7,7 +7,7 @@ import tracemalloc
 
 import numpy as np
 import pytest
-from media import audio_only, decode_all, empty_file, files_in, make_test_clip, psnr, text_as_video
+from media import GRADIENTS, audio_only, decode_all, empty_file, files_in, make_test_clip, psnr, text_as_video
 
 from diffferv_cli.config import ClipSpec
 from diffferv_cli.errors import UserError
@@ -78,7 +78,7 @@ def test_round_trip_keeps_frames_rate_size_audio_and_pixels(clip_path, tmp_path)
 
 
 def test_round_trip_through_a_resize_is_close_to_the_source(media, tmp_path):
-    source = make_test_clip(media / "gradients.mp4", width=160, height=96, frames=3, pattern="gradients")
+    source = make_test_clip(media / "gradients.mp4", width=160, height=96, frames=3, pattern=GRADIENTS)
     clip = read_clip(source, ClipSpec(short_side=64, multiple=64))  # 107x64 -> padded to 128x64
     assert clip.geometry.scaled_size == (107, 64) and clip.geometry.crop == (-10, 0, -11, 0)
     out = write_video(clip.frames, tmp_path / "out.mp4", clip.fps, geometry=clip.geometry)
@@ -86,7 +86,9 @@ def test_round_trip_through_a_resize_is_close_to_the_source(media, tmp_path):
     assert (info.width, info.height, info.frame_count) == (160, 96, 3)
     quality = psnr(decode_all(source), decode_all(out))
     print(f"source -> 107x64 -> source PSNR on smooth gradients: {quality:.2f} dB")
-    assert quality > 44.0  # measured 46.0 dB: the down/up-scale loses only fine detail
+    # Measured 45.3 dB: the down/up-scale loses only fine detail. Frames one pixel off give 37.9 dB
+    # (shifted across) and 35.4 dB (shifted down).
+    assert quality > 43.0
 
 
 def test_write_without_audio_source_has_no_audio(clip_path, tmp_path):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import cv2
 import numpy as np
 import pytest
-from media import decode_all, files_in, make_test_clip, psnr
+from media import GRADIENTS, decode_all, files_in, make_test_clip, psnr
 
 from diffferv_cli.config import ClipSpec
 from diffferv_cli.errors import UserError
@@ -40,7 +40,7 @@ def test_streamed_frames_are_the_selected_displayed_frames(media, options):
 
 
 def test_streamed_frames_at_another_size(media):
-    path = make_test_clip(media / "resize.mp4", width=160, height=96, frames=3, pattern="gradients")
+    path = make_test_clip(media / "resize.mp4", width=160, height=96, frames=3, pattern=GRADIENTS)
     frames = list(stream_frames(path, (0, 1, 2), 1, size=(80, 48)))
     expected = [cv2.resize(frame, (80, 48), interpolation=cv2.INTER_AREA) for frame in decode_all(path)]
     assert frames[0].shape == (48, 80, 3)
