@@ -536,6 +536,35 @@ def test_a_wrong_batch_in_explicit_cross_maps_names_the_layer():
         CrossAttention("up.x")(attn, torch.randn(6, 32, 4, 6), temb=torch.randn(6, 3, 4, 6), ctx=ctx)
 
 
+@torch.no_grad()
+def test_temporal_self_attention_without_a_context_is_stock_with_text_and_mask():
+    """No context: the stock processor, handed the text states and the mask it was given."""
+    attn = _attention_with_everything()
+    hidden, temb = torch.randn(4, 32, 4, 6), torch.randn(4, 3, 4, 6)
+    context = torch.randn(4, 5, 32)
+    mask = torch.zeros(4, 5)
+    mask[:, 3:] = -1e4  # the last two text tokens hidden
+    stock = AttnProcessor2_0()(attn, hidden, context, mask, temb=temb)
+    torch.testing.assert_close(TemporalSelfAttention("x")(attn, hidden, context, mask, temb=temb), stock, **TOL)
+    assert not torch.allclose(AttnProcessor2_0()(attn, hidden, context, temb=temb), stock, atol=1e-4)  # the mask acts
+
+
+@pytest.mark.parametrize("given", ["text", "mask"])
+def test_temporal_self_attention_with_a_context_refuses_text_or_a_mask(given):
+    attn = _attention_with_everything()
+    ctx = AttentionContext(frames=2, branches=("a",), window=1, tta=False)
+    extra = {"encoder_hidden_states": torch.randn(2, 5, 32)} if given == "text" else {"attention_mask": torch.zeros(2, 24)}
+    with pytest.raises(ValueError, match=r"^up\.x: temporal self-attention takes no encoder states and no mask$"):
+        TemporalSelfAttention("up.x")(attn, torch.randn(2, 32, 4, 6), temb=torch.randn(2, 3, 4, 6), ctx=ctx, **extra)
+
+
+def test_a_wrong_batch_in_temporal_self_attention_names_the_layer():
+    attn = _attention_with_everything()
+    ctx = AttentionContext(frames=4, branches=("a",), window=1, tta=False)
+    with pytest.raises(ValueError, match=r"^down\.y: the UNet batch has 6 rows but the context says 1 branch\(es\) x 4"):
+        TemporalSelfAttention("down.y")(attn, torch.randn(6, 32, 4, 6), temb=torch.randn(6, 3, 4, 6), ctx=ctx)
+
+
 def test_install_names_and_restore(tiny):
     unet = tiny.unet
     before = dict(unet.attn_processors)
