@@ -272,9 +272,13 @@ def test_branches_never_mix(tiny):
 class _Recorder:
     def __init__(self):
         self.calls = []
+        self.shared = []  # (kind, whether Q and K came as one tensor) per self-attention call
+        self.contexts = []
 
     def self_attention(self, ctx, layer, kind, query, key):
         self.calls.append((layer, kind, tuple(query.shape), tuple(key.shape)))
+        self.shared.append((kind, key is query))
+        self.contexts.append(ctx)
         return query, key
 
     def wants_cross_maps(self, ctx, layer):
@@ -323,8 +327,12 @@ class _MapsControl:
 def test_recording_control_sees_documented_shapes(tiny, caplog):
     frames, recorder = 3, _Recorder()
     latents, text = _inputs(frames)
+    ctx = _context(frames, control=recorder)
     with caplog.at_level(logging.WARNING):
-        _temporal_unet(tiny.unet, latents, text, _context(frames, control=recorder))
+        _temporal_unet(tiny.unet, latents, text, ctx)
+    assert all(seen is ctx for seen in recorder.contexts)
+    # the motion features are one tensor (Q_TTA = K_TTA = h), handed over as one: recorders store it once
+    assert sorted(set(recorder.shared)) == [("app", False), ("motion", True)]
     assert "not expected" not in caplog.text  # diffusers passed ctx to every processor
     expected = []
     for path, kind in attention_layers(tiny.unet).items():
