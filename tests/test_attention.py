@@ -566,6 +566,39 @@ def test_temporal_self_attention_with_a_context_refuses_text_or_a_mask(given):
         TemporalSelfAttention("up.x")(attn, torch.randn(2, 32, 4, 6), temb=torch.randn(2, 3, 4, 6), ctx=ctx, **extra)
 
 
+class _MotionScaled:
+    """Replaces the motion Q = K by one new tensor (twice the old), handed back for both."""
+
+    def self_attention(self, ctx, layer, kind, query, key):
+        if kind != "motion":
+            return query, key
+        shared = query * 2
+        return shared, shared
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("control", [None, _Recorder(), _MotionScaled()], ids=["none", "unchanged", "shared"])
+def test_tta_gets_one_tensor_for_what_is_one(monkeypatch, control):
+    """TTA gathers a tensor passed as two of Q, K, V once: Q = K = V = h unless a control replaces the
+    motion features, and then Q = K stays one tensor when the control hands back one."""
+    import diffferv_cli.temporal.processors as processors
+
+    seen = []
+
+    def watched(query, key, value, grid, scale):
+        seen.append((key is query, value is query))
+        return trajectory_attention(query, key, value, grid, scale)
+
+    monkeypatch.setattr(processors, "trajectory_attention", watched)
+    attn = _attention_with_everything()
+    frames, height, width = 3, 4, 6
+    ctx = AttentionContext(frames=frames, branches=("a",), control=control,
+                           trajectories=TrajectorySet({(height, width): static_partition(height, width, frames)}))
+    TemporalSelfAttention("x")(attn, torch.randn(frames, 32, height, width), temb=torch.randn(frames, 3, height, width),
+                               ctx=ctx)
+    assert seen == [(True, not isinstance(control, _MotionScaled))]
+
+
 def test_a_wrong_batch_in_temporal_self_attention_names_the_layer():
     attn = _attention_with_everything()
     ctx = AttentionContext(frames=4, branches=("a",), window=1, tta=False)
