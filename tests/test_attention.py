@@ -497,6 +497,26 @@ def test_stock_structure_for_four_dimensional_input():
 
 
 @torch.no_grad()
+def test_query_and_key_norms_are_applied_as_the_stock_processor_does():
+    """An Attention with qk_norm (per-head layer norms of Q and K, weights not the identity): the temporal
+    path without SWCFA or TTA equals the stock processor."""
+    torch.manual_seed(0)
+    attn = Attention(32, heads=2, dim_head=16, qk_norm="layer_norm", bias=True).eval()
+    for norm in (attn.norm_q, attn.norm_k):
+        torch.nn.init.normal_(norm.weight, 1.0, 0.5)
+        torch.nn.init.normal_(norm.bias, 0.0, 0.5)
+    hidden = torch.randn(6, 24, 32)
+    stock = AttnProcessor2_0()(attn, hidden)
+    ctx = AttentionContext(frames=3, branches=("a", "b"), window=1, tta=False)
+    torch.testing.assert_close(TemporalSelfAttention("x")(attn, hidden, ctx=ctx), stock, **TOL)
+    for norm in ("norm_q", "norm_k"):  # each norm changes the result
+        saved = getattr(attn, norm)
+        setattr(attn, norm, None)
+        assert not torch.allclose(AttnProcessor2_0()(attn, hidden), stock, atol=1e-4)
+        setattr(attn, norm, saved)
+
+
+@torch.no_grad()
 @pytest.mark.parametrize("text", [True, False])
 def test_explicit_cross_maps_keep_the_stock_structure(text):
     """The explicit-maps path of CrossAttention on an Attention with group norm, spatial norm, residual
@@ -576,17 +596,28 @@ class _MotionScaled:
         return shared, shared
 
 
+class _MotionQueryScaled:
+    """Replaces the motion Q alone (K stays h)."""
+
+    def self_attention(self, ctx, layer, kind, query, key):
+        return (query * 2, key) if kind == "motion" else (query, key)
+
+
 @torch.no_grad()
-@pytest.mark.parametrize("control", [None, _Recorder(), _MotionScaled()], ids=["none", "unchanged", "shared"])
-def test_tta_gets_one_tensor_for_what_is_one(monkeypatch, control):
+@pytest.mark.parametrize("control, expected", [(None, (True, True, True)), (_Recorder(), (True, True, True)),
+                                               (_MotionScaled(), (True, False, False)),
+                                               (_MotionQueryScaled(), (False, False, True))],
+                         ids=["none", "unchanged", "shared", "query-only"])
+def test_tta_gets_one_tensor_for_what_is_one(monkeypatch, control, expected):
     """TTA gathers a tensor passed as two of Q, K, V once: Q = K = V = h unless a control replaces the
-    motion features, and then Q = K stays one tensor when the control hands back one."""
+    motion features; then Q = K stays one tensor when the control hands back one, and K = V = h when it
+    replaces Q alone."""
     import diffferv_cli.temporal.processors as processors
 
     seen = []
 
     def watched(query, key, value, grid, scale):
-        seen.append((key is query, value is query))
+        seen.append((key is query, value is query, value is key))
         return trajectory_attention(query, key, value, grid, scale)
 
     monkeypatch.setattr(processors, "trajectory_attention", watched)
@@ -596,7 +627,7 @@ def test_tta_gets_one_tensor_for_what_is_one(monkeypatch, control):
                            trajectories=TrajectorySet({(height, width): static_partition(height, width, frames)}))
     TemporalSelfAttention("x")(attn, torch.randn(frames, 32, height, width), temb=torch.randn(frames, 3, height, width),
                                ctx=ctx)
-    assert seen == [(True, not isinstance(control, _MotionScaled))]
+    assert seen == [expected]
 
 
 def test_a_wrong_batch_in_temporal_self_attention_names_the_layer():
@@ -653,13 +684,15 @@ def test_contract_violations_are_reported(tiny):
 
 
 class _WrongShape:
-    """A control that hands back one frame too few, for the kind of features named."""
+    """A control that hands back one frame too few, for the kind of features and the tensor named."""
 
-    def __init__(self, kind):
-        self.kind = kind
+    def __init__(self, kind, which="query"):
+        self.kind, self.which = kind, which
 
     def self_attention(self, ctx, layer, kind, query, key):
-        return (query[:, 1:], key) if kind == self.kind else (query, key)
+        if kind != self.kind:
+            return query, key
+        return (query[:, 1:], key) if self.which == "query" else (query, key[:, 1:])
 
     def wants_cross_maps(self, ctx, layer):
         return self.kind == "cross"
@@ -668,12 +701,12 @@ class _WrongShape:
         return probs[:, 1:]
 
 
-@pytest.mark.parametrize("kind, what", [("app", "app query"), ("motion", "motion query"),
-                                        ("cross", "cross-attention maps")])
+@pytest.mark.parametrize("kind, what", [("app", "app query"), ("motion", "motion query"), ("app", "app key"),
+                                        ("motion", "motion key"), ("cross", "cross-attention maps")])
 def test_a_control_returning_the_wrong_shape_is_named_with_both_shapes(tiny, kind, what):
     latents, text = _inputs(2)
     with pytest.raises(ValueError) as error:
-        _temporal_unet(tiny.unet, latents, text, _context(2, control=_WrongShape(kind)))
+        _temporal_unet(tiny.unet, latents, text, _context(2, control=_WrongShape(kind, what.split()[-1])))
     message = str(error.value)
     assert message.startswith(f"FeatureControl returned {what} of shape (2, 1, ")
     assert ", expected (2, 2, " in message
