@@ -32,8 +32,10 @@ MODULES: dict[str, list[str]] = {
                                  "tests/test_windows.py::test_window_trajectories_are_the_clip_trajectories_cut_to_the_window",
                                  "tests/test_windows.py::test_streamed_links_equal_the_whole_clip_trajectories"],
     # the job-level tests (resume, power cut, group commits, modes) without the CLI runs
-    "editing/inversion.py": ["tests/test_sampling.py", "tests/test_main_job.py", "-k", "not test_cli"],
-    "editing/sampling.py": ["tests/test_sampling.py", "tests/test_main_job.py", "-k", "not test_cli"],
+    "editing/inversion.py": ["tests/test_sampling.py", "tests/test_main_job.py", "-k",
+                             "not test_cli and not side_by_side"],
+    "editing/sampling.py": ["tests/test_sampling.py", "tests/test_main_job.py", "-k",
+                            "not test_cli and not side_by_side"],
     "editing/features.py": ["tests/test_features.py"],
     "editing/prompts.py": ["tests/test_prompts.py"],
     "editing/cache.py": ["tests/test_cache_files.py", "tests/test_cache.py"],
