@@ -3,6 +3,11 @@
     python scripts/mutation.py                       # every module below
     python scripts/mutation.py editing/features.py   # some of them
     MUTATION_CHILDREN=1 python scripts/mutation.py   # one test process at a time (default 2)
+    python scripts/mutation.py --sample 100 editing/inversion.py   # 100 of its mutants, drawn at random
+
+`--sample N` runs N mutants drawn with a fixed seed (the same N give the same mutants on the same code) and
+scores those: an estimate of the module's score for modules whose every mutant runs tiny inversions (tens
+of seconds each on 2 cores), printed with its 95 % interval.
 
 Each module runs in its own scratch folder `.mutation/<module>/` (git-ignored): a copy of the package and
 the tests with a pyproject.toml whose [tool.mutmut] table mutates that one module and selects its test
@@ -15,7 +20,9 @@ mutmut results` lists the survivors and `mutmut show <name>` prints one. Prints 
 from __future__ import annotations
 
 import json
+import math
 import os
+import random
 import shutil
 import subprocess
 import sys
@@ -78,12 +85,42 @@ def prepare(module: str) -> Path:
     return folder
 
 
-def score(folder: Path) -> tuple[int, int, list[str]]:
-    """(killed, total, survivors) from `mutmut results --all true`; "killed" counts the mutants whose tests
-    failed, timed out or crashed (a segfault in cv2 on a None image is a caught mutant, not a survivor)."""
+SAMPLE_SEED = 0
+# `mutmut run` with this name generates the mutants and collects the tests' stats, then stops (exit 1:
+# "nothing matches") before running any mutant
+NO_MUTANT = "no-such-mutant"
+
+
+def mutants(folder: Path) -> list[tuple[str, str]]:
+    """(name, status) of every mutant, from `mutmut results --all true`."""
     listing = subprocess.run([sys.executable, "-m", "mutmut", "results", "--all", "true"], cwd=folder,
                              capture_output=True, text=True, check=True).stdout
-    rows = [line.strip().rsplit(": ", 1) for line in listing.splitlines() if ": " in line]
+    return [tuple(line.strip().rsplit(": ", 1)) for line in listing.splitlines() if ": " in line]
+
+
+def sample(folder: Path, count: int) -> list[str]:
+    """`count` mutant names drawn with `SAMPLE_SEED` from the module's mutants, in their listed order."""
+    names = sorted(name for name, _ in mutants(folder))
+    return sorted(random.Random(SAMPLE_SEED).sample(names, min(count, len(names))))
+
+
+def interval(killed: int, total: int) -> tuple[float, float]:
+    """Wilson 95 % interval of a score measured on `total` sampled mutants."""
+    if total == 0:
+        return 0.0, 1.0
+    z, share = 1.96, killed / total
+    centre = (share + z * z / (2 * total)) / (1 + z * z / total)
+    half = z * math.sqrt(share * (1 - share) / total + z * z / (4 * total * total)) / (1 + z * z / total)
+    return centre - half, centre + half
+
+
+def score(folder: Path, only: list[str] | None = None) -> tuple[int, int, list[str]]:
+    """(killed, total, survivors) from `mutmut results --all true` (of the mutants in `only` if given);
+    "killed" counts the mutants whose tests failed, timed out or crashed (a segfault in cv2 on a None image
+    is a caught mutant, not a survivor)."""
+    rows = mutants(folder)
+    if only is not None:
+        rows = [(name, status) for name, status in rows if name in set(only)]
     caught = ("killed", "timeout", "segfault")  # a test failed, hung or crashed its process
     killed = sum(status in caught for _, status in rows)
     survivors = [name for name, status in rows if status not in caught]
@@ -91,6 +128,12 @@ def score(folder: Path) -> tuple[int, int, list[str]]:
 
 
 def main(names: list[str]) -> int:
+    count = None
+    if names[:1] == ["--sample"]:
+        if len(names) < 2 or not names[1].isdigit() or int(names[1]) < 1:
+            print("--sample takes a positive number of mutants", file=sys.stderr)
+            return 2
+        count, names = int(names[1]), names[2:]
     modules = [name.removeprefix("diffferv_cli/") for name in names] or list(MODULES)
     unknown = [m for m in modules if m not in MODULES]
     if unknown:
@@ -100,17 +143,30 @@ def main(names: list[str]) -> int:
     for module in modules:
         folder = prepare(module)
         print(f"== {module}: mutmut run in {folder.relative_to(REPO)}", flush=True)
-        children = os.environ.get("MUTATION_CHILDREN", "2")
-        env_run = subprocess.run([sys.executable, "-m", "mutmut", "run", "--max-children", children], cwd=folder)
+        run = [sys.executable, "-m", "mutmut", "run", "--max-children", os.environ.get("MUTATION_CHILDREN", "2")]
+        chosen = None
+        if count is not None:
+            subprocess.run([*run, NO_MUTANT], cwd=folder, capture_output=True)
+            chosen = sample(folder, count)
+            if not chosen or not (folder / "mutants" / "mutmut-stats.json").is_file():
+                print(f"mutmut could not generate the mutants of {module} or run its tests", file=sys.stderr)
+                table.append((module, 0, 0, None))
+                continue
+            print(f"   {len(chosen)} mutants drawn (seed {SAMPLE_SEED})", flush=True)
+        env_run = subprocess.run(run + (chosen or []), cwd=folder)
         if env_run.returncode:
             print(f"mutmut failed on {module} (exit {env_run.returncode})", file=sys.stderr)
-        killed, total, survivors = score(folder)
-        table.append((module, killed, total))
+        killed, total, survivors = score(folder, chosen)
+        table.append((module, killed, total, None if chosen is None else len(mutants(folder))))
         for name in survivors:
             print(f"   survived: {name}")
     print("\nmodule                       killed / total   score")
-    for module, killed, total in table:
-        print(f"{module:<28} {killed:>6} / {total:<6}  {100 * killed / max(total, 1):5.1f} %")
+    for module, killed, total, of in table:
+        line = f"{module:<28} {killed:>6} / {total:<6}  {100 * killed / max(total, 1):5.1f} %"
+        if of is not None:
+            low, high = interval(killed, total)
+            line += f"  (sample of {of} mutants; 95 % interval {100 * low:.1f} .. {100 * high:.1f} %)"
+        print(line)
     return 0
 
 

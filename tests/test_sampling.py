@@ -11,7 +11,8 @@ import pytest
 import torch
 from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
 
-from diffferv_cli.config import DEFAULT_SOURCE_PROMPT, ClipSpec, EditConfig, InversionConfig
+from diffferv_cli.config import DEFAULT_SOURCE_PROMPT, ClipSpec, EditConfig, InversionConfig, TemporalConfig
+from diffferv_cli.editing.cache import links_from_tensors
 from diffferv_cli.editing.inversion import invert
 from diffferv_cli.editing.prompts import encode_prompts
 from diffferv_cli.editing.sampling import edit
@@ -42,6 +43,7 @@ class FakeNoise:
         self.prompts = prompts
         self.patterns: dict[str, torch.Tensor] = {}
         self.calls: list[tuple[int, torch.Tensor, tuple[str, ...]]] = []
+        self.contexts: list = []  # the AttentionContext of every call
 
     def pattern(self, prompt: str, shape) -> torch.Tensor:
         if prompt not in self.patterns:
@@ -54,6 +56,7 @@ class FakeNoise:
         timestep = args[1] if len(args) > 1 else kwargs["timestep"]
         ctx = (kwargs.get("cross_attention_kwargs") or {}).get("ctx")
         self.calls.append((int(timestep), latents.detach().float().cpu().clone(), ctx.branches if ctx else ()))
+        self.contexts.append(ctx)
         rows = []
         for row in kwargs["encoder_hidden_states"]:
             prompt = [p for p, e in self.embeddings.items() if torch.equal(row, e)]
@@ -193,6 +196,43 @@ def test_source_branch_sees_what_the_inversion_fed_the_unet_at_each_timestep(tin
 def _recorded_progress():
     calls: list[tuple[str, int, int]] = []
     return calls, lambda stage, done, total: calls.append((stage, done, total))
+
+
+@pytest.mark.parametrize("tta, swcfa", [(True, True), (False, False)])
+def test_every_pass_attends_along_the_clip_trajectories_cut_to_its_window(tiny, clip, tmp_path, tta, swcfa):
+    """Inversion and edit hand each window's UNet pass the clip's trajectories cut to that window (TTA),
+    and none when TTA is off; the SWCFA settings are the request's."""
+    entry, fake = _inverted(tiny, clip, tmp_path, window_frames=2, window_overlap=1,
+                            temporal=TemporalConfig(window=1, swcfa=swcfa, tta=tta))  # SWCFA window 1: 2-frame windows
+    with hooked(tiny.unet, fake):
+        edit(tiny, entry, EditConfig(prompt_edit=EDIT))
+    links = links_from_tensors(entry.read_trajectories(), len(clip.frames))
+    windows = [links.window(0, 2), links.window(1, 3)]  # the two windows of 3 frames, in the order they run
+    assert len(fake.contexts) == 2 * 2 * STEPS  # inversion and edit, two windows per step
+    for number, ctx in enumerate(fake.contexts):
+        assert (ctx.frames, ctx.window, ctx.swcfa, ctx.tta) == (2, 1, swcfa, tta)
+        if not tta:
+            assert ctx.trajectories is None
+            continue
+        expected = windows[number % 2]
+        assert ctx.trajectories.grids.keys() == expected.grids.keys()
+        for key, grid in expected.grids.items():
+            assert torch.equal(ctx.trajectories.grids[key].index, grid.index)
+
+
+@pytest.mark.parametrize("compile_unet", [True, False])
+def test_compile_unet_runs_both_loops_through_torch_compile(tiny, clip, tmp_path, monkeypatch, compile_unet):
+    compiled = []
+
+    def recording_compile(model, **options):
+        compiled.append((model, options))
+        return model
+
+    monkeypatch.setattr(torch, "compile", recording_compile)
+    entry = invert(tiny, clip, InversionConfig(steps=1, flow_preset="ultrafast"), cache_dir=tmp_path,
+                   compile_unet=compile_unet).entry
+    edit(tiny, entry, EditConfig(prompt_edit=EDIT), decode=False, compile_unet=compile_unet)
+    assert compiled == ([(tiny.unet, {"dynamic": False})] * 2 if compile_unet else [])
 
 
 def test_inversion_records_its_request_manifest_and_progress(tiny, clip, tmp_path):
