@@ -235,6 +235,21 @@ def test_compile_unet_runs_both_loops_through_torch_compile(tiny, clip, tmp_path
     assert compiled == ([(tiny.unet, {"dynamic": False})] * 2 if compile_unet else [])
 
 
+def test_inversion_computes_the_flow_with_the_configured_preset(tiny, clip, tmp_path, monkeypatch):
+    import diffferv_cli.temporal.flow as flow
+
+    presets = []
+
+    class RecordingFlow(flow.DISFlow):
+        def __init__(self, preset="medium"):
+            presets.append(preset)
+            super().__init__(preset)
+
+    monkeypatch.setattr(flow, "DISFlow", RecordingFlow)
+    invert(tiny, clip, InversionConfig(steps=1, flow_preset="fast"), cache_dir=tmp_path)
+    assert presets == ["fast"]
+
+
 def test_inversion_records_its_request_manifest_and_progress(tiny, clip, tmp_path):
     from diffferv_cli.editing.cache import frames_sha256
     from diffferv_cli.editing.inversion import latent_size
