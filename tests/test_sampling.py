@@ -281,13 +281,29 @@ def test_inversion_records_its_request_manifest_and_progress(tiny, clip, tmp_pat
     assert invert(tiny, clip, config, cache_dir=tmp_path, progress=again).steps_run == 0 and again_calls == []
 
 
-def test_disk_mode_adds_features_to_a_finished_entry_without_changing_its_latents(tiny, clip, tmp_path):
+def _recorded_reads(monkeypatch) -> list[int]:
+    """The latent indices read from any cache entry from now on, in order."""
+    from diffferv_cli.editing.cache import CacheEntry
+
+    reads, read = [], CacheEntry.read_latent
+
+    def recording(entry, index):
+        reads.append(index)
+        return read(entry, index)
+
+    monkeypatch.setattr(CacheEntry, "read_latent", recording)
+    return reads
+
+
+def test_disk_mode_adds_features_to_a_finished_entry_without_changing_its_latents(tiny, clip, tmp_path, monkeypatch):
     config = InversionConfig(steps=STEPS, flow_preset="ultrafast")
     entry = invert(tiny, clip, config, cache_dir=tmp_path).entry
     latents = [entry.read_latent(index) for index in range(STEPS + 1)]
     calls, progress = _recorded_progress()
     disk = InversionConfig(steps=STEPS, flow_preset="ultrafast", feature_mode="disk")
+    reads = _recorded_reads(monkeypatch)
     outcome = invert(tiny, clip, disk, cache_dir=tmp_path, progress=progress)
+    assert reads == list(range(STEPS + 1))  # the cached path, each latent read once
     entry = outcome.entry
     assert outcome.steps_run == STEPS and entry.folder == invert(tiny, clip, config, cache_dir=tmp_path).entry.folder
     assert (entry.manifest["feature_steps"], entry.manifest["features_stored"], entry.has_features) == (STEPS, True, True)
@@ -299,14 +315,19 @@ def test_disk_mode_adds_features_to_a_finished_entry_without_changing_its_latent
     assert invert(tiny, clip, disk, cache_dir=tmp_path).steps_run == 0
 
 
-def test_an_interrupted_inversion_resumes_from_its_last_step(tiny, clip, tmp_path):
-    config = InversionConfig(steps=STEPS, flow_preset="ultrafast")
+@pytest.mark.parametrize("feature_mode", ["recompute", "disk"])
+def test_an_interrupted_inversion_resumes_from_its_last_step(tiny, clip, tmp_path, monkeypatch, feature_mode):
+    config = InversionConfig(steps=STEPS, flow_preset="ultrafast", feature_mode=feature_mode)
     entry = invert(tiny, clip, config, cache_dir=tmp_path).entry
     latents = [entry.read_latent(index) for index in range(STEPS + 1)]
     entry.manifest["finished_steps"] = 2  # as if killed after step 2
+    if feature_mode == "disk":
+        entry.manifest.update(feature_steps=2, features_stored=False)
     entry.save_manifest()
     calls, progress = _recorded_progress()
+    reads = _recorded_reads(monkeypatch)
     outcome = invert(tiny, clip, config, cache_dir=tmp_path, progress=progress)
+    assert reads == [2]  # z_2, where the run goes on from
     assert outcome.steps_run == 2 and outcome.entry.finished_steps == STEPS
     assert all(torch.equal(outcome.entry.read_latent(index), latents[index]) for index in range(STEPS + 1))
     stage = "invert: 2 steps × 1 window (from step 2)"
