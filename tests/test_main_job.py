@@ -257,6 +257,25 @@ def test_resume_keeps_every_step_whose_file_holds(tiny, clip, tmp_path):
     assert invert(tiny, clip, _inversion(), cache_dir=tmp_path).steps_run == 1
 
 
+def test_a_resume_checks_only_the_step_files_after_the_last_group_commit(tiny, clip, tmp_path, monkeypatch):
+    """`roll_back_unverified` hashes the step files (latents, disk-mode features) written after the last
+    group commit, nothing before it; intact files keep their steps."""
+    from diffferv_cli.editing.cache import CacheEntry
+    from diffferv_cli.editing.inversion import roll_back_unverified
+
+    entry = invert(tiny, clip, _inversion(feature_mode="disk"), cache_dir=tmp_path).entry
+    assert (entry.manifest["durable_steps"], entry.manifest["durable_feature_steps"]) == (STEPS, STEPS)
+    checked, holds = [], CacheEntry.holds
+    monkeypatch.setattr(CacheEntry, "holds", lambda self, name: checked.append(name) or holds(self, name))
+    roll_back_unverified(entry)
+    assert checked == []
+    entry.manifest.update(durable_steps=2, durable_feature_steps=1)
+    roll_back_unverified(entry)
+    assert checked == [entry.latent_name(3), entry.latent_name(4),
+                       entry.feature_name(1, 0), entry.feature_name(2, 0), entry.feature_name(3, 0)]
+    assert (entry.finished_steps, entry.manifest["feature_steps"], entry.manifest["features_stored"]) == (STEPS, STEPS, True)
+
+
 def test_latents_are_float32_and_cache_is_small(tiny, clip, tmp_path):
     entry = invert(tiny, clip, _inversion(), cache_dir=tmp_path).entry
     assert entry.read_latent(0).dtype == torch.float32
