@@ -274,6 +274,10 @@ def test_a_resume_checks_only_the_step_files_after_the_last_group_commit(tiny, c
     assert checked == [entry.latent_name(3), entry.latent_name(4),
                        entry.feature_name(1, 0), entry.feature_name(2, 0), entry.feature_name(3, 0)]
     assert (entry.finished_steps, entry.manifest["feature_steps"], entry.manifest["features_stored"]) == (STEPS, STEPS, True)
+    (entry.folder / entry.latent_name(STEPS)).unlink()  # the last latent lost, every feature file intact
+    roll_back_unverified(entry)
+    assert (entry.finished_steps, entry.manifest["feature_steps"], entry.manifest["features_stored"]) == (
+        STEPS - 1, STEPS, True)
 
 
 def test_latents_are_float32_and_cache_is_small(tiny, clip, tmp_path):
