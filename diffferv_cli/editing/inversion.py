@@ -247,12 +247,12 @@ def _run(components, clip, config: InversionConfig, entry: CacheEntry, report, c
 
 class StepCommits:
     """Writer thread: each step's files without fsync, then group commits (`CacheEntry.make_durable`) at
-    most every `every_s` seconds and at `close()`. Killing the process loses nothing (the page cache
-    holds every renamed file); a power cut loses at most the steps after `durable_steps`, which a resume
-    checks (`roll_back_unverified`)."""
+    most every `DURABLE_EVERY_S` seconds and at the end (`commit()`). Killing the process loses nothing
+    (the page cache holds every renamed file); a power cut loses at most the steps after `durable_steps`,
+    which a resume checks (`roll_back_unverified`)."""
 
-    def __init__(self, entry: CacheEntry, every_s: float | None = None):
-        self.entry, self.every_s = entry, DURABLE_EVERY_S if every_s is None else every_s
+    def __init__(self, entry: CacheEntry):
+        self.entry, self.every_s = entry, DURABLE_EVERY_S
         self.pending: list[str] = []
         self.last = time.monotonic()
 
