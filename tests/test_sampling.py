@@ -162,11 +162,14 @@ def test_edit_with_the_source_prompt_runs_the_negative_branch_alone(tiny, clip, 
     assert torch.allclose(result.latents, expected, rtol=1e-4, atol=1e-4)
 
 
-def test_exact_edit_follows_the_inversion_path_correction(tiny, clip, tmp_path):
+def test_exact_edit_follows_the_inversion_path_correction(tiny, clip, tmp_path, monkeypatch):
     entry, _ = _inverted(tiny, clip, tmp_path)
     fake = FakeNoise(tiny, [SOURCE, EDIT])
+    reads = _recorded_reads(monkeypatch)
     with hooked(tiny.unet, fake):
         result = edit(tiny, entry, EditConfig(prompt_edit=EDIT, guidance=5.0, exact=True))
+    # z_T, then per step the anchor's z_{s+1} (read already) and the correction's z_s: each read once
+    assert reads == list(range(STEPS, -1, -1))
     expected = _expected_edit(tiny, entry, fake, 5.0, exact=True)
     assert torch.allclose(result.latents, expected, rtol=1e-4, atol=1e-4)
 

@@ -107,11 +107,12 @@ def edit(components, entry: CacheEntry, config: EditConfig, *, feature_mode: str
     stage = f"edit: {plan.passes(steps)}"
     total, done = steps * plan.frames_per_pass, 0
     report(stage, 0, total)
-    # cached latents in the order the loop reads them: z_T, then per step k (inversion step s = T-1-k)
-    # the anchor's z_{s+1} and the source branch's / exact correction's z_s
-    reads_source = "source" in branches or config.exact
+    # cached latents in the order the loop asks for them: z_T, then per step k (inversion step s = T-1-k)
+    # the anchor's z_{s+1}, and z_s once for the source branch and once for the exact correction (every
+    # request listed, so that a latent stays on the device until its last use and is read once)
+    source_reads = ("source" in branches) + bool(config.exact)
     order = [steps] + [index for k in range(steps) for index in
-                       ([steps - k] if "anchor" in branches else []) + ([steps - 1 - k] if reads_source else [])]
+                       ([steps - k] if "anchor" in branches else []) + [steps - 1 - k] * source_reads]
     disk_features = injector is not None and feature_mode == "disk"
     feature_order = [(steps - 1 - k, index) for k in range(steps) for index in range(len(plan.windows))]
     unet = unet_for_loop(components.unet, compile_unet)
