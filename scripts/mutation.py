@@ -114,13 +114,13 @@ def interval(killed: int, total: int) -> tuple[float, float]:
     return centre - half, centre + half
 
 
-def score(folder: Path, only: list[str] | None = None) -> tuple[int, int, list[str]]:
-    """(killed, total, survivors) from `mutmut results --all true` (of the mutants in `only` if given);
+def score(rows: list[tuple[str, str]], only: list[str] | None = None) -> tuple[int, int, list[str]]:
+    """(killed, total, survivors) of the mutants listed by `mutants()` (of those in `only` if given);
     "killed" counts the mutants whose tests failed, timed out or crashed (a segfault in cv2 on a None image
     is a caught mutant, not a survivor)."""
-    rows = mutants(folder)
     if only is not None:
-        rows = [(name, status) for name, status in rows if name in set(only)]
+        chosen = set(only)
+        rows = [(name, status) for name, status in rows if name in chosen]
     caught = ("killed", "timeout", "segfault")  # a test failed, hung or crashed its process
     killed = sum(status in caught for _, status in rows)
     survivors = [name for name, status in rows if status not in caught]
@@ -156,8 +156,9 @@ def main(names: list[str]) -> int:
         env_run = subprocess.run(run + (chosen or []), cwd=folder)
         if env_run.returncode:
             print(f"mutmut failed on {module} (exit {env_run.returncode})", file=sys.stderr)
-        killed, total, survivors = score(folder, chosen)
-        table.append((module, killed, total, None if chosen is None else len(mutants(folder))))
+        rows = mutants(folder)
+        killed, total, survivors = score(rows, chosen)
+        table.append((module, killed, total, None if chosen is None else len(rows)))
         for name in survivors:
             print(f"   survived: {name}")
     print("\nmodule                       killed / total   score")

@@ -252,7 +252,7 @@ class StepCommits:
     which a resume checks (`roll_back_unverified`)."""
 
     def __init__(self, entry: CacheEntry):
-        self.entry, self.every_s = entry, DURABLE_EVERY_S
+        self.entry = entry
         self.pending: list[str] = []
         self.last = time.monotonic()
 
@@ -271,7 +271,7 @@ class StepCommits:
             manifest["feature_steps"] = step + 1
         manifest["finished_steps"] = max(entry.finished_steps, step + 1)
         manifest["features_stored"] = int(manifest.get("feature_steps", 0)) >= entry.steps
-        if time.monotonic() - self.last >= self.every_s:
+        if time.monotonic() - self.last >= DURABLE_EVERY_S:
             self.commit()
         else:
             entry.save_manifest(durable=False)
