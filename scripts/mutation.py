@@ -62,6 +62,7 @@ def _settings(module: str) -> str:
         "",
         "[tool.mutmut]",
         'source_paths = ["diffferv_cli"]',
+        'also_copy = ["presets"]  # found beside the package (editing/presets.py), as in a checkout',
         f'only_mutate = ["diffferv_cli/{module}"]',
         f"pytest_add_cli_args_test_selection = {json.dumps(tests)}",
         'pytest_add_cli_args = ["-p", "no:cacheprovider", "-x", "-q"]',

@@ -14,22 +14,19 @@ from rich.console import Console
 
 
 def demo_clip(path: Path, *, width: int = 160, height: int = 96, frames: int = 8, fps: int = 24) -> Path:
-    """A moving test pattern with a tone, as H.264/AAC MP4 (written to a temp name, then renamed)."""
+    """A moving test pattern with a tone, as H.264/AAC MP4 (written to a unique temporary name, then renamed)."""
     import ffmpeg
 
+    from diffferv_cli.files import atomic_path
     from diffferv_cli.video.io import run_ffmpeg
     from diffferv_cli.video.probe import file_url
 
-    temp = path.with_name(f".{path.name}.partial.mp4")
     video = ffmpeg.input(f"testsrc2=size={width}x{height}:rate={fps}", f="lavfi").video
     audio = ffmpeg.input(f"sine=frequency=440:sample_rate=44100:duration={frames / fps:.6f}", f="lavfi").audio
-    try:
+    with atomic_path(path) as temp:
         run_ffmpeg(ffmpeg.output(video, audio, file_url(temp), format="mp4", vcodec="libx264", preset="veryfast",
                                  crf=18, pix_fmt="yuv420p", acodec="aac", **{"frames:v": frames}),
                    "make the demo clip")
-        temp.replace(path)
-    finally:
-        temp.unlink(missing_ok=True)
     return path
 
 
