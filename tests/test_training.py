@@ -335,6 +335,55 @@ def test_exported_folder_loads_with_model_and_runs_edit(tmp_path):
     assert probe(edited).frame_count == 3
 
 
+def _pipeline_images(model: Path, prompts, *, seed: int, steps: int, guidance: float, size: int) -> list[np.ndarray]:
+    """What diffusers' own pipeline samples from the model folder `model`, seeded per prompt like validation."""
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    from diffferv_cli.components import load_components
+
+    loaded = load_components(str(model), device="cpu", dtype="fp32")
+    pipe = StableDiffusionPipeline(vae=loaded.vae, text_encoder=loaded.text_encoder, tokenizer=loaded.tokenizer,
+                                   unet=loaded.unet, scheduler=DDIMScheduler.from_config(loaded.scheduler_config),
+                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return [np.asarray(pipe(prompt, height=size, width=size, num_inference_steps=steps, guidance_scale=guidance,
+                            generator=torch.Generator().manual_seed(seed + index)).images[0])
+            for index, prompt in enumerate(prompts)]
+
+
+def test_validation_images_are_the_pipeline_samples_of_the_validated_weights(tmp_path):
+    """At the last step, validation samples the EMA weights that are then exported: each image is what
+    diffusers' pipeline gives for its prompt with the run's seed + index, steps, guidance and resolution
+    (none of them the pipeline's default: 64 px for the tiny model, 50 steps, guidance 7.5)."""
+    faces = _folder(tmp_path / "faces", 2)
+    prompts = ("a photo of an old person", "a photo of a person with glasses")
+    cfg = _config(tmp_path, faces, steps=2, ema=True, ema_decay=0.5, validate_every=2, validation_prompts=prompts,
+                  validation_steps=3, validation_guidance=3.0, seed=11)
+    train(build_tiny_random(0), cfg)
+    folder = tmp_path / "out" / "validation" / "step-0000002"
+    assert sorted(p.name for p in folder.iterdir()) == ["00.png", "01.png", "prompts.txt"]
+    assert (folder / "prompts.txt").read_text().splitlines() == list(prompts)
+    expected = _pipeline_images(tmp_path / "out", prompts, seed=11, steps=3, guidance=3.0, size=RESOLUTION)
+    for index, want in enumerate(expected):
+        got = cv2.imread(str(folder / f"{index:02d}.png"))[..., ::-1]
+        assert got.shape == (RESOLUTION, RESOLUTION, 3)
+        assert np.abs(got.astype(int) - want.astype(int)).max() <= 1, index
+    assert np.abs(expected[0].astype(int) - expected[1].astype(int)).max() > 8  # the prompts and seeds differ
+
+
+def test_validation_leaves_the_trained_weights_as_they_would_be_without_it(tmp_path):
+    """Validating mid-run swaps the EMA weights in and back out: the run goes on from its own weights."""
+    faces = _folder(tmp_path / "faces", 2)
+    settings = dict(steps=3, ema=True, ema_decay=0.5, validation_prompts=("a face",), validation_steps=2)
+    weights = []
+    for every in (0, 1):
+        components = build_tiny_random(0)
+        train(components, _config(tmp_path / f"every{every}", faces, validate_every=every, **settings))
+        weights.append(_weights(components.unet))
+    assert (tmp_path / "every1" / "out" / "validation" / "step-0000001" / "00.png").is_file()
+    assert all(torch.equal(weights[0][name], weights[1][name]) for name in weights[0])
+
+
 # ------------------------------------------------------------------------------------- bad input
 
 

@@ -145,9 +145,7 @@ def _train(run: _Run, progress: ProgressFn | None, on_step) -> TrainResult:
     micro_losses: list[float] = []
     saved_at = run.start_step
     try:
-        for batch in run.loader:
-            if step >= cfg.steps:
-                break
+        for batch in run.loader:  # cfg.steps optimizer steps' worth of micro-batches (less those resumed past)
             skipped.update(batch["skipped"])
             micro_losses.append(_micro_step(run, batch, micro))
             micro += 1
