@@ -45,7 +45,15 @@ MODULES: dict[str, list[str]] = {
                             "not test_cli and not side_by_side"],
     "editing/features.py": ["tests/test_features.py"],
     "editing/prompts.py": ["tests/test_prompts.py"],
-    "editing/cache.py": ["tests/test_cache_files.py", "tests/test_cache.py"],
+    # plus the job tests of its group commits, resumes and power cuts (holds, make_durable)
+    "editing/cache.py": ["tests/test_cache_files.py", "tests/test_cache.py",
+                         *(f"tests/test_main_job.py::{name}" for name in (
+                             "test_step_files_are_flushed_in_group_commits_not_per_step",
+                             "test_resume_after_a_power_cut_redoes_the_steps_whose_files_were_lost",
+                             "test_resume_keeps_every_step_whose_file_holds",
+                             "test_a_resume_checks_only_the_step_files_after_the_last_group_commit",
+                             "test_corrupted_latent_file_is_a_clear_error",
+                             "test_latents_are_float32_and_cache_is_small"))],
     "evaluation/metrics.py": ["tests/test_metrics.py"],
     "training/data.py": ["tests/test_training_data.py",
                          "tests/test_training.py::test_sidecar_manifest_and_tar_layouts_give_the_same_items",

@@ -335,6 +335,21 @@ def test_exported_folder_loads_with_model_and_runs_edit(tmp_path):
     assert probe(edited).frame_count == 3
 
 
+def test_a_mixed_precision_run_exports_float32_weights(tmp_path):
+    """bf16 training (the CPU's mixed precision) casts the frozen VAE and text encoder to bf16; the exported
+    model is float32 throughout, as the base model was."""
+    from safetensors import safe_open
+
+    faces = _folder(tmp_path / "faces", 2)
+    train(build_tiny_random(0), _config(tmp_path, faces, steps=1, mixed_precision="bf16"))
+    files = sorted((tmp_path / "out").rglob("*.safetensors"))
+    assert {path.parent.name for path in files} == {"unet", "vae", "text_encoder"}
+    for path in files:
+        with safe_open(str(path), framework="pt") as weights:
+            dtypes = {weights.get_slice(name).get_dtype() for name in weights.keys()}
+        assert dtypes == {"F32"}, (path, dtypes)
+
+
 def _pipeline_images(model: Path, prompts, *, seed: int, steps: int, guidance: float, size: int) -> list[np.ndarray]:
     """What diffusers' own pipeline samples from the model folder `model`, seeded per prompt like validation."""
     from diffusers import DDIMScheduler, StableDiffusionPipeline
