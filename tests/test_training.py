@@ -146,8 +146,13 @@ def test_unreadable_images_are_skipped_and_counted(tmp_path):
     batch = collate([dataset[n] for n in range(8)])
     assert set(batch["skipped"]) == {"broken.png"}
     assert batch["pixels"].shape == (8, 3, RESOLUTION, RESOLUTION)
-    result = train(build_tiny_random(0), _config(tmp_path, faces, steps=2, batch_size=4))
+    reports = []
+    result = train(build_tiny_random(0), _config(tmp_path, faces, steps=2, batch_size=4, grad_accum=2, lr=2e-3),
+                   progress=reports.append)
     assert result.skipped == ["broken.png"]
+    # one report per optimizer step: samples seen (batch 4 x accumulation 2 per step), distinct images skipped
+    assert [(r.step, r.total, r.samples, r.skipped, r.lr) for r in reports] == [(1, 2, 8, 1, 2e-3), (2, 2, 16, 1, 2e-3)]
+    assert [r.loss for r in reports] == result.losses
 
 
 class _RecordingTokenizer:
@@ -244,6 +249,44 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path):
         got = _weights(resumed.unet)
         assert all(torch.equal(got[name], expected[name]) for name in expected), resume
     assert not marker.exists()
+
+
+def test_a_run_stopped_after_its_last_step_resumes_to_the_export(tmp_path):
+    """Ctrl-C after the last optimizer step (before the export) leaves a checkpoint of that step; resuming
+    it runs no step and exports the same weights and step count as an uninterrupted run."""
+    faces = _folder(tmp_path / "faces", 2)
+    whole = build_tiny_random(0)
+    train(whole, _config(tmp_path / "a", faces, steps=2))
+
+    def stop_at_the_end(step: int) -> None:
+        if step == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(TrainingInterrupted, match="after step 2 of 2"):
+        train(build_tiny_random(0), _config(tmp_path / "b", faces, steps=2), on_step=stop_at_the_end)
+    resumed = build_tiny_random(0)
+    result = train(resumed, _config(tmp_path / "b", faces, steps=2, resume="latest"))
+    assert (result.resumed_from, result.steps, result.losses) == (2, 2, [])
+    assert json.loads((tmp_path / "b" / "out" / "train_info.json").read_text())["steps"] == 2
+    expected = _weights(whole.unet)
+    assert all(torch.equal(value, expected[name]) for name, value in _weights(resumed.unet).items())
+
+
+@pytest.mark.parametrize("precision, stops", [("fp16", False), ("bf16", True), ("no", True)])
+def test_a_non_finite_loss_stops_the_run_except_under_fp16_loss_scaling(tmp_path, precision, stops):
+    """fp16's grad scaler skips a step whose loss overflowed and lowers its scale: not a divergence."""
+    from types import SimpleNamespace
+
+    from diffferv_cli.training.loop import TrainResult, _after_step
+
+    cfg = _config(tmp_path, tmp_path, mixed_precision=precision)
+    run = SimpleNamespace(accelerator=None, cfg=cfg, ema=None)
+    result = TrainResult(out=tmp_path, steps=1, losses=[float("inf")])
+    if stops:
+        with pytest.raises(UserError, match="diverged at step 1 .*--lr"):
+            _after_step(run, 1, result, 0, None)
+    else:
+        assert _after_step(run, 1, result, 0, None) is False
 
 
 class _Payload:
