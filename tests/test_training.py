@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import sys
 import tarfile
 from pathlib import Path
 
@@ -483,6 +484,13 @@ def test_fp16_on_the_cpu_is_a_clear_error(tmp_path):
     faces = _folder(tmp_path / "faces", 2)
     _one_line_error(_train_cli("--faces", str(faces), "--out", str(tmp_path / "out"), "--mixed-precision", "fp16"),
                     "needs a GPU")
+
+
+def test_8bit_adam_without_bitsandbytes_says_which_package(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # not installed, wherever the suite runs
+    faces = _folder(tmp_path / "faces", 2)
+    _one_line_error(_train_cli("--faces", str(faces), "--out", str(tmp_path / "out"), "--8bit-adam"),
+                    "--8bit-adam needs the bitsandbytes package (pip install bitsandbytes).")
 
 
 def test_non_empty_out_needs_resume(tmp_path):
