@@ -380,12 +380,17 @@ def test_exported_folder_loads_with_model_and_runs_edit(tmp_path):
 
 
 def test_a_mixed_precision_run_exports_float32_weights(tmp_path):
-    """bf16 training (the CPU's mixed precision) casts the frozen VAE and text encoder to bf16; the exported
-    model is float32 throughout, as the base model was."""
+    """bf16 training (the CPU's mixed precision) runs the frozen VAE and text encoder in bf16 and keeps the
+    trained UNet's weights in float32; the exported model is float32 throughout, as the base model was."""
     from safetensors import safe_open
 
     faces = _folder(tmp_path / "faces", 2)
-    train(build_tiny_random(0), _config(tmp_path, faces, steps=1, mixed_precision="bf16"))
+    components = build_tiny_random(0)
+    during = []
+    train(components, _config(tmp_path, faces, steps=1, mixed_precision="bf16"),
+          on_step=lambda step: during.append((components.vae.dtype, components.text_encoder.dtype,
+                                              components.unet.dtype)))
+    assert during == [(torch.bfloat16, torch.bfloat16, torch.float32)]
     files = sorted((tmp_path / "out").rglob("*.safetensors"))
     assert {path.parent.name for path in files} == {"unet", "vae", "text_encoder"}
     for path in files:
@@ -476,7 +481,8 @@ def test_unwritable_out_is_a_clear_error(tmp_path):
     faces = _folder(tmp_path / "faces", 2)
     blocker = tmp_path / "a-file"
     blocker.write_text("not a folder")
-    _one_line_error(_train_cli("--faces", str(faces), "--out", str(blocker / "model")), "Cannot write")
+    _one_line_error(_train_cli("--faces", str(faces), "--out", str(blocker / "model")), "Cannot write",
+                    "(Not a directory).")
     _one_line_error(_train_cli("--faces", str(faces), "--out", str(blocker)), "is a file")
 
 
