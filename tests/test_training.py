@@ -495,8 +495,9 @@ def test_fp16_on_the_cpu_is_a_clear_error(tmp_path):
 def test_8bit_adam_without_bitsandbytes_says_which_package(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # not installed, wherever the suite runs
     faces = _folder(tmp_path / "faces", 2)
-    _one_line_error(_train_cli("--faces", str(faces), "--out", str(tmp_path / "out"), "--8bit-adam"),
-                    "--8bit-adam needs the bitsandbytes package (pip install bitsandbytes).")
+    result = _train_cli("--faces", str(faces), "--out", str(tmp_path / "out"), "--8bit-adam")
+    _one_line_error(result)
+    assert result.output.splitlines()[-1] == "Error: --8bit-adam needs the bitsandbytes package (pip install bitsandbytes)."
 
 
 def test_non_empty_out_needs_resume(tmp_path):
