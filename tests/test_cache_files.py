@@ -202,6 +202,34 @@ def test_trajectory_links_round_trip_through_the_cache(tmp_path):
     assert read.frames == 3 and set(read.links) == set(links)
     for size, grid_links in links.items():
         assert read.links[size].dtype == torch.int32 and torch.equal(read.links[size], grid_links)
+    # links stored in another integer type (a file of an older writer) still come back as int32
+    wide = cache.links_from_tensors({f"{h}x{w}.links": t.long().flatten() for (h, w), t in links.items()}, frames=3)
+    assert all(wide.links[size].dtype == torch.int32 and torch.equal(wide.links[size], t) for size, t in links.items())
+
+
+def test_tensor_files_are_flushed_to_the_disk_unless_told_otherwise(tmp_path, monkeypatch):
+    """Latents, features and trajectories are durable by default; the inversion loop's `durable=False`
+    leaves them to its group commits (no fsync of the file when it is written)."""
+    import os
+
+    entry = open_entry(tmp_path, REQUEST)
+    flushed = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda handle: flushed.append(os.readlink(f"/proc/self/fd/{handle}"))
+                        or real_fsync(handle))
+    writes = {entry.latent_name(1): lambda durable: entry.write_latent(1, torch.ones(4, 2, 3), **durable),
+              entry.feature_name(2, 1): lambda durable: entry.write_features(2, {"q": torch.ones(2)}, window=1,
+                                                                            **durable)}
+    for name, write in writes.items():
+        for durable, expected in (({}, True), ({"durable": True}, True), ({"durable": False}, False)):
+            flushed.clear()
+            write(durable)
+            assert any(path.endswith(".safetensors") and "partial" in path for path in flushed) == expected, \
+                (name, durable)
+            assert entry.holds(name)
+    flushed.clear()
+    entry.write_trajectories({"1x2.links": torch.zeros(1, 2, dtype=torch.int32)})
+    assert any("trajectories" in path for path in flushed)
 
 
 def test_features_are_kept_per_step_and_window(tmp_path):
