@@ -413,3 +413,25 @@ def test_steps_and_finished_steps_are_numbers_from_the_manifest():
     entry = CacheEntry(cache.Path("/nowhere"), {"request": {"steps": "5"}, "finished_steps": "2"})
     assert entry.steps == 5 and entry.finished_steps == 2
     assert CacheEntry(cache.Path("/nowhere"), {"request": {"steps": 5}}).finished_steps == -1
+
+
+def test_a_group_commit_flushes_the_files_it_names_then_the_manifest(tmp_path, monkeypatch):
+    import os
+
+    import diffferv_cli.files as files_module
+
+    entry = open_entry(tmp_path, REQUEST)
+    entry.write_latent(1, torch.ones(4, 2, 3), durable=False)
+    entry.write_features(0, {"q": torch.ones(2)}, durable=False)
+    entry.manifest["finished_steps"] = 1
+    monkeypatch.setattr(files_module, "_syncfs", lambda folder: False)  # file by file, so each one shows
+    flushed = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda handle: flushed.append(os.readlink(f"/proc/self/fd/{handle}"))
+                        or real_fsync(handle))
+    entry.make_durable([entry.latent_name(1), entry.feature_name(0)])
+    folder = entry.folder
+    files = [str(folder / entry.latent_name(1)), str(folder / entry.feature_name(0))]
+    assert flushed[:2] == files and sorted(flushed[2:4]) == [str(folder / "features"), str(folder / "latents")]
+    assert any(".manifest." in path for path in flushed[4:]) and flushed[-1] == str(folder)  # then the manifest
+    assert json.loads(entry.manifest_path.read_text())["finished_steps"] == 1
