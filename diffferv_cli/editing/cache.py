@@ -283,7 +283,8 @@ def open_entry(root: Path, request: dict[str, Any], *, force: bool = False) -> C
 
 
 def _jsonable(value: Any) -> Any:
-    return json.loads(json.dumps(value, sort_keys=True))
+    """`value` as manifest.json gives it back (tuples as lists), to compare with a loaded manifest."""
+    return json.loads(json.dumps(value))
 
 
 def links_to_tensors(clip_links) -> dict[str, torch.Tensor]:
