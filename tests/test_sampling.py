@@ -174,6 +174,27 @@ def test_exact_edit_follows_the_inversion_path_correction(tiny, clip, tmp_path, 
     assert torch.allclose(result.latents, expected, rtol=1e-4, atol=1e-4)
 
 
+def test_edit_injects_on_the_configured_schedule_into_every_branch_but_the_source(tiny, clip, tmp_path, monkeypatch):
+    """Each tau reaches its own feature kind, and the source branch (which gives the features in recompute
+    mode) is no injection target."""
+    import diffferv_cli.editing.sampling as sampling
+    from diffferv_cli.editing.features import InjectionSchedule
+
+    entry, _ = _inverted(tiny, clip, tmp_path)
+    made = []
+    real = sampling.FeatureInjector
+
+    def recording(schedule, branches, targets, token_maps, **options):
+        made.append((schedule, branches, targets, tuple(token_maps), options["source_branch"]))
+        return real(schedule, branches, targets, token_maps, **options)
+
+    monkeypatch.setattr(sampling, "FeatureInjector", recording)
+    result = edit(tiny, entry, EditConfig(prompt_edit=EDIT, tau_app=0.25, tau_motion=0.5, tau_cross=0.75))
+    targets = tuple(name for name in result.branches if name != "source")
+    assert "source" in result.branches and len(targets) == len(result.branches) - 1
+    assert made == [(InjectionSchedule(STEPS, 0.25, 0.5, 0.75), result.branches, targets, targets, "source")]
+
+
 def test_source_branch_sees_what_the_inversion_fed_the_unet_at_each_timestep(tiny, clip, tmp_path):
     """Recompute mode regenerates the inversion's features only if the source branch gets exactly the
     inversion's input at the same timestep; the other branches get the edit latent."""
