@@ -207,16 +207,21 @@ def test_trajectory_links_round_trip_through_the_cache(tmp_path):
     assert all(wide.links[size].dtype == torch.int32 and torch.equal(wide.links[size], t) for size, t in links.items())
 
 
+def _recorded_fsyncs(monkeypatch) -> list[str]:
+    """The paths of every file or folder fsync'ed from now on, in order (the fsyncs still happen)."""
+    import os
+
+    flushed, real_fsync = [], os.fsync
+    monkeypatch.setattr(os, "fsync", lambda handle: flushed.append(os.readlink(f"/proc/self/fd/{handle}"))
+                        or real_fsync(handle))
+    return flushed
+
+
 def test_tensor_files_are_flushed_to_the_disk_unless_told_otherwise(tmp_path, monkeypatch):
     """Latents, features and trajectories are durable by default; the inversion loop's `durable=False`
     leaves them to its group commits (no fsync of the file when it is written)."""
-    import os
-
     entry = open_entry(tmp_path, REQUEST)
-    flushed = []
-    real_fsync = os.fsync
-    monkeypatch.setattr(os, "fsync", lambda handle: flushed.append(os.readlink(f"/proc/self/fd/{handle}"))
-                        or real_fsync(handle))
+    flushed = _recorded_fsyncs(monkeypatch)
     writes = {entry.latent_name(1): lambda durable: entry.write_latent(1, torch.ones(4, 2, 3), **durable),
               entry.feature_name(2, 1): lambda durable: entry.write_features(2, {"q": torch.ones(2)}, window=1,
                                                                             **durable)}
@@ -416,8 +421,6 @@ def test_steps_and_finished_steps_are_numbers_from_the_manifest():
 
 
 def test_a_group_commit_flushes_the_files_it_names_then_the_manifest(tmp_path, monkeypatch):
-    import os
-
     import diffferv_cli.files as files_module
 
     entry = open_entry(tmp_path, REQUEST)
@@ -425,10 +428,7 @@ def test_a_group_commit_flushes_the_files_it_names_then_the_manifest(tmp_path, m
     entry.write_features(0, {"q": torch.ones(2)}, durable=False)
     entry.manifest["finished_steps"] = 1
     monkeypatch.setattr(files_module, "_syncfs", lambda folder: False)  # file by file, so each one shows
-    flushed = []
-    real_fsync = os.fsync
-    monkeypatch.setattr(os, "fsync", lambda handle: flushed.append(os.readlink(f"/proc/self/fd/{handle}"))
-                        or real_fsync(handle))
+    flushed = _recorded_fsyncs(monkeypatch)
     entry.make_durable([entry.latent_name(1), entry.feature_name(0)])
     folder = entry.folder
     files = [str(folder / entry.latent_name(1)), str(folder / entry.feature_name(0))]
