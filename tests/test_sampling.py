@@ -174,6 +174,29 @@ def test_exact_edit_follows_the_inversion_path_correction(tiny, clip, tmp_path, 
     assert torch.allclose(result.latents, expected, rtol=1e-4, atol=1e-4)
 
 
+def test_exact_reconstruction_lands_on_z0_bit_for_bit_when_batch_rows_round_differently(tiny, clip, tmp_path):
+    """Kernels need not give two rows of one batch the same bits for the same input (MKL's AVX2 GEMM does
+    not): a UNet whose every row is off by a tiny amount that depends on its place in the batch must still
+    reconstruct z_0 exactly with --exact and the source prompt, because no second branch is compared with
+    the negative one. A reconstruction runs one branch fewer than an exact edit."""
+    entry, _ = _inverted(tiny, clip, tmp_path)
+    batches: list[int] = []
+
+    def row_dependent(module, args, kwargs, output):
+        rows = output.sample.shape[0]
+        batches.append(rows)
+        offset = torch.arange(rows, dtype=output.sample.dtype).view(-1, 1, 1, 1) * 1e-4
+        return UNet2DConditionOutput(sample=output.sample + offset)
+
+    handle = tiny.unet.register_forward_hook(row_dependent, with_kwargs=True)
+    try:
+        result = edit(tiny, entry, EditConfig(prompt_edit=SOURCE, exact=True), decode=False)
+    finally:
+        handle.remove()
+    assert result.branches == ("source", "negative")
+    assert set(batches) == {2 * SPEC.frames}
+    assert torch.equal(result.latents, entry.read_latent(0))
+
 def test_edit_injects_on_the_configured_schedule_into_every_branch_but_the_source(tiny, clip, tmp_path, monkeypatch):
     """Each tau reaches its own feature kind, and the source branch (which gives the features in recompute
     mode) is no injection target."""
@@ -372,6 +395,8 @@ def test_a_region_enters_the_request_only_when_set(tiny, clip):
 @pytest.mark.parametrize("changes, mode, branches", [
     ({}, "recompute", ("source", "negative", "positive")),
     ({"exact": True}, "recompute", ("source", "anchor", "negative", "positive")),
+    ({"exact": True, "prompt_edit": SOURCE}, "recompute", ("source", "negative")),
+    ({"exact": True, "prompt_edit": SOURCE, "inject": False}, "disk", ("negative",)),
     ({}, "disk", ("negative", "positive")),
     ({"inject": False}, "recompute", ("negative", "positive")),
     ({"inject": False, "exact": True}, "disk", ("anchor", "negative", "positive")),

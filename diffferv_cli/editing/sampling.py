@@ -6,7 +6,9 @@ Branches of the batch (each `frames` rows, see attention/context.py):
     source    recompute mode only: fed z_{T-1-k}, the latent the inversion fed to the UNet at this very
               timestep, with the source prompt; its SWCFA/TTA Q,K and cross-attention maps are therefore
               the inversion's preservation features, regenerated instead of read from disk
-    anchor    --exact only: fed the inversion latent z_{T-k} with the source prompt, features injected
+    anchor    --exact only: fed the inversion latent z_{T-k} with the source prompt, features injected;
+              left out when the edit prompt is the source prompt (a reconstruction): the negative branch is
+              then the anchor itself (same prompt, same latent at every step, see below)
     negative  the edit latent x with the source prompt (the paper's negative-prompt scheme), injected
     positive  the edit latent x with the edit prompt, injected (left out when both prompts are equal)
 
@@ -21,6 +23,11 @@ noise predictions are blended per branch before the guidance and the DDIM step. 
 branch is absent and its features come from the cache's feature files of the same step and window. The
 exact correction adds, per step, the error the source prompt's injected prediction makes along the cached
 inversion path; with the edit prompt equal to the source prompt the edit path then lands on z_0 exactly.
+That holds by construction, not by luck of the kernels: x starts at z_T, and as long as x equals the
+anchor's latent the negative branch computes what the anchor would, so the negative branch's own
+prediction serves as the anchor's and the bracket is a value minus itself, zero, whatever the hardware.
+(Two branches of one batch need not give the same bits for the same input: a GEMM may treat the rows of
+a tile edge with another micro-kernel, as MKL does on AVX2 CPUs.)
 """
 
 from __future__ import annotations
@@ -56,7 +63,7 @@ def branch_layout(config: EditConfig, source_prompt: str, feature_mode: str) -> 
     branches: list[str] = []
     if config.inject and feature_mode == "recompute":
         branches.append("source")
-    if config.exact:
+    if config.exact and config.prompt_edit != source_prompt:  # else the negative branch is the anchor
         branches.append("anchor")
     branches.append("negative")
     if config.prompt_edit != source_prompt:
@@ -144,7 +151,8 @@ def edit(components, entry: CacheEntry, config: EditConfig, *, feature_mode: str
                 guided = eps["negative"] + config.guidance * (eps["positive"] - eps["negative"])  # CFG
             x_next = scheduler.step(guided, timestep, x).prev_sample
             if config.exact:
-                on_path = scheduler.step(eps["anchor"], timestep, latents_in["anchor"]).prev_sample
+                anchor = "anchor" if "anchor" in branches else "negative"  # module notes: a reconstruction
+                on_path = scheduler.step(eps[anchor], timestep, latents_in[anchor]).prev_sample
                 # z + (edit step - anchor step): when the edit path is on the inversion path the bracket
                 # is exactly zero, so reconstruction lands on the cached latents bit for bit
                 x_next = cached(inversion_step) + (x_next - on_path)
