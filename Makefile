@@ -1,13 +1,28 @@
 PYTHON ?= python3
 PIP ?= $(PYTHON) -m pip
+CONSTRAINTS ?= constraints.txt
+LOCK_VENV ?= .lock-venv
 FIXTURES ?= fixtures
 DEMO_OUT ?= demo-out
 
-.PHONY: install test test-slow lint mutation demo fixtures bench clean
+.PHONY: install lock test test-slow lint mutation demo fixtures bench clean
 
-install:  ## install diffferv (editable) with the test tools; torch 2.13.0 is the CPU wheel here
-	$(PIP) install torch==2.13.0
-	$(PIP) install -e ".[dev]"
+install:  ## install diffferv (editable) with the test tools, at the versions of constraints.txt (tested)
+	$(PIP) install -c $(CONSTRAINTS) torch
+	$(PIP) install -c $(CONSTRAINTS) -e ".[dev]"
+
+lock:  ## re-resolve the newest versions pyproject.toml allows into constraints.txt (then run make test)
+	rm -rf $(LOCK_VENV)
+	$(PYTHON) -m venv $(LOCK_VENV)
+	$(LOCK_VENV)/bin/python -m pip install -q --upgrade pip
+	$(LOCK_VENV)/bin/python -m pip install -q "torch==$$(sed -n 's/^torch==//p' $(CONSTRAINTS))"
+	$(LOCK_VENV)/bin/python -m pip install -q -e ".[dev]"
+	{ echo "# Tested versions: make install installs these; make lock refreshes them (torch stays as pinned here)."; \
+	  echo "# pyproject.toml keeps open ranges, so a plain pip install may take newer ones."; \
+	  echo "torch==$$(sed -n 's/^torch==//p' $(CONSTRAINTS))"; \
+	  $(LOCK_VENV)/bin/python -m pip freeze --exclude-editable | grep -v -e '^-e ' -e '^torch=='; } > $(CONSTRAINTS).new
+	mv $(CONSTRAINTS).new $(CONSTRAINTS)
+	rm -rf $(LOCK_VENV)
 
 test:  ## the default test suite (CPU, offline, a few minutes)
 	$(PYTHON) -m pytest -q
