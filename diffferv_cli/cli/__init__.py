@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import errno
 import functools
+import os
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -98,6 +100,9 @@ def _quiet_libraries(ctx: typer.Context) -> None:
 ModelOpt = Annotated[str, typer.Option("--model", "-m", help="Hub id, local diffusers folder, .safetensors file, or tiny-random.")]
 DeviceOpt = Annotated[str, typer.Option("--device", help="auto (cuda > mps > cpu), cpu, cuda, cuda:1, mps.")]
 DtypeOpt = Annotated[str, typer.Option("--dtype", help="auto (fp16 on GPU, fp32 on CPU), fp32, fp16, bf16.")]
+PresetDirOpt = Annotated[list[Path] | None, typer.Option(
+    "--preset-dir", metavar="DIR", help="Folder of preset .toml files, searched before the built-in presets; repeat for several "
+    f"(default: $DIFFFERV_PRESETS, folders separated by {os.pathsep!r}).", show_default=False)]
 
 
 @app.command()

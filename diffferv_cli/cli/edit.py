@@ -19,7 +19,7 @@ from rich.progress import (
 from rich.table import Table
 from rich.text import Text
 
-from diffferv_cli.cli import DeviceOpt, DtypeOpt, ModelOpt, console, err_console, one_of
+from diffferv_cli.cli import DeviceOpt, DtypeOpt, ModelOpt, PresetDirOpt, console, err_console, one_of
 from diffferv_cli.config import (
     DEFAULT_MODEL,
     ClipSpec,
@@ -189,6 +189,7 @@ def invert_cmd(
 def edit_cmd(
     clip: ClipArg,
     preset: Annotated[list[str] | None, typer.Option("--preset", "-p", help="Preset name or .toml file; repeat for several edits from one inversion.")] = None,
+    preset_dir: PresetDirOpt = None,
     prompt_edit: Annotated[str | None, typer.Option("--prompt-edit", help="Edit prompt (instead of a preset).")] = None,
     subject: Annotated[str | None, typer.Option("--subject", help="Fills {subject} in preset prompts (default: the preset's own subject, 'person' unless it sets one).")] = None,
     tau_app: Annotated[float | None, typer.Option("--tau-app", help="Appearance features (SWCFA Q,K) are injected in the first round(tau*T) steps, the noisiest (preset default). 0 turns only them off.")] = None,
@@ -210,7 +211,7 @@ def edit_cmd(
     composite: CompositeOpt = COMPOSITE, composite_threshold: ThresholdOpt = THRESHOLD, lossless: LosslessOpt = False,
 ) -> None:
     """Edit a clip with presets or a prompt (inverts first when the cache has no inversion)."""
-    from diffferv_cli.editing.presets import load_preset
+    from diffferv_cli.editing.presets import load_preset, preset_folders
     from diffferv_cli.editing.region import parse_region
 
     compositing = _composite(composite, composite_threshold)
@@ -221,8 +222,9 @@ def edit_cmd(
     edits: list[tuple[str, str, float, float]] = []  # label, edit prompt, tau_app, guidance
     source_prompts = set()
     subjects: dict[str, str] = {}  # preset name -> the subject that filled its prompts
+    folders = preset_folders(preset_dir) if preset else []
     for name in preset or []:
-        loaded = load_preset(name)
+        loaded = load_preset(name, folders)
         subjects[loaded.name] = subject or loaded.subject
         source, edited = loaded.prompts(subject)
         source_prompts.add(source)

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Annotated
 
 import typer
 from rich.table import Table
 
-from diffferv_cli.cli import ModelOpt, console
+from diffferv_cli.cli import ModelOpt, console, err_console
 from diffferv_cli.config import DEFAULT_MODEL, ClipSpec, default
 from diffferv_cli.errors import UserError
 
@@ -18,7 +19,9 @@ FramesOpt = Annotated[int | None, typer.Option("--frames", help="Number of frame
 StrideOpt = Annotated[int, typer.Option("--stride", help="Take every n-th frame.")]
 SizeOpt = Annotated[int, typer.Option("--size", help="Short side of the working size.")]
 MultipleOpt = Annotated[int | None, typer.Option("--multiple", help="Working sides are multiples of this (default: what --model needs, 64 for SD1.5, 16 for tiny-random).")]
-PresetDirOpt = Annotated[Path | None, typer.Option("--dir", help="Also list the presets in this folder.")]
+PresetDirOpt = Annotated[list[Path] | None, typer.Option(
+    "--dir", "--preset-dir", metavar="DIR", help="Also list the presets in this folder (searched before the built-ins); repeat for "
+    f"several (default: $DIFFFERV_PRESETS, folders separated by {os.pathsep!r}).", show_default=False)]
 
 
 def size_multiple(model: str) -> int:
@@ -43,15 +46,24 @@ def clip_spec(start: int, frames: int | None, stride: int, size: int, multiple: 
         raise UserError(f"Invalid --{field}: {message}.".replace("--short_side", "--size")) from None
 
 
-def presets_cmd(folder: PresetDirOpt = None) -> None:
-    """List the edit presets (built-in, plus --dir)."""
-    from diffferv_cli.editing.presets import list_presets
+def presets_cmd(folders: PresetDirOpt = None) -> None:
+    """List the edit presets (--dir folders, then the built-ins). A file that does not read is named with
+    its reason below the table, and the command then exits with code 2."""
+    from diffferv_cli.editing.presets import builtin_dir, list_presets, preset_folders
 
-    table = Table("name", "tau_app", "guidance", "edit prompt", "description")
-    for preset in list_presets(folder):
+    listing = list_presets(preset_folders(folders))
+    table = Table("name", "tau_app", "guidance", "edit prompt", "description", "from")
+    for preset in listing.presets:
+        folder = listing.folders[preset.name]
         table.add_row(preset.name, f"{preset.tau_app:g}", f"{preset.guidance:g}", preset.prompts()[1],
-                      preset.description)
+                      preset.description, "built-in" if folder == builtin_dir() else str(folder))
     console.print(table)
+    for path, reason in listing.problems:
+        err_console.print(f"Skipped {path}: {reason}", style="yellow", markup=False, highlight=False, soft_wrap=True)
+    if listing.problems:
+        count = len(listing.problems)
+        raise UserError(f"{count} preset file{'s' if count > 1 else ''} could not be read (named above); fix or "
+                        "remove them, the presets in the table work.")
 
 
 def probe_cmd(clip: ClipArg, start: StartOpt = default(ClipSpec, "start"), frames: FramesOpt = default(ClipSpec, "frames"),

@@ -9,6 +9,10 @@ A preset file (its name is the file stem, e.g. `age.toml` -> `age`):
     guidance = 5.0                                            # optional, default 5.0
     subject = "person"                                        # optional, default "person"
 
+Names are looked up in the user's folders first (`--preset-dir DIR`, repeatable, else the folders in
+`$DIFFFERV_PRESETS`, separated by `os.pathsep`), then in the built-ins; `-p path/to/file.toml` names a
+file directly.
+
 `{subject}` is the only placeholder; the CLI's `--subject woman` fills it. Edit prompts repeat the
 source prompt's words and add or swap one or two (prompt-to-prompt word alignment keeps the
 cross-attention maps of the shared words).
@@ -20,8 +24,12 @@ contours (man, woman, smiling, bangs, glasses, beard).
 
 from __future__ import annotations
 
+import difflib
+import os
 import re
 import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -35,6 +43,7 @@ try:
 except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib
 
+ENV_VAR = "DIFFFERV_PRESETS"
 SUBJECT = "{subject}"
 DEFAULT_SOURCE_TEMPLATE = "a photo of a {subject}"
 MAX_PRESET_BYTES = 64 * 1024
@@ -127,36 +136,81 @@ def _first_problem(err: ValidationError) -> str:
     return f"{field}: {message}" if field else message
 
 
-def _folder(extra: Path | None) -> list[Path]:
-    folders = [builtin_dir()]
-    if extra is not None:
-        extra = Path(extra)
-        if not extra.is_dir():
-            raise UserError(f"The preset folder {extra} does not exist.")
-        folders.append(extra)
+def preset_folders(given: Sequence[Path | str] | None = None) -> list[Path]:
+    """The user's preset folders, searched before the built-ins: `given` (`--preset-dir`, repeatable),
+    else `$DIFFFERV_PRESETS` (one folder, or several separated by `os.pathsep`), else none. Each must exist."""
+    if given:
+        folders, origin = [Path(folder).expanduser() for folder in given], "--preset-dir"
+    else:
+        listed = os.environ.get(ENV_VAR, "").split(os.pathsep)
+        folders, origin = [Path(folder).expanduser() for folder in listed if folder.strip()], ENV_VAR
+    for folder in folders:
+        if not folder.is_dir():
+            raise UserError(f"The preset folder {folder} ({origin}) does not exist.")
     return folders
 
 
-def list_presets(extra: Path | None = None) -> list[Preset]:
-    """Built-in presets plus those in `extra` (which win on equal names), sorted by name."""
+def _search_order(folders: Sequence[Path]) -> list[Path]:
+    """Where a name is looked up, first match wins: the user's folders in order, then the built-ins."""
+    return [*folders, builtin_dir()]
+
+
+@dataclass(frozen=True)
+class PresetListing:
+    """Every preset `list_presets` found (one per name, the first in search order) and the files it
+    could not read, each with its one-sentence reason."""
+
+    presets: list[Preset]
+    folders: dict[str, Path]  # preset name -> the folder it came from
+    problems: list[tuple[Path, str]]
+
+
+def list_presets(folders: Sequence[Path] = ()) -> PresetListing:
+    """The presets in `folders` (see `preset_folders`) and the built-ins, sorted by name. A file that does
+    not read is reported in `problems`, never hiding the others; a name already found earlier in the
+    search order shadows later files of that name, which are not read."""
     found: dict[str, Preset] = {}
-    for folder in _folder(extra):
+    origin: dict[str, Path] = {}
+    problems: list[tuple[Path, str]] = []
+    seen: set[str] = set()  # names read, well or not: `load_preset` would read the same file
+    for folder in _search_order(folders):
         for path in sorted(folder.glob("*.toml")):
-            found[path.stem] = _read(path)
-    return [found[name] for name in sorted(found)]
+            if path.stem in seen:
+                continue
+            seen.add(path.stem)
+            try:
+                found[path.stem] = _read(path)
+            except UserError as err:
+                problems.append((path, err.message))
+                continue
+            origin[path.stem] = folder
+    names = sorted(found)
+    return PresetListing([found[name] for name in names], {name: origin[name] for name in names}, problems)
 
 
-def load_preset(name_or_path: str, extra_dir: Path | None = None) -> Preset:
-    """A preset by name (looked up in `extra_dir` first, then the built-ins) or by `.toml` path."""
+def load_preset(name_or_path: str, folders: Sequence[Path] = ()) -> Preset:
+    """A preset by name (looked up in `folders` in order, then the built-ins) or by `.toml` path."""
     text = str(name_or_path)
     if text.endswith(".toml") or "/" in text or "\\" in text:
         path = Path(text).expanduser()
         if path.is_dir():
             raise UserError(f"Preset {path} is a folder, not a .toml file.")
         return _read(path)
-    for folder in reversed(_folder(extra_dir)):
+    search = _search_order(folders)
+    for folder in search:
         candidate = folder / f"{text}.toml"
         if _NAME.match(text) and candidate.is_file():
             return _read(candidate)
-    available = sorted({path.stem for folder in _folder(extra_dir) for path in folder.glob("*.toml")})
-    raise UserError(f"Unknown preset {text!r}; available: {', '.join(available) or 'none'}.")
+    raise UserError(_unknown(text, folders, sorted({path.stem for folder in search for path in folder.glob("*.toml")})))
+
+
+def _unknown(name: str, folders: Sequence[Path], available: list[str]) -> str:
+    """One sentence: near names (or all of them when none is near) and the other ways to name a preset."""
+    near = difflib.get_close_matches(name, available, n=3, cutoff=0.6)
+    where = "the built-in presets" if not folders else f"{', '.join(map(str, folders))} or the built-in presets"
+    if near:
+        hint = f"did you mean {' or '.join(near)}?"
+    else:
+        hint = f"available: {', '.join(available) or 'none'}"
+    return (f"Unknown preset {name!r} in {where} ({hint}); pass a file as -p path/to/file.toml or a folder of "
+            "presets with --preset-dir DIR.")
