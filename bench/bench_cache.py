@@ -24,9 +24,9 @@ def main() -> None:
     parser.add_argument("--frames", type=int, default=4)
     args = parser.parse_args()
 
-    from diffferv_cli.components import build_tiny_random
     from diffferv_cli.config import ClipSpec, InversionConfig
     from diffferv_cli.editing.inversion import invert
+    from diffferv_cli.models.tiny import build_tiny_random
     from diffferv_cli.video.io import read_clip
 
     with tempfile.TemporaryDirectory() as work:

@@ -47,7 +47,7 @@ def unet_call_seconds() -> float:
     """CPU seconds of one full-size SD1.5 UNet call, batch 3 (one frame's branches), 512x512, 1 thread."""
     import torch
 
-    from diffferv_cli.components import build_full_size_random
+    from diffferv_cli.models.tiny import build_full_size_random
 
     unet = build_full_size_random().unet
     generator = torch.Generator().manual_seed(0)
@@ -73,10 +73,10 @@ def main() -> None:
     torch.set_num_threads(1)
     cv2.setNumThreads(1)
 
-    from diffferv_cli.components import build_tiny_random
     from diffferv_cli.config import ClipSpec, CompositeConfig, EditConfig, InversionConfig
     from diffferv_cli.editing.composite import composite_frame
     from diffferv_cli.editing.job import run_reconstruction, source_resolution_metrics
+    from diffferv_cli.models.tiny import build_tiny_random
     from diffferv_cli.video.geometry import working_geometry
     from diffferv_cli.video.io import read_clip
     from diffferv_cli.video.stream import stream_frames

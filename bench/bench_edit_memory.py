@@ -24,7 +24,8 @@ CHILD = r"""
 import json, resource, sys, time
 from pathlib import Path
 import torch
-from diffferv_cli.components import build_full_size_random, pick_dtype
+from diffferv_cli.models.tiny import build_full_size_random
+from diffferv_cli.models.devices import pick_dtype
 from diffferv_cli.config import ClipSpec, EditConfig, InversionConfig
 from diffferv_cli.video.io import read_clip
 sys.path.insert(0, sys.argv[7])

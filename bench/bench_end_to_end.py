@@ -73,10 +73,11 @@ def main(argv: list[str] | None = None) -> None:
     args.size = args.size or (512 if on_gpu else 128)
     args.steps = args.steps or (50 if on_gpu else 2)
 
-    from diffferv_cli.components import build_full_size_random, pick_dtype
     from diffferv_cli.config import EditConfig, InversionConfig
     from diffferv_cli.editing.inversion import invert
     from diffferv_cli.editing.sampling import edit
+    from diffferv_cli.models.devices import pick_dtype
+    from diffferv_cli.models.tiny import build_full_size_random
 
     device = torch.device(args.device)
     dtype = pick_dtype(device, args.dtype)

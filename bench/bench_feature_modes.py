@@ -39,10 +39,11 @@ def main() -> None:
 
     import torch
 
-    from diffferv_cli.components import build_full_size_random, pick_dtype
     from diffferv_cli.config import ClipSpec, EditConfig, InversionConfig
     from diffferv_cli.editing.inversion import invert
     from diffferv_cli.editing.sampling import edit
+    from diffferv_cli.models.devices import pick_dtype
+    from diffferv_cli.models.tiny import build_full_size_random
     from diffferv_cli.video.io import read_clip
 
     device = torch.device(args.device)

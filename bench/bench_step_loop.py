@@ -192,7 +192,7 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
 
-    from diffferv_cli.components import load_components
+    from diffferv_cli.models.loading import load_components
 
     components = load_components("tiny-random", device=args.device, dtype="fp32")
     latent = (args.size // 8, args.size // 8)

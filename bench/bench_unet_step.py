@@ -39,7 +39,7 @@ from reference_attention import (  # noqa: E402
     translating_partition,
 )
 
-from diffferv_cli.components import build_full_size_random  # noqa: E402
+from diffferv_cli.models.tiny import build_full_size_random  # noqa: E402
 
 VELOCITY = (0.3, 0.5)  # latent pixels per frame, rows and columns
 

@@ -36,7 +36,7 @@ import json, resource, sys, time
 from pathlib import Path
 import torch
 torch.set_num_threads(int(sys.argv[6]))
-from diffferv_cli.components import build_full_size_random, build_tiny_random
+from diffferv_cli.models.tiny import build_full_size_random, build_tiny_random
 from diffferv_cli.config import ClipSpec, EditConfig, InversionConfig
 from diffferv_cli.video.io import read_clip
 sys.path.insert(0, __import__('os').environ['DIFFFERV_TESTS'])
@@ -60,7 +60,7 @@ import json, sys
 from pathlib import Path
 import numpy as np, torch
 torch.set_num_threads(int(sys.argv[5]))
-from diffferv_cli.components import build_tiny_random
+from diffferv_cli.models.tiny import build_tiny_random
 from diffferv_cli.config import ClipSpec, EditConfig, InversionConfig
 from diffferv_cli.editing.inversion import invert
 from diffferv_cli.editing.sampling import edit

@@ -32,9 +32,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
 
-    from diffferv_cli.components import build_full_size_random, pick_dtype
     from diffferv_cli.config import InversionConfig
     from diffferv_cli.editing.inversion import invert
+    from diffferv_cli.models.devices import pick_dtype
+    from diffferv_cli.models.tiny import build_full_size_random
 
     device = torch.device(args.device)
     components = build_full_size_random().to(device, pick_dtype(device))

@@ -20,7 +20,7 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="session")
 def tiny():
     """The tiny random-weight SD-shaped model (float32, CPU). Shared: tests must not modify it."""
-    from diffferv_cli.components import build_tiny_random
+    from diffferv_cli.models.tiny import build_tiny_random
 
     return build_tiny_random(seed=0)
 

@@ -146,7 +146,7 @@ def test_a_preset_fills_its_own_subject_unless_subject_is_given(captured, tmp_pa
 
 
 def test_a_bare_train_builds_the_default_config(monkeypatch, tmp_path):
-    import diffferv_cli.components as components
+    import diffferv_cli.models.loading as components
     import diffferv_cli.training.loop as loop
 
     seen = {}

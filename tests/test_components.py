@@ -3,8 +3,9 @@ import time
 import pytest
 import torch
 
-from diffferv_cli.components import build_tiny_random, load_components, save_components
 from diffferv_cli.errors import UserError
+from diffferv_cli.models.loading import load_components, save_components
+from diffferv_cli.models.tiny import build_tiny_random
 
 
 def test_tiny_random_is_deterministic_and_labelled():
@@ -33,7 +34,7 @@ def test_folder_round_trip(tiny, tmp_path):
 
 
 def test_missing_hub_model_is_one_clear_sentence(tmp_path, monkeypatch):
-    from diffferv_cli import components
+    from diffferv_cli.models import loading as components
 
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
@@ -65,7 +66,7 @@ def unreachable_hub(monkeypatch, tmp_path):
     network download must not run."""
     from huggingface_hub import constants
 
-    from diffferv_cli import components
+    from diffferv_cli.models import loading as components
 
     (tmp_path / "hf-cache").mkdir()
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf-cache"))
@@ -84,7 +85,7 @@ def unreachable_hub(monkeypatch, tmp_path):
 def test_uncached_default_model_without_a_hub_fails_in_seconds(tmp_path, unreachable_hub):
     """The default model, not cached (an empty cache), no hub: one sentence after one refused request,
     instead of minutes of download retries."""
-    from diffferv_cli.components import DEFAULT_MODEL
+    from diffferv_cli.config import DEFAULT_MODEL
 
     started = time.monotonic()
     with pytest.raises(UserError) as caught:
@@ -117,7 +118,7 @@ def test_hub_probe_gives_up_on_a_silent_server(monkeypatch):
 
     from huggingface_hub import constants
 
-    from diffferv_cli.components import hub_reachable
+    from diffferv_cli.models.loading import hub_reachable
 
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
     with socket.socket() as silent:
@@ -133,7 +134,7 @@ def test_hub_probe_gives_up_on_a_silent_server(monkeypatch):
 
 
 def test_device_names_are_checked():
-    from diffferv_cli.components import pick_device
+    from diffferv_cli.models.devices import pick_device
 
     assert pick_device("cpu") == torch.device("cpu") and pick_device(" CPU ") == torch.device("cpu")
     for name, fragment in (("npu", "Unknown device"), ("cuda:x", "Unknown device"), ("cpu:1", "Unknown device"),

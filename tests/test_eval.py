@@ -214,7 +214,7 @@ def _tiny_clip_model(folder: Path) -> Path:
     import torch
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
 
-    from diffferv_cli.components import build_tiny_tokenizer
+    from diffferv_cli.models.tiny import build_tiny_tokenizer
 
     tokenizer = build_tiny_tokenizer()
     vocab = tokenizer.get_vocab()

@@ -7,8 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from diffferv_cli import components
 from diffferv_cli.evaluation import faces, metrics
+from diffferv_cli.models import auxiliary as components
 
 
 @pytest.fixture(scope="session")

@@ -102,7 +102,7 @@ def test_injection_brings_reconstruction_closer(clip, tmp_path):
     tiny model with its query/key projections scaled up: attention as peaked as a trained model's."""
     from diffusers.models.attention_processor import Attention
 
-    from diffferv_cli.components import build_tiny_random
+    from diffferv_cli.models.tiny import build_tiny_random
 
     peaked = build_tiny_random(seed=0)
     for module in peaked.unet.modules():
@@ -122,7 +122,7 @@ def test_injection_brings_reconstruction_closer(clip, tmp_path):
 
 
 def test_changed_inputs_make_new_cache_entries(tiny, clip, clip_path, tmp_path):
-    from diffferv_cli.components import build_tiny_random
+    from diffferv_cli.models.tiny import build_tiny_random
     from diffferv_cli.video.io import read_clip
 
     base = invert(tiny, clip, _inversion(), cache_dir=tmp_path).entry.folder

@@ -104,7 +104,7 @@ def test_pixel_metrics_reject_different_shapes():
 
 
 def test_lpips_is_unavailable_rather_than_faked():
-    from diffferv_cli.components import load_lpips
+    from diffferv_cli.models.auxiliary import load_lpips
 
     model, reason = load_lpips()
     if model is None:  # here: lpips / torchvision do not import
@@ -331,7 +331,7 @@ def test_lpips_loader_names_what_is_missing(tmp_path, monkeypatch):
 
     import torch
 
-    from diffferv_cli import components
+    from diffferv_cli.models import auxiliary as components
 
     real_find_spec = importlib.util.find_spec
     components.load_lpips.cache_clear()
@@ -373,7 +373,7 @@ def test_lpips_feeds_minus_one_to_one_images_per_frame(monkeypatch):
             seen.append((tuple(first.shape), float(first.min()), float(first.max())))
             return (first - second).abs().mean().reshape(1, 1, 1, 1)
 
-    from diffferv_cli import components
+    from diffferv_cli.models import auxiliary as components
 
     monkeypatch.setattr(components, "load_lpips", lambda: (StandIn("alex", False).eval(), None))
     source = np.zeros((2, 3, 5, 3), np.uint8)
@@ -444,7 +444,7 @@ def test_attribute_predictions_are_taken_as_booleans():
 
 
 def test_lpips_passes_on_why_it_is_unavailable(monkeypatch):
-    from diffferv_cli import components
+    from diffferv_cli.models import auxiliary as components
 
     monkeypatch.setattr(components, "load_lpips", lambda: (None, "the lpips package is not installed"))
     frames = np.zeros((1, 4, 4, 3), np.uint8)

@@ -71,7 +71,7 @@ def test_static_clip_holds_for_every_window(tiny):
 def full_size_unet():
     from diffusers import UNet2DConditionModel
 
-    from diffferv_cli.components import SD15_UNET_CONFIG
+    from diffferv_cli.models.tiny import SD15_UNET_CONFIG
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)

@@ -106,7 +106,7 @@ def test_no_face_means_the_whole_frame_with_a_message(tmp_path):
 
 def test_cli_region_auto_without_a_face_edits_the_full_frame(tmp_path):
     from diffferv_cli.cli import app
-    from diffferv_cli.components import load_face_backend
+    from diffferv_cli.models.auxiliary import load_face_backend
 
     if load_face_backend().analyzer is None:
         pytest.skip(load_face_backend().reason)
@@ -125,7 +125,7 @@ def test_cli_region_auto_without_a_face_edits_the_full_frame(tmp_path):
 
 @pytest.mark.fixtures
 def test_region_auto_holds_every_frames_face(fixtures_dir):
-    from diffferv_cli.components import load_face_backend
+    from diffferv_cli.models.auxiliary import load_face_backend
 
     analyzer = load_face_backend().analyzer
     if analyzer is None:

@@ -15,9 +15,9 @@ import torch
 from typer.testing import CliRunner
 
 from diffferv_cli.cli import app
-from diffferv_cli.components import build_tiny_random
 from diffferv_cli.config import TrainConfig
 from diffferv_cli.errors import UserError
+from diffferv_cli.models.tiny import build_tiny_random
 from diffferv_cli.training.data import (
     SamplePlan,
     TrainSamples,
@@ -350,7 +350,7 @@ def test_a_diverging_run_stops_and_exports_nothing(tmp_path, monkeypatch):
 def test_exported_folder_loads_with_model_and_runs_edit(tmp_path):
     from media import make_test_clip
 
-    from diffferv_cli.components import load_components
+    from diffferv_cli.models.loading import load_components
     from diffferv_cli.video.probe import probe
 
     faces = _folder(tmp_path / "faces", 4)
@@ -403,7 +403,7 @@ def _pipeline_images(model: Path, prompts, *, seed: int, steps: int, guidance: f
     """What diffusers' own pipeline samples from the model folder `model`, seeded per prompt like validation."""
     from diffusers import DDIMScheduler, StableDiffusionPipeline
 
-    from diffferv_cli.components import load_components
+    from diffferv_cli.models.loading import load_components
 
     loaded = load_components(str(model), device="cpu", dtype="fp32")
     pipe = StableDiffusionPipeline(vae=loaded.vae, text_encoder=loaded.text_encoder, tokenizer=loaded.tokenizer,

@@ -17,7 +17,9 @@ class Check:
 def run_checks() -> list[Check]:
     import torch
 
-    from diffferv_cli.components import DEFAULT_MODEL, default_model_cached, pick_device
+    from diffferv_cli.config import DEFAULT_MODEL
+    from diffferv_cli.models.devices import pick_device
+    from diffferv_cli.models.loading import default_model_cached
 
     checks: list[Check] = []
     try:

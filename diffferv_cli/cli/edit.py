@@ -125,7 +125,7 @@ def _progress():
 
 
 def _load(clip_path: Path, spec: ClipSpec, model: str, device: str, dtype: str, report, region: str = "full"):
-    from diffferv_cli.components import load_components
+    from diffferv_cli.models.loading import load_components
     from diffferv_cli.editing.region import parse_region, resolve_region
     from diffferv_cli.video.io import read_clip
 

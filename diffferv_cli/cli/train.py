@@ -66,7 +66,7 @@ def train_cmd(
     cpu: Annotated[bool, typer.Option("--cpu", help="Train on the CPU even when a GPU is present.")] = False,
 ) -> None:
     """Fine-tune the UNet on captioned faces (paper section 3.2); the result loads with --model OUT."""
-    from diffferv_cli.components import load_components
+    from diffferv_cli.models.loading import load_components
     from diffferv_cli.training.loop import train
 
     if mixed_precision not in choices(TrainConfig, "mixed_precision"):
@@ -123,7 +123,7 @@ def caption_cmd(
     device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda, cuda:1.")] = "auto",
 ) -> None:
     """Write a caption beside every image of FOLDER with a vision-language model."""
-    from diffferv_cli.components import load_captioner
+    from diffferv_cli.models.auxiliary import load_captioner
     from diffferv_cli.training.captioning import DEFAULT_INSTRUCTION, DEFAULT_PREFIX, caption_folder
 
     if not folder.is_dir():

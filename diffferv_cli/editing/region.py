@@ -140,7 +140,7 @@ def fit_working_aspect(box: Region, frame_size: tuple[int, int], spec: ClipSpec)
 
 def _landmark_source():
     """face-alignment's landmarks when installed with cached weights (never downloads), else None."""
-    from diffferv_cli.components import load_landmark_backend
+    from diffferv_cli.models.auxiliary import load_landmark_backend
 
     backend, _ = load_landmark_backend()
     return backend
@@ -149,9 +149,9 @@ def _landmark_source():
 def find_face_region(path, spec: ClipSpec, *, analyzer=None, landmarks=None, progress: Progress = None) -> FaceRegion:
     """Search the frames `spec` selects for the face and return the clip's head box (or no box).
 
-    `analyzer` (default: dlib, `components.load_face_backend`) detects; `landmarks` (default: face-alignment
+    `analyzer` (default: dlib, `models.auxiliary.load_face_backend`) detects; `landmarks` (default: face-alignment
     when available, else the analyzer's own 68 points) widens each frame's box to the whole face."""
-    from diffferv_cli.components import load_face_backend
+    from diffferv_cli.models.auxiliary import load_face_backend
     from diffferv_cli.video.geometry import frame_selection
     from diffferv_cli.video.probe import probe
     from diffferv_cli.video.stream import stream_frames

@@ -8,7 +8,7 @@ files of the `face-recognition-models` package (`pip install dlib-bin face-recog
 Optional landmarks from `face-alignment` (`FaceAlignmentLandmarks`) only when the package is installed
 AND its weights are already in the torch hub cache.
 
-The models are loaded by `components.load_face_backend` / `load_landmark_backend` (never downloading);
+The models are loaded by `models.auxiliary.load_face_backend` / `load_landmark_backend` (never downloading);
 this module holds the algorithms on them.
 
 Frames are uint8 RGB (H, W, 3); boxes are pixel (left, top, right, bottom), right/bottom exclusive.
@@ -53,7 +53,7 @@ def _rgb(frame: np.ndarray) -> np.ndarray:
 class DlibFaces:
     """dlib HOG detector + 68-point landmarks + ResNet descriptor (~0.1 s per 512-pixel frame on a CPU).
 
-    Takes the loaded dlib objects (`components.load_face_backend` loads them). `upsample` > 0 lets the
+    Takes the loaded dlib objects (`models.auxiliary.load_face_backend` loads them). `upsample` > 0 lets the
     HOG detector find faces smaller than ~80 px, at ~4x the cost per step."""
 
     name = "dlib"
@@ -141,7 +141,7 @@ def look_for_a_face(frames: np.ndarray, samples: int = 3, max_short_side: int = 
 
 @dataclass(frozen=True)
 class FaceBackend:
-    """The analyzer, or None with the reason it cannot be built here (`components.load_face_backend`)."""
+    """The analyzer, or None with the reason it cannot be built here (`models.auxiliary.load_face_backend`)."""
 
     analyzer: FaceAnalyzer | None
     reason: str | None = None
@@ -152,7 +152,7 @@ class FaceBackend:
 
 class FaceAlignmentLandmarks:
     """68 landmarks from face-alignment's 2D-FAN (more robust to pose than dlib's), boxes from dlib or
-    any detector. Takes the loaded `face_alignment.FaceAlignment` (`components.load_landmark_backend`)."""
+    any detector. Takes the loaded `face_alignment.FaceAlignment` (`models.auxiliary.load_landmark_backend`)."""
 
     name = "face-alignment"
 

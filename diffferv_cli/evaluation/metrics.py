@@ -132,7 +132,7 @@ def lpips_per_frame(source: np.ndarray, edited: np.ndarray) -> np.ndarray | Unav
     """(m,) LPIPS (AlexNet, v0.1) or `Unavailable`. Frames go in as [-1, 1] tensors, as lpips expects."""
     import torch
 
-    from diffferv_cli.components import load_lpips
+    from diffferv_cli.models.auxiliary import load_lpips
 
     model, reason = load_lpips()
     if model is None:

@@ -308,8 +308,8 @@ def _reconstruction(report: EvalReport, source: np.ndarray, result: np.ndarray) 
 
 def _identity(report: EvalReport, source: np.ndarray, result: np.ndarray, config: EvalConfig,
               progress: Callable[[str, int, int], None]) -> None:
-    from diffferv_cli.components import load_face_backend
     from diffferv_cli.evaluation.faces import largest_face_descriptor
+    from diffferv_cli.models.auxiliary import load_face_backend
 
     backend = load_face_backend()
     names = ("idp", "tl_id", "tg_id")
@@ -357,7 +357,7 @@ def _attributes(report: EvalReport, source: np.ndarray, result: np.ndarray, conf
         report.add("attributes", "tacr", why, better="higher")
         report.add("attributes", "napr", why, better="higher")
         return
-    from diffferv_cli.components import load_attribute_classifier
+    from diffferv_cli.models.auxiliary import load_attribute_classifier
 
     classifier = load_attribute_classifier(config.attribute_model)
     try:
@@ -379,7 +379,7 @@ def _attributes(report: EvalReport, source: np.ndarray, result: np.ndarray, conf
 
 def classify_attributes(classifier, frames: np.ndarray) -> tuple[list[str], np.ndarray]:
     """(labels, binary predictions (m, labels)) from a transformers image-classification pipeline
-    (`components.load_attribute_classifier`).
+    (`models.auxiliary.load_attribute_classifier`).
 
     Multi-label models (`problem_type == "multi_label_classification"`, CelebA-style) give sigmoid
     scores thresholded at 0.5; single-label models give the arg-max label as the only positive."""
@@ -404,7 +404,7 @@ def _clip_iqa(report: EvalReport, source: np.ndarray, result: np.ndarray, config
         report.add("quality", "clip_iqa", metrics.Unavailable("pass --clip-model (a CLIP model folder)"),
                    better="higher")
         return
-    from diffferv_cli.components import load_clip
+    from diffferv_cli.models.auxiliary import load_clip
 
     clip, processor = load_clip(config.clip_model)
     try:
@@ -420,7 +420,7 @@ def _clip_iqa(report: EvalReport, source: np.ndarray, result: np.ndarray, config
 
 
 def clip_iqa(clip, processor, frames: np.ndarray, batch: int = 8) -> np.ndarray:
-    """CLIP-IQA per frame with a transformers `CLIPModel` + `CLIPProcessor` (`components.load_clip`).
+    """CLIP-IQA per frame with a transformers `CLIPModel` + `CLIPProcessor` (`models.auxiliary.load_clip`).
 
     The original CLIP-IQA uses a ResNet-50 CLIP without positional embeddings; any CLIP checkpoint works
     here, so values are comparable only between runs with the same model."""

@@ -88,7 +88,7 @@ def train(components, cfg: TrainConfig, *, cpu: bool = False, progress: Progress
           on_step: Callable[[int], None] | None = None) -> TrainResult:
     """Fine-tune `components.unet` per `cfg` and write a diffusers model folder to `cfg.out`.
 
-    `components` is a float32 Components as loaded by `components.load_components` (or built for tests);
+    `components` is a float32 Components as loaded by `models.auxiliary.load_components` (or built for tests);
     its UNet is trained in place. `on_step(step)` runs after each optimizer step (tests use it to
     interrupt a run)."""
     from accelerate import Accelerator
@@ -347,7 +347,7 @@ def _export(components, trained_unet, out: Path, cfg: TrainConfig, result: Train
     """The trained model as a diffusers folder (loadable with --model OUT), plus train_info.json."""
     from dataclasses import replace
 
-    from diffferv_cli.components import save_components
+    from diffferv_cli.models.loading import save_components
 
     trained_unet = trained_unet.to("cpu", dtype=torch.float32).eval()
     exported = replace(components, unet=trained_unet, vae=components.vae.to("cpu", dtype=torch.float32),

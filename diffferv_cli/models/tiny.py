@@ -1,0 +1,131 @@
+"""Stable-Diffusion-shaped models with random weights, built offline: `tiny-random` (tests, the demo) and
+the full-size SD1.5 architecture (benchmarks: real cost, no download). Their output is noise and they are
+always labelled as such."""
+
+from __future__ import annotations
+
+import torch
+
+from diffferv_cli.models.components import Components
+from diffferv_cli.models.families import SD15_SCHEDULER
+
+TINY_RANDOM = "tiny-random"
+
+
+def _byte_vocab() -> dict[str, int]:
+    """CLIP's byte-to-unicode alphabet, each character alone and as a word end: every text tokenizes."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
+    printable += list(range(ord("®"), ord("ÿ") + 1))
+    codes, extra = printable[:], 0
+    for byte in range(256):
+        if byte not in printable:
+            codes.append(256 + extra)
+            extra += 1
+    alphabet = [chr(c) for c in codes]
+    vocab: dict[str, int] = {}
+    for suffix in ("", "</w>"):
+        for char in alphabet:
+            vocab[char + suffix] = len(vocab)
+    vocab["<|startoftext|>"] = len(vocab)
+    vocab["<|endoftext|>"] = len(vocab)
+    return vocab
+
+
+def build_tiny_tokenizer():
+    from transformers import CLIPTokenizer
+
+    return CLIPTokenizer(vocab=_byte_vocab(), merges=[], model_max_length=77)
+
+
+def build_tiny_random(seed: int = 0) -> Components:
+    """An SD1.5-shaped model with random weights (UNet (32, 64) channels, 2 attention grids; VAE /8;
+    CLIP text hidden 32). Deterministic for a seed; builds in well under a second."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    tokenizer = build_tiny_tokenizer()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        unet = UNet2DConditionModel(
+            sample_size=8,
+            in_channels=4,
+            out_channels=4,
+            layers_per_block=1,
+            block_out_channels=(32, 64),
+            down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+            cross_attention_dim=32,
+            attention_head_dim=8,
+            norm_num_groups=8,
+        )
+        vae = AutoencoderKL(
+            in_channels=3,
+            out_channels=3,
+            down_block_types=("DownEncoderBlock2D",) * 4,
+            up_block_types=("UpDecoderBlock2D",) * 4,
+            block_out_channels=(8, 16, 16, 16),
+            layers_per_block=1,
+            latent_channels=4,
+            norm_num_groups=8,
+            sample_size=64,
+        )
+        text_encoder = CLIPTextModel(
+            CLIPTextConfig(
+                vocab_size=len(tokenizer),
+                hidden_size=32,
+                intermediate_size=37,
+                num_attention_heads=4,
+                num_hidden_layers=2,
+                max_position_embeddings=77,
+                bos_token_id=tokenizer.bos_token_id,
+                eos_token_id=tokenizer.eos_token_id,
+                pad_token_id=tokenizer.pad_token_id,
+            )
+        )
+    for module in (unet, vae, text_encoder):
+        module.eval().requires_grad_(False)
+    return Components(
+        unet=unet,
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        scheduler_config=dict(SD15_SCHEDULER),
+        model_id=TINY_RANDOM,
+        fingerprint=f"{TINY_RANDOM}-v1-seed{seed}",
+        is_random=True,
+    )
+
+
+# Stable Diffusion 1.5's UNet (the diffusers defaults fill in the rest: 4 channels in and out, 2 layers
+# per block, CrossAttnDownBlock2D x3 + DownBlock2D, ...).
+SD15_UNET_CONFIG = dict(sample_size=64, cross_attention_dim=768, attention_head_dim=8,
+                        block_out_channels=(320, 640, 1280, 1280))
+
+
+def build_full_size_random(seed: int = 0) -> Components:
+    """Full-size SD1.5 architecture with random weights (for benchmarks: real cost, no download).
+    Uses the real CLIP tokenizer shape only through the tiny byte tokenizer."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    tokenizer = build_tiny_tokenizer()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        unet = UNet2DConditionModel(**SD15_UNET_CONFIG)
+        vae = AutoencoderKL(
+            block_out_channels=(128, 256, 512, 512),
+            down_block_types=("DownEncoderBlock2D",) * 4,
+            up_block_types=("UpDecoderBlock2D",) * 4,
+            layers_per_block=2,
+            latent_channels=4,
+            sample_size=512,
+        )
+        text_encoder = CLIPTextModel(
+            CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=768, intermediate_size=3072,
+                           num_attention_heads=12, num_hidden_layers=12, max_position_embeddings=77)
+        )
+    for module in (unet, vae, text_encoder):
+        module.eval().requires_grad_(False)
+    return Components(unet, vae, text_encoder, tokenizer, dict(SD15_SCHEDULER),
+                      model_id="sd15-shaped-random", fingerprint=f"sd15-shaped-random-seed{seed}",
+                      is_random=True)
