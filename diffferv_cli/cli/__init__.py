@@ -44,8 +44,13 @@ def friendly(command: Callable) -> Callable:
             return command(*args, **kwargs)
         except UserError as err:
             raise _report(err.message, err.exit_code) from None
-        except KeyboardInterrupt:
-            raise _report("Interrupted; finished work is kept, run the same command again to resume.", 130) from None
+        except KeyboardInterrupt as interrupt:  # not an error: no "Error:" label
+            kept = getattr(interrupt, "kept", "")  # errors.Interrupted says what it kept
+            message = ("Interrupted before any work was finished." if kept is None else
+                       f"Interrupted: {kept}; the same command resumes." if kept else
+                       "Interrupted; finished work is kept, run the same command again to resume.")
+            err_console.print(message, markup=False, highlight=False, soft_wrap=True)
+            raise typer.Exit(130) from None
         except OSError as err:
             if err.errno == errno.ENOSPC:
                 raise _report(f"No space left on the device while writing {err.filename or 'output'}; free some "

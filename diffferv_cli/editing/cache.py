@@ -5,7 +5,8 @@ One folder per (decoded frames, frame selection, working size, model, inversion 
     <root>/<key>/
         manifest.json                  format, request, sizes, timesteps, finished steps, file hashes
         trajectories.safetensors       per token grid: the clip's trajectory links (int32, temporal.ClipLinks)
-        latents/step-000.safetensors   z_0 = VAE latent mean of the frames (float32, (m, 4, h, w))
+        latents/step-000.safetensors   z_0 = VAE latent mean of the frames (float32, (m, 4, h, w));
+                                       while the encode runs, its chunks latents/encoded-NNNNNN.safetensors
         latents/step-001.safetensors   z_1 ... z_T: the latent fed to the UNet at inversion step i is z_i
         features/step-000-w000.safetensors  disk feature mode only, per step and temporal window: Q,K of
                                        SWCFA and TTA, cross-attention maps
@@ -232,6 +233,25 @@ class CacheEntry:
 
     def read_latent(self, index: int) -> torch.Tensor:
         return self._read_tensors(self.latent_name(index))["latent"]
+
+    def encoded_name(self, start: int) -> str:
+        """A chunk of z_0 while the VAE encode is under way, from frame `start` (dropped once z_0 is written)."""
+        return f"latents/encoded-{start:06d}.safetensors"
+
+    def write_encoded(self, start: int, latents: torch.Tensor, *, durable: bool = True) -> None:
+        self._write_tensors(self.encoded_name(start), {"latent": latents.float()}, durable=durable)
+
+    def read_encoded(self, start: int) -> torch.Tensor:
+        return self._read_tensors(self.encoded_name(start))["latent"]
+
+    def drop(self, relatives: list[str]) -> None:
+        """Take `relatives` out of the manifest, save it (durably), then delete their files: a file that
+        the manifest does not name is never read, so a crash in between leaves a stray file, no damage."""
+        for relative in relatives:
+            self.manifest.get("files", {}).pop(relative, None)
+        self.save_manifest()
+        for relative in relatives:
+            (self.folder / relative).unlink(missing_ok=True)
 
     def write_features(self, step: int, features: dict[str, torch.Tensor], window: int = 0, *,
                        durable: bool = True) -> None:

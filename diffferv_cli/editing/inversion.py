@@ -44,6 +44,7 @@ from diffferv_cli.editing.features import FeatureRecorder
 from diffferv_cli.editing.prefetch import HostTensor, LatentStream, WriteBehind, to_host
 from diffferv_cli.editing.prompts import encode_prompts
 from diffferv_cli.editing.vae import encode_frames
+from diffferv_cli.errors import Interrupted
 from diffferv_cli.temporal.context import AttentionContext
 from diffferv_cli.temporal.install import temporal_attention
 from diffferv_cli.temporal.windows import (
@@ -56,6 +57,12 @@ from diffferv_cli.temporal.windows import (
 )
 
 Progress = Callable[[str, int, int], None] | None
+
+# The VAE encode runs in chunks of this many frames, each written to the cache entry when done, so an
+# interrupted encode resumes at its first missing chunk. A multiple of the encode's batch: every frame is
+# then encoded in the same batch of frames as in one uninterrupted pass, and z_0 is the same bits.
+ENCODE_BATCH = 4
+ENCODE_CHUNK_FRAMES = 32
 
 # Group commits of the step files (`StepCommits`): at most one per this many seconds, and one at the end.
 DURABLE_EVERY_S = 10.0
@@ -163,8 +170,33 @@ def invert(components, clip, config: InversionConfig, *, cache_dir=None, force: 
     root = cache_root(cache_dir)
     with entry_lock(root, request):
         entry = open_entry(root, request, force=force)
-        ran = _run(components, clip, config, entry, report, compile_unet)
+        try:
+            ran = _run(components, clip, config, entry, report, compile_unet)
+        except KeyboardInterrupt:
+            raise Interrupted(kept_work(entry)) from None
     return InversionOutcome(entry, ran)
+
+
+def kept_work(entry: CacheEntry) -> str | None:
+    """What an interrupted inversion left in `entry` for the next run, as a clause ("the flow and 120 of
+    472 encoded frames are kept"); None when nothing."""
+    manifest = entry.manifest
+    kept = ["the flow"] if "trajectories.safetensors" in manifest.get("files", {}) else []
+    if manifest.get("encoded"):
+        kept.append("the encoded frames")
+        if entry.finished_steps > 0:
+            kept.append(f"{entry.finished_steps} of {entry.steps} inversion steps")
+    elif manifest.get("encoded_frames"):
+        kept.append(f"{manifest['encoded_frames']} of {manifest.get('frames', '?')} encoded frames")
+    if not kept:
+        return None
+    return kept_clause(kept, plural=len(kept) > 1 or kept[0] != "the flow")
+
+
+def kept_clause(items: list[str], plural: bool) -> str:
+    """"a, b and c are kept" (or "a is kept")."""
+    listed = ", ".join(items[:-1]) + " and " + items[-1] if len(items) > 1 else items[0]
+    return f"{listed} {'are' if plural else 'is'} kept"
 
 
 def _run(components, clip, config: InversionConfig, entry: CacheEntry, report, compile_unet: bool) -> int:
@@ -189,10 +221,12 @@ def _run(components, clip, config: InversionConfig, entry: CacheEntry, report, c
         entry.save_manifest()
 
     if not manifest.get("encoded"):
-        latents = encode_frames(components.vae, clip.frames, progress=lambda d, t: report("encode", d, t))
-        entry.write_latent(0, latents)
+        starts = range(0, frames, ENCODE_CHUNK_FRAMES)
+        entry.write_latent(0, torch.cat([_encoded_chunk(components.vae, clip.frames, start, entry, report)
+                                         for start in starts]))
         manifest.update(encoded=True, finished_steps=0, feature_steps=0, features_stored=False)
-        entry.save_manifest()
+        manifest.pop("encoded_frames", None)
+        entry.drop([entry.encoded_name(start) for start in starts])  # saves the manifest
 
     roll_back_unverified(entry)  # a resume after a power cut: keep only the steps whose files hold
     start = entry.finished_steps
@@ -243,6 +277,25 @@ def _run(components, clip, config: InversionConfig, entry: CacheEntry, report, c
             ran += 1
     commits.commit()  # the last group commit: every file of the run, then the manifest, durably
     return ran
+
+
+def _encoded_chunk(vae, frames, start: int, entry: CacheEntry, report) -> torch.Tensor:
+    """z_0 of frames start .. start + ENCODE_CHUNK_FRAMES: read back when an earlier run left it in
+    `entry`, else encoded and written there. Chunks come in order, so `encoded_frames` in the manifest,
+    the frames encoded so far, is where this one stops."""
+    count = len(frames)
+    stop = min(start + ENCODE_CHUNK_FRAMES, count)
+    if entry.holds(entry.encoded_name(start)):
+        kept = entry.read_encoded(start)
+        if len(kept) == stop - start:  # else written with another chunk size: encoded again
+            report("encode", stop, count)
+            return kept
+    latents = encode_frames(vae, frames[start:stop], batch=ENCODE_BATCH,
+                            progress=lambda done, _: report("encode", start + done, count))
+    entry.write_encoded(start, latents, durable=False)  # durable with z_0 (a lost chunk is encoded again)
+    entry.manifest["encoded_frames"] = stop
+    entry.save_manifest(durable=False)
+    return latents
 
 
 class StepCommits:
