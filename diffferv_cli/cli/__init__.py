@@ -105,18 +105,19 @@ def _quiet_libraries(ctx: typer.Context) -> None:
 ModelOpt = Annotated[str, typer.Option("--model", "-m", help="Hub id, local diffusers folder, .safetensors file, or tiny-random.")]
 DeviceOpt = Annotated[str, typer.Option("--device", help="auto (cuda > mps > cpu), cpu, cuda, cuda:1, mps.")]
 DtypeOpt = Annotated[str, typer.Option("--dtype", help="auto (fp16 on GPU, fp32 on CPU), fp32, fp16, bf16.")]
+CacheOpt = Annotated[Path | None, typer.Option("--cache-dir", envvar="DIFFFERV_CACHE", help="Cache folder.")]
 PresetDirOpt = Annotated[list[Path] | None, typer.Option(
     "--preset-dir", metavar="DIR", help="Folder of preset .toml files, searched before the built-in presets; repeat for several "
     f"(default: $DIFFFERV_PRESETS, folders separated by {os.pathsep!r}).", show_default=False)]
 
 
 @app.command()
-def doctor() -> None:
-    """Check ffmpeg, torch and the device, the default model's cache, and optional packages."""
+def doctor(cache_dir: CacheOpt = None) -> None:
+    """Check ffmpeg, torch and the device, the default model's cache, the inversion cache, and optional packages."""
     from diffferv_cli.cli.doctor import run_checks
 
     table = Table("check", "status", "detail")
-    for check in run_checks():
+    for check in run_checks(cache_dir):
         table.add_row(check.name, "ok" if check.ok else ("missing" if check.optional else "FAIL"), check.detail)
     console.print(table)
 
@@ -126,7 +127,7 @@ def _register_optional_groups() -> None:
     import importlib
 
     for module_name in ("diffferv_cli.cli.video", "diffferv_cli.cli.edit", "diffferv_cli.cli.train",
-                        "diffferv_cli.cli.evaluate"):
+                        "diffferv_cli.cli.evaluate", "diffferv_cli.cli.cache"):
         try:
             module = importlib.import_module(module_name)
         except ModuleNotFoundError as err:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 from dataclasses import dataclass
+from pathlib import Path
 
 
 @dataclass(frozen=True)
@@ -14,7 +15,8 @@ class Check:
     optional: bool = False
 
 
-def run_checks() -> list[Check]:
+def run_checks(cache_dir: Path | None = None) -> list[Check]:
+    """Every check; `cache_dir` is the inversion cache's folder (`--cache-dir`, default as `cache_root`)."""
     import torch
 
     from diffferv_cli.config import DEFAULT_MODEL
@@ -43,6 +45,7 @@ def run_checks() -> list[Check]:
     checks.append(Check("default model", cached,
                         f"{DEFAULT_MODEL} {'is' if cached else 'is not'} in the Hugging Face cache"
                         + ("" if cached else " (downloaded on first use, or pass --model)"), optional=True))
+    checks.append(_cache_check(cache_dir))
     for package, purpose in (("dlib", "identity metrics (pip install dlib-bin face-recognition-models)"),
                              ("face_recognition_models", "dlib's face models"),
                              ("face_alignment", "optional landmark backend (downloads weights at run time)"),
@@ -51,3 +54,14 @@ def run_checks() -> list[Check]:
         found = importlib.util.find_spec(package) is not None
         checks.append(Check(package, found, purpose, optional=True))
     return checks
+
+
+def _cache_check(cache_dir: Path | None) -> Check:
+    """Where the inversion cache is and how much it holds (`diffferv cache` lists and removes entries)."""
+    from diffferv_cli.editing.cache import cache_root
+    from diffferv_cli.editing.cache_admin import human_size, list_entries, total_size
+
+    root = cache_root(cache_dir)
+    entries = list_entries(root)
+    held = f"{len(entries)} entr{'y' if len(entries) == 1 else 'ies'}, {human_size(total_size(entries))}"
+    return Check("inversion cache", True, f"{root}: {held}" + ("" if root.exists() else " (not created yet)"))

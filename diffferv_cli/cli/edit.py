@@ -19,7 +19,7 @@ from rich.progress import (
 from rich.table import Table
 from rich.text import Text
 
-from diffferv_cli.cli import DeviceOpt, DtypeOpt, ModelOpt, PresetDirOpt, console, err_console, one_of
+from diffferv_cli.cli import CacheOpt, DeviceOpt, DtypeOpt, ModelOpt, PresetDirOpt, console, err_console, one_of
 from diffferv_cli.config import (
     DEFAULT_MODEL,
     ClipSpec,
@@ -43,7 +43,6 @@ WindowOpt = Annotated[int, typer.Option("--window", help="SWCFA window w (frames
 NoSwcfaOpt = Annotated[bool, typer.Option("--no-swcfa", help="Per-frame self-attention instead of SWCFA (ablation).")]
 NoTtaOpt = Annotated[bool, typer.Option("--no-tta", help="No trajectory attention (ablation).")]
 FeaturesOpt = Annotated[str, typer.Option("--features", help="recompute (only latents on disk) or disk (features on disk).")]
-CacheOpt = Annotated[Path | None, typer.Option("--cache-dir", envvar="DIFFFERV_CACHE", help="Cache folder.")]
 ForceOpt = Annotated[bool, typer.Option("--force", help="Recompute the inversion even if cached.")]
 CompileOpt = Annotated[bool, typer.Option("--compile", help="Run the UNet through torch.compile (one graph for every step; pays off on long runs).")]
 FlowOpt = Annotated[str, typer.Option("--flow-preset", help="OpenCV DIS preset: ultrafast, fast, medium.")]
