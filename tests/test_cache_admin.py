@@ -70,12 +70,13 @@ def _one_error(result, message: str) -> None:
 
 def test_list_shows_each_entry_with_its_settings_steps_and_size(tmp_path):
     done = _entry(tmp_path, clip="/videos/a.mp4")
-    half = _entry(tmp_path, "a photo of a woman", steps=4, finished=1, frames=3, clip="/videos/b.mp4")
+    half = _entry(tmp_path, "a photo of a woman", steps=4, finished=1, frames=3, clip="/videos/[b].mp4")
     listed = _listed(tmp_path)
     assert set(listed) == {done.folder.name, half.folder.name}
     first, second = listed[done.folder.name], listed[half.folder.name]
     assert (first["clip"], first["model"], first["prompt"], first["working_size"]) == \
         ("/videos/a.mp4", "tiny-random-v1-seed0", "a photo of a person", [96, 64])
+    assert second["clip"] == "/videos/[b].mp4"
     assert (first["frames"], first["finished_steps"], first["steps"], first["complete"]) == (2, 3, 3, True)
     assert (second["frames"], second["finished_steps"], second["steps"], second["complete"]) == (3, 1, 4, False)
     assert first["problem"] is None and second["problem"] is None
@@ -90,7 +91,7 @@ def test_list_shows_each_entry_with_its_settings_steps_and_size(tmp_path):
     row = next(line for line in table.stdout.splitlines() if done.folder.name in line)
     assert "/videos/a.mp4" in row and "3/3" in row and human_size(done.disk_bytes()) in row and "complete" in row
     row = next(line for line in table.stdout.splitlines() if half.folder.name in line)
-    assert "1/4" in row and "partial" in row
+    assert "1/4" in row and "partial" in row and "/videos/[b].mp4" in row  # brackets are not rich markup
     assert f"2 entries, {human_size(total)} in {tmp_path}" in table.stdout
 
 

@@ -8,6 +8,7 @@ from typing import Annotated
 
 import typer
 from rich.table import Table
+from rich.text import Text
 
 from diffferv_cli.cli import CacheOpt, _App, console, err_console, friendly
 
@@ -27,10 +28,13 @@ def _when(seconds: float) -> str:
     return time.strftime("%Y-%m-%d %H:%M", time.localtime(seconds))
 
 
-def _settings(entry) -> str:
+def _settings(entry) -> Text:
+    """Model, prompt and working size, one a line (as text: a prompt's brackets are not rich markup)."""
+    if entry.model is None and entry.prompt is None and entry.working_size is None:
+        return Text("-")
     size = "x".join(map(str, entry.working_size)) if entry.working_size else "?"
     parts = [entry.model or "?", repr(entry.prompt) if entry.prompt is not None else "?", size]
-    return "\n".join(parts + (["features on disk"] if entry.features_stored else []))
+    return Text("\n".join(parts + (["features on disk"] if entry.features_stored else [])))
 
 
 def _steps(entry) -> str:
@@ -52,29 +56,29 @@ def list_cmd(cache_dir: CacheOpt = None, as_json: JsonOpt = False) -> None:
                                        "entries": [entry.to_json() for entry in entries]}))
         return
     table = Table("key", "clip", "model, prompt, working size", "frames", "steps", "size", "last use", "state",
-                  title=f"Inversion cache {root}")
+                  title=Text(f"Inversion cache {root}"))
     for entry in entries:
-        state = "[red]broken[/red]: " + entry.problem if entry.problem else ("complete" if entry.complete else
-                                                                          "partial (resumes)")
-        table.add_row(entry.key, entry.clip or "?", _settings(entry), "-" if entry.frames is None else str(entry.frames),
+        state = Text.assemble(("broken", "red"), f": {entry.problem}") if entry.problem else \
+            Text("complete" if entry.complete else "partial (resumes)")
+        table.add_row(entry.key, Text(entry.clip or "?"), _settings(entry), "-" if entry.frames is None else str(entry.frames),
                       _steps(entry), human_size(entry.size), _when(entry.last_used), state)
     if entries:
         console.print(table)
     console.print(f"{len(entries)} entr{'y' if len(entries) == 1 else 'ies'}, {human_size(total_size(entries))} in "
-                  f"{root}", highlight=False)
+                  f"{root}", markup=False, highlight=False)
 
 
 def _report(done, verb: str) -> None:
     from diffferv_cli.editing.cache_admin import human_size
 
     for entry in done.removed:
-        console.print(f"{verb} {entry.key} ({human_size(entry.size)})", highlight=False)
+        console.print(f"{verb} {entry.key} ({human_size(entry.size)})", markup=False, highlight=False)
     for path in done.leftovers:
-        console.print(f"Removed leftover {path}", highlight=False)
+        console.print(f"Removed leftover {path}", markup=False, highlight=False)
     for entry in done.busy:
         err_console.print(f"Skipped {entry.key}: another diffferv process is using it.", style="yellow",
                           markup=False, highlight=False)
-    console.print(f"Freed {human_size(done.freed)}.", highlight=False)
+    console.print(f"Freed {human_size(done.freed)}.", markup=False, highlight=False)
 
 
 def rm_cmd(keys: Annotated[list[str], typer.Argument(help="Keys, or unique prefixes of keys, from `diffferv cache list`.",
@@ -104,7 +108,7 @@ def prune_cmd(older_than: Annotated[str, typer.Option("--older-than", help="Age,
     if dry_run:
         for entry in old:
             console.print(f"Would remove {entry.key} ({human_size(entry.size)}, last used {_when(entry.last_used)})",
-                          highlight=False)
+                          markup=False, highlight=False)
         return
     _report(remove(root, old), "Removed")
 
@@ -117,7 +121,7 @@ def clear_cmd(yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask 
     root = _root(cache_dir)
     entries = list_entries(root)
     if not entries:
-        console.print(f"The cache {root} holds no entries.", highlight=False)
+        console.print(f"The cache {root} holds no entries.", markup=False, highlight=False)
         return
     if not yes:
         typer.confirm(f"Remove all {len(entries)} cache entries ({human_size(total_size(entries))}) in {root}?",
