@@ -105,6 +105,21 @@ def _quiet_libraries(ctx: typer.Context) -> None:
 ModelOpt = Annotated[str, typer.Option("--model", "-m", help="Hub id, local diffusers folder, .safetensors file, or tiny-random.")]
 DeviceOpt = Annotated[str, typer.Option("--device", help="auto (cuda > mps > cpu), cpu, cuda, cuda:1, mps.")]
 DtypeOpt = Annotated[str, typer.Option("--dtype", help="auto (fp16 on GPU, fp32 on CPU), fp32, fp16, bf16.")]
+def _prediction_type(value: str | None) -> str | None:
+    from diffferv_cli.models.families import PREDICTION_TYPES
+
+    if value is not None and value not in PREDICTION_TYPES:
+        raise typer.BadParameter(f"{value!r} is not one of {', '.join(PREDICTION_TYPES)}.")
+    return value
+
+
+PredictionOpt = Annotated[str | None, typer.Option(
+    "--prediction-type", callback=_prediction_type, metavar="epsilon|v_prediction|sample",
+    help="What the model predicts, when its own config is wrong (default: the model's scheduler config; for a "
+    "single SD 2.x file, v_prediction unless the file says otherwise).", show_default=False)]
+ClipSkipOpt = Annotated[int | None, typer.Option(
+    "--clip-skip", min=1, metavar="N", help="Read the text encoder N layers before its last (as diffusers' clip_skip).",
+    show_default=False)]
 CacheOpt = Annotated[Path | None, typer.Option("--cache-dir", envvar="DIFFFERV_CACHE", help="Cache folder.")]
 PresetDirOpt = Annotated[list[Path] | None, typer.Option(
     "--preset-dir", metavar="DIR", help="Folder of preset .toml files, searched before the built-in presets; repeat for several "

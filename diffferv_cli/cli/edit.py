@@ -19,7 +19,18 @@ from rich.progress import (
 from rich.table import Table
 from rich.text import Text
 
-from diffferv_cli.cli import CacheOpt, DeviceOpt, DtypeOpt, ModelOpt, PresetDirOpt, console, err_console, one_of
+from diffferv_cli.cli import (
+    CacheOpt,
+    ClipSkipOpt,
+    DeviceOpt,
+    DtypeOpt,
+    ModelOpt,
+    PredictionOpt,
+    PresetDirOpt,
+    console,
+    err_console,
+    one_of,
+)
 from diffferv_cli.config import (
     DEFAULT_MODEL,
     ClipSpec,
@@ -119,12 +130,30 @@ def _progress():
             if stage not in tasks or (done <= 1 and bars.tasks[tasks[stage]].finished):
                 tasks[stage] = bars.add_task(stage, total=total)
             bars.update(tasks[stage], completed=done, total=total)
+    from diffferv_cli.models.loading import check_model, load_components
 
         yield report
+    check_model(model)  # a missing file or a family diffferv cannot drive: said before any decoding
 
 
-def _load(clip_path: Path, spec: ClipSpec, model: str, device: str, dtype: str, report, region: str = "full"):
-    from diffferv_cli.models.loading import load_components
+
+
+def _announce(report, clip_path: Path, spec: ClipSpec) -> None:
+    """The command's work, named on `report` from the clip's frame count and working size (a probe: no
+    frame is decoded)."""
+    from diffferv_cli.video.geometry import check_region, frame_selection, working_geometry
+    from diffferv_cli.video.probe import probe
+
+    info = probe(clip_path)
+    count = len(frame_selection(info.frame_count, spec, name=clip_path.name))
+    region = check_region(spec.region, (info.width, info.height))
+    geometry = working_geometry((region[2], region[3]) if region else (info.width, info.height), spec)
+    report.clip_known(count, geometry.working_size)
+
+
+def _load(clip_path: Path, spec: ClipSpec, model: str, device: str, dtype: str, report, region: str = "full",
+          model_options: dict | None = None):
+    """The clip and the model; `model_options`: load_components' keywords beyond model, device and dtype."""
     from diffferv_cli.editing.region import parse_region, resolve_region
     from diffferv_cli.video.io import read_clip
 
@@ -133,12 +162,13 @@ def _load(clip_path: Path, spec: ClipSpec, model: str, device: str, dtype: str, 
     if note:
         err_console.print(note, highlight=False)
     clip = read_clip(clip_path, spec, progress=lambda d, t: report("decode", d, t))
-    components = load_components(model, device=device, dtype=dtype)
+    components = load_components(model, device=device, dtype=dtype, **(model_options or {}))
     if components.is_random:
         err_console.print(f"[yellow]Model: {components.label}[/yellow]")
     if wanted != "auto":  # --region auto searched every selected frame and said what it found
         _warn_without_face(clip)
     return clip, components
+    prediction_type: PredictionOpt = None, clip_skip: ClipSkipOpt = None,
 
 
 def _warn_without_face(clip) -> None:
@@ -175,11 +205,16 @@ def invert_cmd(
     if prompt is None:
         err_console.print(f"Source prompt: {config.prompt!r} (the default; set it with --prompt)")
     spec = _spec(start, frames, stride, size, model)
-    with _progress() as report:
-        video, components = _load(clip, spec, model, device, dtype, report, region)
+    _check_device(device, dtype)
+    from diffferv_cli.editing.job import job_plan
+
+    with _progress(lambda count, working: job_plan(count, working, config)) as report:
+        video, components = _load(clip, spec, model, device, dtype, report, region,
+                                   dict(prediction_type=prediction_type, clip_skip=clip_skip))
         from diffferv_cli.editing.job import run_inversion
 
         outcome = run_inversion(components, video, config, cache_dir=cache_dir, force=force, progress=report,
+    prediction_type: PredictionOpt = None, clip_skip: ClipSkipOpt = None,
                                 compile_unet=compile_unet)
     state = "reused (already cached)" if outcome.steps_run == 0 else f"{outcome.steps_run} steps run"
     console.print(f"Inversion {state}: {outcome.entry.folder} ({outcome.entry.disk_bytes() / 1e6:.1f} MB)")
@@ -250,8 +285,12 @@ def edit_cmd(
     spec = _spec(start, frames, stride, size, model)
     from diffferv_cli.editing.job import run_edits
 
-    with _progress() as report:
-        video, components = _load(clip, spec, model, device, dtype, report, region)
+    edit_outputs(clip, [label for label, _ in configs], out, overwrite=overwrite, side_by_side=side_by_side)
+    _check_device(device, dtype)
+    prediction_type: PredictionOpt = None, clip_skip: ClipSkipOpt = None,
+    with _progress(lambda count, working: job_plan(count, working, inversion, configs)) as report:
+        video, components = _load(clip, spec, model, device, dtype, report, region,
+                                   dict(prediction_type=prediction_type, clip_skip=clip_skip))
         outcome, written = run_edits(components, video, inversion, configs, cache_dir=cache_dir, force=force,
                                      out=out, overwrite=overwrite, side_by_side=side_by_side,
                                      composite=compositing, lossless=lossless, progress=report,
@@ -293,8 +332,11 @@ def reconstruct_cmd(
     spec = _spec(start, frames, stride, size, model)
     target = output_path(clip, "reconstruct", out, 1)
     check_writable(target, [clip], overwrite)
-    with _progress() as report:
-        video, components = _load(clip, spec, model, device, dtype, report, region)
+    _check_device(device, dtype)
+    paths = [(path_label(path), path) for path in reconstruction_paths(config, compare)]
+    with _progress(lambda count, working: job_plan(count, working, inversion, paths, "reconstruct")) as report:
+        video, components = _load(clip, spec, model, device, dtype, report, region,
+                                   dict(prediction_type=prediction_type, clip_skip=clip_skip))
         _, reconstruction = run_reconstruction(components, video, inversion, config, cache_dir=cache_dir,
                                                force=force, compare=compare, composite=compositing,
                                                progress=report, compile_unet=compile_unet)

@@ -83,7 +83,7 @@ def cache_request(clip, components, config: InversionConfig) -> dict:
         "selection": {"start": clip.spec.start, "frames": clip.spec.frames, "stride": clip.spec.stride,
                       "indices": list(clip.frame_indices)},
         "working_size": list(clip.geometry.working_size),
-        "model": components.fingerprint,
+        **components.identity,  # the weights, and their schedule and text layer when not the defaults
         "unet_dtype": str(components.dtype).removeprefix("torch."),
         "prompt": config.prompt,
         "steps": config.steps,

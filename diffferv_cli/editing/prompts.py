@@ -16,8 +16,14 @@ def encode_prompts(components, prompts: list[str]) -> torch.Tensor:
     unique = list(dict.fromkeys(prompts))
     ids = tokenizer(unique, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
                     return_tensors="pt").input_ids
+    skip = getattr(components, "clip_skip", None)
     with torch.inference_mode():
-        embeddings = components.text_encoder(ids.to(components.text_encoder.device))[0]
+        if skip:  # diffusers' clip_skip: the hidden state `skip` layers before the last, through the final norm
+            states = components.text_encoder(ids.to(components.text_encoder.device), output_hidden_states=True)
+            encoder = getattr(components.text_encoder, "text_model", components.text_encoder)  # transformers 4 / 5
+            embeddings = encoder.final_layer_norm(states.hidden_states[-(skip + 1)])
+        else:
+            embeddings = components.text_encoder(ids.to(components.text_encoder.device))[0]
     rows = torch.tensor([unique.index(prompt) for prompt in prompts], device=embeddings.device)
     return embeddings[rows].to(components.dtype)
 

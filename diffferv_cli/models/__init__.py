@@ -3,6 +3,7 @@
 components  the result type          devices    device and dtype choice
 families    family and scheduler     loading    hub id, folder, file -> Components
 single_file original-layout files    tiny       random-weight builders (tests, demo, benchmarks)
+lora        LoRA files fused into a model, a trainable LoRA for `train`
 auxiliary   captioner, faces, LPIPS, CLIP, attribute classifier
 """
 

@@ -22,12 +22,13 @@ class Components:
     fingerprint: str  # identifies the weights; part of every cache key
     is_random: bool = False
     clip_skip: int | None = None  # text encoder layers skipped from the end (diffusers' clip_skip)
+    loras: tuple[tuple[str, float], ...] = ()  # (sha256 of the file, scale) of each LoRA fused in (models/lora.py)
 
     @property
     def identity(self) -> dict:
         """What makes this model compute what it computes, for cache keys: the weights' fingerprint, and
-        the schedule and text-encoder layer only when they are not the defaults (so that keys made
-        before they were part of them stay valid)."""
+        the schedule, text-encoder layer and fused LoRAs only when they are not the defaults (so that
+        keys made before they were part of them stay valid)."""
         from diffferv_cli.models.families import key_of
 
         identity: dict = {"model": self.fingerprint}
@@ -36,6 +37,8 @@ class Components:
             identity["scheduler"] = scheduler
         if self.clip_skip:
             identity["clip_skip"] = self.clip_skip
+        if self.loras:
+            identity["loras"] = [[sha256, scale] for sha256, scale in self.loras]
         return identity
 
     @property

@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -70,6 +71,24 @@ def _load_from_pretrained(source: str, local_only: bool, revision: str | None, d
     return unet, vae, text_encoder, tokenizer, scheduler
 
 
+def check_model(model: str) -> None:
+    """What can be said of `model` without loading a weight (UserError, one sentence): the file or folder
+    exists, the family is one diffferv drives, a hub id is well formed. Commands call it before decoding."""
+    if model == TINY_RANDOM:
+        return
+    path = Path(model).expanduser()
+    if path.suffix in (".safetensors", ".ckpt") or path.is_file():
+        from diffferv_cli.models.single_file import check_single_file
+
+        check_single_file(path)
+    elif path.is_dir():
+        check_pipeline_class(_folder_index(path).get("_class_name"), f"The model folder {path}")
+        if not (path / "unet").is_dir():
+            raise _not_available(str(path), "the folder has no unet/ subfolder, so it is not a diffusers model")
+    elif model.count("/") != 1 or model.startswith((".", "/", "~")):
+        raise _not_available(model, "it is neither a file, a folder nor a hub id like owner/name")
+
+
 def load_components(
     model: str = DEFAULT_MODEL,
     device: str | None = None,
@@ -85,6 +104,7 @@ def load_components(
     be had or is not a family diffferv drives."""
     torch_device = pick_device(device)
     torch_dtype = pick_dtype(torch_device, dtype)
+    check_model(model)
     if model == TINY_RANDOM:
         comps = build_tiny_random().to(torch_device, torch.float32 if dtype in (None, "auto") else torch_dtype)
     else:
@@ -96,8 +116,6 @@ def load_components(
         elif path.is_dir():
             comps = _load_folder(path, torch_dtype)
         else:
-            if model.count("/") != 1 or model.startswith((".", "/", "~")):
-                raise _not_available(model, "it is neither a file, a folder nor a hub id like owner/name")
             comps = _load_hub(model, revision, torch_dtype)
         for module in (comps.unet, comps.vae, comps.text_encoder):
             module.eval().requires_grad_(False)
@@ -128,9 +146,6 @@ def _folder_index(path: Path) -> dict:
 
 
 def _load_folder(path: Path, dtype: torch.dtype) -> Components:
-    check_pipeline_class(_folder_index(path).get("_class_name"), f"The model folder {path}")
-    if not (path / "unet").is_dir():
-        raise _not_available(str(path), "the folder has no unet/ subfolder, so it is not a diffusers model")
     try:
         *parts, scheduler = _load_from_pretrained(str(path), True, None, dtype)
     except (OSError, ValueError) as err:

@@ -10,13 +10,18 @@ from diffferv_cli.models.components import Components
 from diffferv_cli.models.families import SD15_SCHEDULER
 
 
+def check_single_file(path: Path) -> None:
+    from diffferv_cli.models.loading import _not_available
+
+    if not path.is_file():
+        raise _not_available(str(path), "no such file")
+
+
 def load_single_file(path: Path, dtype: torch.dtype, prediction_type: str | None = None) -> Components:
     from diffusers import StableDiffusionPipeline
 
     from diffferv_cli.models.loading import _not_available
 
-    if not path.is_file():
-        raise _not_available(str(path), "no such file")
     try:
         pipe = StableDiffusionPipeline.from_single_file(str(path), torch_dtype=dtype, safety_checker=None)
     except Exception as err:  # noqa: BLE001 - diffusers raises many types here; all mean "cannot load"
