@@ -2,22 +2,11 @@
 
 from __future__ import annotations
 
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    ProgressColumn,
-    TextColumn,
-    TimeElapsedColumn,
-    TimeRemainingColumn,
-)
 from rich.table import Table
-from rich.text import Text
 
 from diffferv_cli.cli import (
     CacheOpt,
@@ -101,14 +90,6 @@ def _inversion(prompt: str | None, steps: int, window: int, no_swcfa: bool, no_t
         raise UserError(f"Invalid inversion setting: {err.errors()[0]['loc'][-1]}: {err.errors()[0]['msg']}.") from None
 
 
-class _FramesPerSecond(ProgressColumn):
-    """Frames (frame pairs for flow, frame passes through the UNet for invert/edit) per second."""
-
-    def render(self, task) -> Text:
-        speed = task.finished_speed or task.speed
-        return Text("" if speed is None else f"{speed:.1f} frames/s")
-
-
 def _composite(mode: str, threshold: float) -> CompositeConfig:
     one_of("--composite", mode, choices(CompositeConfig, "mode"))
     try:
@@ -117,25 +98,19 @@ def _composite(mode: str, threshold: float) -> CompositeConfig:
         raise UserError(f"Invalid --composite-threshold: {err.errors()[0]['msg']}.") from None
 
 
-@contextmanager
-def _progress():
-    """A rich progress bar per stage, fed by the library's (stage, done, total) callbacks: done/total in
-    frames (invert/edit: frame passes, the stage's label announces steps x windows), speed, elapsed, ETA."""
-    columns = (TextColumn("{task.description:>8}"), BarColumn(), MofNCompleteColumn(), _FramesPerSecond(),
-               TimeElapsedColumn(), TimeRemainingColumn())
-    with Progress(*columns, console=err_console, transient=False) as bars:
-        tasks: dict[str, int] = {}
+def _progress(plan_of=None):
+    """The progress callback of a command (cli/progress.py): rich bars on a terminal, timestamped lines
+    otherwise; `plan_of(frames, working_size)` gives the `job.JobPlan` it announces before decoding."""
+    from diffferv_cli.cli.progress import job_progress
 
-        def report(stage: str, done: int, total: int) -> None:
-            if stage not in tasks or (done <= 1 and bars.tasks[tasks[stage]].finished):
-                tasks[stage] = bars.add_task(stage, total=total)
-            bars.update(tasks[stage], completed=done, total=total)
-    from diffferv_cli.models.loading import check_model, load_components
-
-        yield report
-    check_model(model)  # a missing file or a family diffferv cannot drive: said before any decoding
+    return job_progress(err_console, plan_of)
 
 
+def _check_device(device: str, dtype: str) -> None:
+    """--device and --dtype, checked before the clip is decoded and the model loaded."""
+    from diffferv_cli.models.devices import pick_device, pick_dtype
+
+    pick_dtype(pick_device(device), dtype)
 
 
 def _announce(report, clip_path: Path, spec: ClipSpec) -> None:
@@ -155,12 +130,16 @@ def _load(clip_path: Path, spec: ClipSpec, model: str, device: str, dtype: str, 
           model_options: dict | None = None):
     """The clip and the model; `model_options`: load_components' keywords beyond model, device and dtype."""
     from diffferv_cli.editing.region import parse_region, resolve_region
+    from diffferv_cli.models.loading import check_model, load_components
     from diffferv_cli.video.io import read_clip
+
+    check_model(model)  # a missing file or a family diffferv cannot drive: said before any decoding
 
     wanted = parse_region(region)
     spec, note = resolve_region(clip_path, spec, wanted, progress=lambda d, t: report("faces", d, t))
     if note:
         err_console.print(note, highlight=False)
+    _announce(report, clip_path, spec)
     clip = read_clip(clip_path, spec, progress=lambda d, t: report("decode", d, t))
     components = load_components(model, device=device, dtype=dtype, **(model_options or {}))
     if components.is_random:
@@ -168,7 +147,6 @@ def _load(clip_path: Path, spec: ClipSpec, model: str, device: str, dtype: str, 
     if wanted != "auto":  # --region auto searched every selected frame and said what it found
         _warn_without_face(clip)
     return clip, components
-    prediction_type: PredictionOpt = None, clip_skip: ClipSkipOpt = None,
 
 
 def _warn_without_face(clip) -> None:
@@ -190,6 +168,7 @@ def _warn_without_face(clip) -> None:
 def invert_cmd(
     clip: ClipArg,
     prompt: PromptOpt = None, model: ModelOpt = DEFAULT_MODEL,
+    prediction_type: PredictionOpt = None, clip_skip: ClipSkipOpt = None,
     start: StartOpt = START, frames: FramesOpt = FRAMES, stride: StrideOpt = STRIDE, size: SizeOpt = SIZE,
     steps: StepsOpt = STEPS, window: WindowOpt = WINDOW, no_swcfa: NoSwcfaOpt = NO_SWCFA, no_tta: NoTtaOpt = NO_TTA,
     features: FeaturesOpt = FEATURES, flow_preset: FlowOpt = FLOW_PRESET,
@@ -214,7 +193,6 @@ def invert_cmd(
         from diffferv_cli.editing.job import run_inversion
 
         outcome = run_inversion(components, video, config, cache_dir=cache_dir, force=force, progress=report,
-    prediction_type: PredictionOpt = None, clip_skip: ClipSkipOpt = None,
                                 compile_unet=compile_unet)
     state = "reused (already cached)" if outcome.steps_run == 0 else f"{outcome.steps_run} steps run"
     console.print(f"Inversion {state}: {outcome.entry.folder} ({outcome.entry.disk_bytes() / 1e6:.1f} MB)")
@@ -236,6 +214,7 @@ def edit_cmd(
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing output file.")] = False,
     side_by_side: Annotated[bool, typer.Option("--side-by-side", help="Also write original|edited.")] = False,
     prompt: PromptOpt = None, model: ModelOpt = DEFAULT_MODEL,
+    prediction_type: PredictionOpt = None, clip_skip: ClipSkipOpt = None,
     start: StartOpt = START, frames: FramesOpt = FRAMES, stride: StrideOpt = STRIDE, size: SizeOpt = SIZE,
     steps: StepsOpt = STEPS, window: WindowOpt = WINDOW, no_swcfa: NoSwcfaOpt = NO_SWCFA, no_tta: NoTtaOpt = NO_TTA,
     features: FeaturesOpt = FEATURES, flow_preset: FlowOpt = FLOW_PRESET,
@@ -283,11 +262,10 @@ def edit_cmd(
     except ValueError as err:
         raise UserError(f"Invalid edit setting: {err.errors()[0]['loc'][-1]}: {err.errors()[0]['msg']}.") from None
     spec = _spec(start, frames, stride, size, model)
-    from diffferv_cli.editing.job import run_edits
+    from diffferv_cli.editing.job import edit_outputs, job_plan, run_edits
 
     edit_outputs(clip, [label for label, _ in configs], out, overwrite=overwrite, side_by_side=side_by_side)
     _check_device(device, dtype)
-    prediction_type: PredictionOpt = None, clip_skip: ClipSkipOpt = None,
     with _progress(lambda count, working: job_plan(count, working, inversion, configs)) as report:
         video, components = _load(clip, spec, model, device, dtype, report, region,
                                    dict(prediction_type=prediction_type, clip_skip=clip_skip))
@@ -309,6 +287,7 @@ def reconstruct_cmd(
     exact: Annotated[bool, typer.Option("--exact", help="Add the exact correction (not in the paper): reconstruction is then bounded by the VAE round trip.")] = EXACT,
     compare: Annotated[bool, typer.Option("--compare", help="Also run and print the other paths (injected, --exact, plain DDIM).")] = False,
     prompt: PromptOpt = None, model: ModelOpt = DEFAULT_MODEL,
+    prediction_type: PredictionOpt = None, clip_skip: ClipSkipOpt = None,
     start: StartOpt = START, frames: FramesOpt = FRAMES, stride: StrideOpt = STRIDE, size: SizeOpt = SIZE,
     steps: StepsOpt = STEPS, window: WindowOpt = WINDOW, no_swcfa: NoSwcfaOpt = NO_SWCFA, no_tta: NoTtaOpt = NO_TTA,
     features: FeaturesOpt = FEATURES, flow_preset: FlowOpt = FLOW_PRESET,
@@ -320,7 +299,16 @@ def reconstruct_cmd(
     """Reconstruct a clip from its cached inversion (the paper's path: preservation-feature injection) and
     print MSE / PSNR / SSIM against the input, at working size and at source resolution (scaled up as it
     is, and composited)."""
-    from diffferv_cli.editing.job import check_writable, output_path, run_reconstruction, write_result
+    from diffferv_cli.editing.job import (
+        check_writable,
+        job_plan,
+        make_output_folder,
+        output_path,
+        path_label,
+        reconstruction_paths,
+        run_reconstruction,
+        write_result,
+    )
     from diffferv_cli.editing.region import parse_region
 
     compositing = _composite(composite, composite_threshold)
@@ -330,6 +318,7 @@ def reconstruct_cmd(
         raise UserError("--plain and --exact exclude each other: --exact corrects the injected path.")
     config = EditConfig(prompt_edit=inversion.prompt, inject=not plain, exact=exact)
     spec = _spec(start, frames, stride, size, model)
+    make_output_folder(out)
     target = output_path(clip, "reconstruct", out, 1)
     check_writable(target, [clip], overwrite)
     _check_device(device, dtype)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -9,10 +10,10 @@ from pathlib import Path
 import numpy as np
 
 from diffferv_cli.config import CompositeConfig, EditConfig, InversionConfig
-from diffferv_cli.editing.inversion import InversionOutcome, invert
-from diffferv_cli.editing.sampling import EditResult, edit
+from diffferv_cli.editing.inversion import InversionOutcome, clip_windows, invert, kept_clause
+from diffferv_cli.editing.sampling import EditResult, branch_layout, edit
 from diffferv_cli.editing.vae import decode_latents
-from diffferv_cli.errors import UserError
+from diffferv_cli.errors import Interrupted, UserError
 
 Progress = Callable[[str, int, int], None] | None
 
@@ -25,9 +26,88 @@ class Reconstruction:
     source_metrics: dict[str, dict[str, float]] = field(default_factory=dict)  # at source resolution
 
 
+@dataclass(frozen=True)
+class PlannedRun:
+    """One UNet loop of a command: the inversion, or one edit (one reconstruction path)."""
+
+    name: str  # the head of its progress stage: "invert", "edit age (2 of 3)", "reconstruct exact (1 of 3)"
+    steps: int
+    windows: int
+    frames_per_pass: int  # frames through the UNet in one pass over all windows (overlaps counted twice)
+    branches: int  # prompt branches: batch rows per frame
+
+    @property
+    def units(self) -> int:
+        """Frame rows through the UNet over the whole loop, what its time is near proportional to."""
+        return self.steps * self.frames_per_pass * self.branches
+
+
+@dataclass(frozen=True)
+class JobPlan:
+    """A command's whole work, known before decoding: frames, working size, and its UNet loops."""
+
+    frames: int
+    working_size: tuple[int, int]  # width, height
+    runs: tuple[PlannedRun, ...]
+
+    @property
+    def units(self) -> int:
+        return sum(run.units for run in self.runs)
+
+    def describe(self) -> str:
+        """"invert + 3 edits (age, blond, glasses) of 472 frames at 512x768: 50 steps × 12 windows each =
+        2,400 window passes"."""
+        first, *rest = self.runs
+        what = "invert"
+        if rest:
+            kind = rest[0].name.split()[0]
+            labels = ", ".join(run.name.split(" (")[0].removeprefix(kind).strip() or kind for run in rest)
+            noun = {"edit": "edit", "reconstruct": "reconstruction path"}.get(kind, kind)
+            what = f"invert (or reuse the cache) + {len(rest)} {noun}{'s' if len(rest) > 1 else ''} ({labels})"
+        passes = sum(run.steps * run.windows for run in self.runs)
+        width, height = self.working_size
+        return (f"{what} of {self.frames} frames at {width}x{height}: {first.steps} steps × {first.windows} "
+                f"window{'s' if first.windows != 1 else ''}{' each' if rest else ''} = {passes:,} window passes")
+
+
+def run_name(kind: str, label: str, index: int, count: int) -> str:
+    """The name on the progress of one of `count` edits (or reconstruction paths): "edit age (2 of 3)"."""
+    name = kind if label == kind else f"{kind} {label}"
+    return f"{name} ({index} of {count})" if count > 1 else name
+
+
+def job_plan(frames: int, working_size: tuple[int, int], inversion: InversionConfig,
+             runs: list[tuple[str, EditConfig]] = (), kind: str = "edit") -> JobPlan:
+    """The plan of inverting `frames` frames and then running each (label, config) of `runs`."""
+    windows = clip_windows(frames, inversion)
+    frames_per_pass = sum(window.frames for window in windows)
+
+    def planned(name: str, branches: int) -> PlannedRun:
+        return PlannedRun(name, inversion.steps, len(windows), frames_per_pass, branches)
+
+    return JobPlan(frames, tuple(working_size), (planned("invert", 1), *(
+        planned(run_name(kind, label, index, len(runs)),
+                len(branch_layout(config, inversion.prompt, inversion.feature_mode)))
+        for index, (label, config) in enumerate(runs, 1))))
+
+
+def _named(progress: Progress, name: str, kind: str = "edit") -> Progress:
+    """`progress` with the stages of one edit named: its UNet loop's "edit: 50 steps × 12 windows" as
+    "edit age (2 of 3): 50 steps × 12 windows", the others as "write: edit age (2 of 3)"."""
+    if progress is None:
+        return None
+
+    def report(stage: str, done: int, total: int) -> None:
+        head, colon, detail = stage.partition(":")
+        progress(f"{name}{colon}{detail}" if head == "edit" else f"{stage}: {name}", done, total)
+
+    return report
+
+
 def output_path(clip_path: Path, label: str, out: Path | None, count: int) -> Path:
-    """`out` itself for one output (a folder gets `<stem>.<label>.mp4`), else beside the input."""
-    if out is not None and (out.is_dir() or (count > 1 and out.suffix == "")):
+    """`out` itself for one output, else beside the input; a folder (also one yet to be made: a name
+    without an extension) gets `<stem>.<label>.mp4`."""
+    if out is not None and (out.is_dir() or out.suffix == ""):
         return out / f"{clip_path.stem}.{label}.mp4"
     if out is not None:
         if count > 1:
@@ -50,6 +130,28 @@ def check_writable(path: Path, inputs: list[Path], overwrite: bool) -> None:
         raise UserError(f"{path} already exists; pass --overwrite or another -o.")
     if not path.parent.is_dir():
         raise UserError(f"The output folder {path.parent} does not exist.")
+    if not os.access(path.parent, os.W_OK):
+        raise UserError(f"The output folder {path.parent} is not writable; choose another -o.")
+
+
+def make_output_folder(out: Path | None) -> None:
+    """Create the folder `-o` names (a name without an extension) when it does not exist yet."""
+    if out is None or out.suffix or out.is_dir():
+        return
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise UserError(f"Cannot create the output folder {out} ({err.strerror}); choose another -o.") from None
+
+
+def edit_outputs(clip_path: Path, labels: list[str], out: Path | None, *, overwrite: bool = False,
+                 side_by_side: bool = False) -> list[Path]:
+    """Where each edit goes, checked before any work (`check_writable`), the -o folder made if missing."""
+    make_output_folder(out)
+    targets = [output_path(clip_path, label, out, len(labels)) for label in labels]
+    for target in targets + ([side_by_side_path(target) for target in targets] if side_by_side else []):
+        check_writable(target, [clip_path], overwrite)
+    return targets
 
 
 def output_frames(clip, frames: np.ndarray, composite: CompositeConfig, reference: np.ndarray | None = None):
@@ -109,19 +211,26 @@ def run_edits(components, clip, inversion: InversionConfig, edits: list[tuple[st
               cache_dir=None, force=False, out: Path | None = None, overwrite=False, side_by_side=False,
               composite: CompositeConfig = CompositeConfig(), lossless: bool = False,
               progress: Progress = None, compile_unet: bool = False) -> tuple[InversionOutcome, list[Path]]:
-    """Invert once (or reuse the cache), then sample and write every edit."""
-    targets = [output_path(clip.info.path, label, out, len(edits)) for label, _ in edits]
-    for target in targets + ([side_by_side_path(target) for target in targets] if side_by_side else []):
-        check_writable(target, [clip.info.path], overwrite)
+    """Invert once (or reuse the cache), then sample and write every edit. Progress names each edit's
+    stages (`run_name`); an interrupt says what is kept (`errors.Interrupted`)."""
+    targets = edit_outputs(clip.info.path, [label for label, _ in edits], out, overwrite=overwrite,
+                           side_by_side=side_by_side)
     outcome = run_inversion(components, clip, inversion, cache_dir=cache_dir, force=force, progress=progress,
                             compile_unet=compile_unet)
-    reference = source_reference(components, outcome.entry, progress) if composite.mode == "residual" else None
     written: list[Path] = []
-    for (_, config), target in zip(edits, targets, strict=True):
-        result = edit(components, outcome.entry, config, feature_mode=inversion.feature_mode, progress=progress,
-                      compile_unet=compile_unet)
-        written += write_result(clip, result.frames, target, side_by_side=side_by_side, composite=composite,
-                                reference=reference, lossless=lossless, progress=progress)
+    finished = 0
+    try:
+        reference = source_reference(components, outcome.entry, progress) if composite.mode == "residual" else None
+        for index, ((label, config), target) in enumerate(zip(edits, targets, strict=True), 1):
+            named = _named(progress, run_name("edit", label, index, len(edits)))
+            result = edit(components, outcome.entry, config, feature_mode=inversion.feature_mode, progress=named,
+                          compile_unet=compile_unet)
+            written += write_result(clip, result.frames, target, side_by_side=side_by_side, composite=composite,
+                                    reference=reference, lossless=lossless, progress=named)
+            finished += 1
+    except KeyboardInterrupt:
+        kept = ["the inversion"] + ([f"{finished} of {len(edits)} edits"] if finished else [])
+        raise Interrupted(kept_clause(kept, plural=finished > 0)) from None
     return outcome, written
 
 
@@ -156,40 +265,49 @@ def source_resolution_metrics(clip, candidates: dict[str, tuple[np.ndarray, Comp
             for label, metrics in values.items()}
 
 
-def _path_label(config: EditConfig) -> str:
+def path_label(config: EditConfig) -> str:
     return "exact" if config.exact else ("injected (paper)" if config.inject else "plain DDIM")
+
+
+def reconstruction_paths(config: EditConfig, compare: bool = False) -> list[EditConfig]:
+    """The chosen path first, then, with `compare`, the other two of: injected (the paper's method), exact
+    (injected + the exact correction), plain DDIM."""
+    paths = [config]
+    if compare:
+        paths += [config.model_copy(update=change) for change in
+                  (dict(inject=True, exact=False), dict(inject=True, exact=True), dict(inject=False, exact=False))
+                  if config.model_copy(update=change) != config]
+    return paths
 
 
 def run_reconstruction(components, clip, inversion: InversionConfig, config: EditConfig, *, cache_dir=None,
                        force=False, compare=False, composite: CompositeConfig = CompositeConfig(),
                        progress: Progress = None, compile_unet: bool = False) -> tuple[InversionOutcome, Reconstruction]:
     """Reconstruction (edit prompt = source prompt) from the cache, with metrics against the input frames
-    at working size: the VAE round trip alone (the floor), then the chosen path, then, with `compare`,
-    the other two of: injected (the paper's method), exact (injected + the exact correction), plain DDIM;
-    and at source resolution: the round trip and the chosen path scaled up as they are (`replace`) and
-    the chosen path composited into the source frames (`residual`)."""
+    at working size: the VAE round trip alone (the floor), then each path of `reconstruction_paths`; and
+    at source resolution: the round trip scaled up as it is (`replace`), and each path both scaled up as
+    it is and composited into the source frames (`residual`). Progress names each path
+    ("reconstruct exact (2 of 3): ...")."""
     outcome = run_inversion(components, clip, inversion, cache_dir=cache_dir, force=force, progress=progress,
                             compile_unet=compile_unet)
     entry = outcome.entry
     z0 = entry.read_latent(0)
     floor = source_reference(components, entry, progress)
     metrics = {"vae round trip": frame_metrics(clip.frames, floor)}
-    paths = [config]
-    if compare:
-        paths += [config.model_copy(update=change) for change in
-                  (dict(inject=True, exact=False), dict(inject=True, exact=True), dict(inject=False, exact=False))
-                  if config.model_copy(update=change) != config]
-    result = None
-    for path_config in paths:
-        path_result = edit(components, entry, path_config, feature_mode=inversion.feature_mode, progress=progress,
-                           compile_unet=compile_unet)
-        result = result or path_result
-        metrics[_path_label(path_config)] = {**frame_metrics(clip.frames, path_result.frames),
-                                             "latent_mse": float(((path_result.latents - z0) ** 2).mean())}
-    label = _path_label(config)
+    paths = reconstruction_paths(config, compare)
+    results: dict[str, EditResult] = {}
+    for index, path_config in enumerate(paths, 1):
+        label = path_label(path_config)
+        named = _named(progress, run_name("reconstruct", label, index, len(paths)))
+        results[label] = edit(components, entry, path_config, feature_mode=inversion.feature_mode, progress=named,
+                              compile_unet=compile_unet)
+        metrics[label] = {**frame_metrics(clip.frames, results[label].frames),
+                          "latent_mse": float(((results[label].latents - z0) ** 2).mean())}
     replace = composite.model_copy(update={"mode": "replace"})
     residual = composite.model_copy(update={"mode": "residual"})
-    candidates = {"vae round trip, replace": (floor, replace), f"{label}, replace": (result.frames, replace),
-                  f"{label}, residual": (result.frames, residual)}
+    candidates = {"vae round trip, replace": (floor, replace)}
+    for label, path_result in results.items():
+        candidates.update({f"{label}, replace": (path_result.frames, replace),
+                           f"{label}, residual": (path_result.frames, residual)})
     source_metrics = source_resolution_metrics(clip, candidates, floor, progress)
-    return outcome, Reconstruction(metrics, result, floor, source_metrics)
+    return outcome, Reconstruction(metrics, results[path_label(config)], floor, source_metrics)
