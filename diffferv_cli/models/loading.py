@@ -96,12 +96,18 @@ def load_components(
     revision: str | None = None,
     prediction_type: str | None = None,
     clip_skip: int | None = None,
+    loras: Sequence[tuple[str | Path, float]] = (),
 ) -> Components:
     """Load `model` (hub id, folder, `.safetensors` file or `tiny-random`) onto a device.
 
     `prediction_type` overrides the model's (epsilon, v_prediction, sample); `clip_skip` as in diffusers'
-    pipelines (1: the layer before the last). Raises `UserError` with one sentence when the model cannot
-    be had or is not a family diffferv drives."""
+    pipelines (1: the layer before the last); `loras` are (file, scale) pairs fused into the weights in
+    order (models/lora.py). Raises `UserError` with one sentence when the model cannot be had, is not a
+    family diffferv drives, or a LoRA is not one or does not fit."""
+    if loras:  # a wrong LoRA file is refused before the model's weights are read
+        from diffferv_cli.models.lora import lora_file
+
+        loras = [(lora_file(Path(path)), scale) for path, scale in loras]
     torch_device = pick_device(device)
     torch_dtype = pick_dtype(torch_device, dtype)
     check_model(model)
@@ -120,6 +126,10 @@ def load_components(
         for module in (comps.unet, comps.vae, comps.text_encoder):
             module.eval().requires_grad_(False)
         comps = comps.to(torch_device)
+    if loras:
+        from diffferv_cli.models.lora import apply_loras
+
+        comps = apply_loras(comps, loras)
     return with_options(comps, prediction_type, clip_skip)
 
 
