@@ -121,9 +121,21 @@ ClipSkipOpt = Annotated[int | None, typer.Option(
     "--clip-skip", min=1, metavar="N", help="Read the text encoder N layers before its last (as diffusers' clip_skip).",
     show_default=False)]
 CacheOpt = Annotated[Path | None, typer.Option("--cache-dir", envvar="DIFFFERV_CACHE", help="Cache folder.")]
+LoraOpt = Annotated[list[str] | None, typer.Option(
+    "--lora", metavar="FILE[:SCALE]", help="A LoRA .safetensors file (diffusers/peft or kohya/Civitai layout, or a "
+    "`diffferv train --lora-rank` folder), fused into the model at SCALE (default 1.0); repeat for several. It is "
+    "part of the model, so of the cache key.", show_default=False)]
 PresetDirOpt = Annotated[list[Path] | None, typer.Option(
     "--preset-dir", metavar="DIR", help="Folder of preset .toml files, searched before the built-in presets; repeat for several "
     f"(default: $DIFFFERV_PRESETS, folders separated by {os.pathsep!r}).", show_default=False)]
+
+
+def lora_options(values: list[str] | None) -> list[tuple[Path, float]]:
+    """`--lora FILE[:SCALE]` values as (file, scale), each file checked (exists, is a LoRA) before any work."""
+    from diffferv_cli.models.lora import lora_file, parse_lora
+
+    loras = [parse_lora(value) for value in values or ()]
+    return [(lora_file(path), scale) for path, scale in loras]
 
 
 @app.command()

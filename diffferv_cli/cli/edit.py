@@ -13,11 +13,13 @@ from diffferv_cli.cli import (
     ClipSkipOpt,
     DeviceOpt,
     DtypeOpt,
+    LoraOpt,
     ModelOpt,
     PredictionOpt,
     PresetDirOpt,
     console,
     err_console,
+    lora_options,
     one_of,
 )
 from diffferv_cli.config import (
@@ -168,7 +170,7 @@ def _warn_without_face(clip) -> None:
 def invert_cmd(
     clip: ClipArg,
     prompt: PromptOpt = None, model: ModelOpt = DEFAULT_MODEL,
-    prediction_type: PredictionOpt = None, clip_skip: ClipSkipOpt = None,
+    prediction_type: PredictionOpt = None, clip_skip: ClipSkipOpt = None, lora: LoraOpt = None,
     start: StartOpt = START, frames: FramesOpt = FRAMES, stride: StrideOpt = STRIDE, size: SizeOpt = SIZE,
     steps: StepsOpt = STEPS, window: WindowOpt = WINDOW, no_swcfa: NoSwcfaOpt = NO_SWCFA, no_tta: NoTtaOpt = NO_TTA,
     features: FeaturesOpt = FEATURES, flow_preset: FlowOpt = FLOW_PRESET,
@@ -185,11 +187,12 @@ def invert_cmd(
         err_console.print(f"Source prompt: {config.prompt!r} (the default; set it with --prompt)")
     spec = _spec(start, frames, stride, size, model)
     _check_device(device, dtype)
+    loras = lora_options(lora)  # each file checked before any frame is decoded
     from diffferv_cli.editing.job import job_plan
 
     with _progress(lambda count, working: job_plan(count, working, config)) as report:
         video, components = _load(clip, spec, model, device, dtype, report, region,
-                                   dict(prediction_type=prediction_type, clip_skip=clip_skip))
+                                   dict(prediction_type=prediction_type, clip_skip=clip_skip, loras=loras))
         from diffferv_cli.editing.job import run_inversion
 
         outcome = run_inversion(components, video, config, cache_dir=cache_dir, force=force, progress=report,
@@ -214,7 +217,7 @@ def edit_cmd(
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing output file.")] = False,
     side_by_side: Annotated[bool, typer.Option("--side-by-side", help="Also write original|edited.")] = False,
     prompt: PromptOpt = None, model: ModelOpt = DEFAULT_MODEL,
-    prediction_type: PredictionOpt = None, clip_skip: ClipSkipOpt = None,
+    prediction_type: PredictionOpt = None, clip_skip: ClipSkipOpt = None, lora: LoraOpt = None,
     start: StartOpt = START, frames: FramesOpt = FRAMES, stride: StrideOpt = STRIDE, size: SizeOpt = SIZE,
     steps: StepsOpt = STEPS, window: WindowOpt = WINDOW, no_swcfa: NoSwcfaOpt = NO_SWCFA, no_tta: NoTtaOpt = NO_TTA,
     features: FeaturesOpt = FEATURES, flow_preset: FlowOpt = FLOW_PRESET,
@@ -266,9 +269,10 @@ def edit_cmd(
 
     edit_outputs(clip, [label for label, _ in configs], out, overwrite=overwrite, side_by_side=side_by_side)
     _check_device(device, dtype)
+    loras = lora_options(lora)  # each file checked before any frame is decoded
     with _progress(lambda count, working: job_plan(count, working, inversion, configs)) as report:
         video, components = _load(clip, spec, model, device, dtype, report, region,
-                                   dict(prediction_type=prediction_type, clip_skip=clip_skip))
+                                   dict(prediction_type=prediction_type, clip_skip=clip_skip, loras=loras))
         outcome, written = run_edits(components, video, inversion, configs, cache_dir=cache_dir, force=force,
                                      out=out, overwrite=overwrite, side_by_side=side_by_side,
                                      composite=compositing, lossless=lossless, progress=report,
@@ -287,7 +291,7 @@ def reconstruct_cmd(
     exact: Annotated[bool, typer.Option("--exact", help="Add the exact correction (not in the paper): reconstruction is then bounded by the VAE round trip.")] = EXACT,
     compare: Annotated[bool, typer.Option("--compare", help="Also run and print the other paths (injected, --exact, plain DDIM).")] = False,
     prompt: PromptOpt = None, model: ModelOpt = DEFAULT_MODEL,
-    prediction_type: PredictionOpt = None, clip_skip: ClipSkipOpt = None,
+    prediction_type: PredictionOpt = None, clip_skip: ClipSkipOpt = None, lora: LoraOpt = None,
     start: StartOpt = START, frames: FramesOpt = FRAMES, stride: StrideOpt = STRIDE, size: SizeOpt = SIZE,
     steps: StepsOpt = STEPS, window: WindowOpt = WINDOW, no_swcfa: NoSwcfaOpt = NO_SWCFA, no_tta: NoTtaOpt = NO_TTA,
     features: FeaturesOpt = FEATURES, flow_preset: FlowOpt = FLOW_PRESET,
@@ -322,10 +326,11 @@ def reconstruct_cmd(
     target = output_path(clip, "reconstruct", out, 1)
     check_writable(target, [clip], overwrite)
     _check_device(device, dtype)
+    loras = lora_options(lora)  # each file checked before any frame is decoded
     paths = [(path_label(path), path) for path in reconstruction_paths(config, compare)]
     with _progress(lambda count, working: job_plan(count, working, inversion, paths, "reconstruct")) as report:
         video, components = _load(clip, spec, model, device, dtype, report, region,
-                                   dict(prediction_type=prediction_type, clip_skip=clip_skip))
+                                   dict(prediction_type=prediction_type, clip_skip=clip_skip, loras=loras))
         _, reconstruction = run_reconstruction(components, video, inversion, config, cache_dir=cache_dir,
                                                force=force, compare=compare, composite=compositing,
                                                progress=report, compile_unet=compile_unet)
