@@ -90,8 +90,8 @@ def captured(monkeypatch):
 
     seen: dict[str, object] = {}
 
-    def load(clip_path, spec, model, device, dtype, report, region="full"):
-        seen.update(spec=spec, model=model, region=region)
+    def load(clip_path, spec, model, device, dtype, report, region="full", model_options=None):
+        seen.update(spec=spec, model=model, region=region, model_options=model_options)
         return SimpleNamespace(), SimpleNamespace()
 
     def stop(name):
@@ -115,6 +115,8 @@ def test_a_bare_invert_builds_the_default_configs(captured, tmp_path):
     _stopped("invert", str(tmp_path / "clip.mp4"))
     assert captured["args"] == (InversionConfig(),) and captured["spec"] == ClipSpec()
     assert captured["model"] == DEFAULT_MODEL and captured["region"] == "full"
+    options = captured["model_options"]
+    assert (options["prediction_type"], options["clip_skip"]) == (None, None)  # the model's own
 
 
 def test_a_bare_edit_builds_the_default_configs(captured, tmp_path):
