@@ -155,6 +155,8 @@ class TrainConfig(Frozen):
     gradient_checkpointing: bool = False
     use_8bit_adam: bool = False
     ema: bool = False
+    lora_rank: int | None = Field(None, ge=1, le=1024, description="train a LoRA of this rank on the UNet's "
+                                  "attention projections instead of the whole UNet, and export it (models/lora.py)")
     ema_decay: float = Field(0.9999, gt=0.0, lt=1.0)
     checkpoint_every: int = Field(1000, ge=0, le=MAX_COUNT, description="0: no checkpoints")
     keep_checkpoints: int = Field(3, ge=0, le=MAX_COUNT, description="most recent checkpoints kept; 0 keeps all")

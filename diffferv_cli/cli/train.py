@@ -20,6 +20,7 @@ from rich.progress import (
 from diffferv_cli.cli import ModelOpt, console, err_console
 from diffferv_cli.config import DEFAULT_MODEL, TrainConfig, choices, default
 from diffferv_cli.errors import UserError
+from diffferv_cli.models.lora import LORA_FILE
 
 
 def register(app: typer.Typer) -> None:
@@ -56,6 +57,7 @@ def train_cmd(
     gradient_checkpointing: Annotated[bool, typer.Option("--gradient-checkpointing", help="Trade compute for memory.")] = default(TrainConfig, "gradient_checkpointing"),
     adam_8bit: Annotated[bool, typer.Option("--8bit-adam", help="bitsandbytes 8-bit Adam.")] = default(TrainConfig, "use_8bit_adam"),
     ema: Annotated[bool, typer.Option("--ema", help="Keep an EMA of the weights and export it.")] = default(TrainConfig, "ema"),
+    lora_rank: Annotated[int | None, typer.Option("--lora-rank", metavar="R", help="Train a LoRA of rank R on the UNet's attention projections instead of the whole UNet, and export it as OUT/pytorch_lora_weights.safetensors for --lora (LoRAs usually want a larger --lr, e.g. 1e-4).", show_default=False)] = default(TrainConfig, "lora_rank"),
     checkpoint_every: Annotated[int, typer.Option("--checkpoint-every", help="Checkpoint every N steps (0: never).")] = default(TrainConfig, "checkpoint_every"),
     keep_checkpoints: Annotated[int, typer.Option("--keep-checkpoints", help="Newest checkpoints kept (0: all).")] = default(TrainConfig, "keep_checkpoints"),
     resume: Annotated[str | None, typer.Option("--resume", help="'latest' or a checkpoint folder.")] = default(TrainConfig, "resume"),
@@ -77,7 +79,7 @@ def train_cmd(
             prior_captions=prior_captions, steps=steps, batch_size=batch_size, grad_accum=grad_accum, lr=lr,
             lr_warmup_steps=warmup, resolution=resolution, center_crop=center_crop, max_zoom=max_zoom,
             max_rotation=max_rotation, mixed_precision=mixed_precision, gradient_checkpointing=gradient_checkpointing,
-            use_8bit_adam=adam_8bit, ema=ema, checkpoint_every=checkpoint_every, keep_checkpoints=keep_checkpoints,
+            use_8bit_adam=adam_8bit, ema=ema, lora_rank=lora_rank, checkpoint_every=checkpoint_every, keep_checkpoints=keep_checkpoints,
             resume=resume, validate_every=validate_every, validation_prompts=tuple(validation_prompt or ()),
             seed=seed, workers=workers)
     except ValueError as err:
@@ -109,7 +111,11 @@ def train_cmd(
         err_console.print(f"Skipped {len(result.skipped)} unreadable image(s): {', '.join(result.skipped[:5])}"
                           + (" ..." if len(result.skipped) > 5 else ""), markup=False)
     last = f", last loss {result.losses[-1]:.4f}" if result.losses else ""
-    console.print(f"Trained {result.steps} steps{last}. Model: {out} (use it with --model {out})", markup=False)
+    if lora_rank:
+        console.print(f"Trained {result.steps} steps{last}. LoRA: {out / LORA_FILE} (use it with --model {model} "
+                      f"--lora {out})", markup=False)
+    else:
+        console.print(f"Trained {result.steps} steps{last}. Model: {out} (use it with --model {out})", markup=False)
 
 
 def caption_cmd(

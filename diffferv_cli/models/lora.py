@@ -129,14 +129,18 @@ def apply_loras(comps, loras: Sequence[tuple[Path, float]]):
 # ------------------------------------------------------------------------------------------- training
 
 
-def add_trainable_lora(unet, rank: int) -> list:
+def add_trainable_lora(unet, rank: int, seed: int = 0) -> list:
     """Give `unet` a LoRA of rank `rank` (alpha = rank) on its attention projections, as diffusers'
-    train_text_to_image_lora example does; only the LoRA's parameters require grad. Returns them."""
+    train_text_to_image_lora example does (A Gaussian, drawn from `seed`; B zero, so training starts at
+    the model itself); only the LoRA's parameters require grad. Returns them."""
+    import torch
     from peft import LoraConfig
 
     unet.requires_grad_(False)
-    unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian",
-                                target_modules=list(LORA_TARGETS)))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian",
+                                    target_modules=list(LORA_TARGETS)))
     return [parameter for parameter in unet.parameters() if parameter.requires_grad]
 
 

@@ -3,7 +3,7 @@
 A checkpoint is a folder `OUT/checkpoints/step-NNNNNNN/`:
 
     train_state.json           format, base model, the settings a resume must share, the step
-    unet.safetensors           the trained UNet's weights
+    unet.safetensors           the trained UNet's weights (LoRA mode: only the LoRA's; the rest is --model's)
     optimizer.safetensors      the optimizer's tensors (Adam's moments and step counts) ...
     optimizer.json             ... and the rest of its state dict (param groups, hyper-parameters)
     lr_scheduler.json          the LR scheduler's state dict
@@ -139,9 +139,20 @@ def _load_state(folder: Path, name: str) -> Any:
 
 
 def run_state(cfg, components, num_processes: int) -> dict:
-    return {"format": STATE_FORMAT, "base_model": components.model_id, "fingerprint": components.fingerprint,
-            "batch_size": cfg.batch_size, "grad_accum": cfg.grad_accum, "prior_ratio": cfg.prior_ratio,
-            "seed": cfg.seed, "resolution": cfg.resolution, "num_processes": num_processes, "step": 0}
+    state = {"format": STATE_FORMAT, "base_model": components.model_id, "fingerprint": components.fingerprint,
+             "batch_size": cfg.batch_size, "grad_accum": cfg.grad_accum, "prior_ratio": cfg.prior_ratio,
+             "seed": cfg.seed, "resolution": cfg.resolution, "num_processes": num_processes, "step": 0}
+    if cfg.lora_rank:  # only when set: full fine-tuning's state stays as it was
+        state["lora_rank"] = cfg.lora_rank
+    return state
+
+
+def _trained_weights(unet, state: dict) -> dict[str, torch.Tensor]:
+    """What a checkpoint stores of the UNet: all of it, or in LoRA mode only the LoRA (peft's lora_A/B)."""
+    weights = unet.state_dict()
+    if state.get("lora_rank"):
+        weights = {name: tensor for name, tensor in weights.items() if ".lora_" in name}
+    return weights
 
 
 def save_checkpoint(accelerator, unet, optimizer, lr_scheduler, ema, out: Path, step: int, state: dict,
@@ -153,7 +164,7 @@ def save_checkpoint(accelerator, unet, optimizer, lr_scheduler, ema, out: Path, 
         partial = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".partial", dir=final.parent))
         try:
             save_file({name: tensor.detach().cpu().contiguous()
-                       for name, tensor in accelerator.unwrap_model(unet).state_dict().items()},
+                       for name, tensor in _trained_weights(accelerator.unwrap_model(unet), state).items()},
                       partial / "unet.safetensors")
             _save_state(partial, "optimizer", optimizer.state_dict())
             _save_state(partial, "lr_scheduler", lr_scheduler.state_dict())
@@ -194,6 +205,11 @@ def load_checkpoint(accelerator, unet, optimizer, lr_scheduler, ema, folder: Pat
     if saved.fingerprint != state["fingerprint"]:
         raise UserError(f"Checkpoint {folder} was trained from model {saved.base_model!r}, not "
                         f"{state['base_model']!r}; pass the same --model or start a new --out.")
+    saved_rank = (saved.model_extra or {}).get("lora_rank")
+    if saved_rank != state.get("lora_rank"):
+        was = f"a LoRA of rank {saved_rank}" if saved_rank else "the whole UNet"
+        now = f"--lora-rank {saved_rank}" if saved_rank else "no --lora-rank"
+        raise UserError(f"Checkpoint {folder} trained {was}; resume with {now}.")
     changed = [key for key in RESUME_KEYS if getattr(saved, key) != state[key]]
     if changed:
         detail = ", ".join(f"{key} {getattr(saved, key)} -> {state[key]}" for key in changed)
@@ -203,7 +219,10 @@ def load_checkpoint(accelerator, unet, optimizer, lr_scheduler, ema, folder: Pat
         raise UserError(f"Checkpoint {folder} {have}; resume with the same --ema setting.")
     try:
         weights = load_file(folder / "unet.safetensors")
-        accelerator.unwrap_model(unet).load_state_dict(weights, strict=True)
+        model = accelerator.unwrap_model(unet)
+        if state.get("lora_rank") and set(weights) != set(_trained_weights(model, state)):
+            raise ValueError("its LoRA weights are not those of this run's LoRA")
+        model.load_state_dict(weights, strict=not state.get("lora_rank"))
         optimizer.load_state_dict(_load_state(folder, "optimizer"))
         lr_scheduler.load_state_dict(_load_state(folder, "lr_scheduler"))
         if ema is not None:

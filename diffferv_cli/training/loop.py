@@ -16,8 +16,16 @@ A run is `_setup` (data, optimizer, schedule, accelerate, resume), then per micr
 (loss, backward, optimizer step when accumulation completes), after each optimizer step `_after_step`
 (divergence check, EMA, progress, checkpoint, validation), and `_finish` (export).
 
+LoRA mode (`lora_rank`): the UNet stays frozen (in the mixed-precision dtype, as diffusers' LoRA example
+keeps it) and a LoRA of that rank on its attention projections (models/lora.py) is trained in float32
+instead; checkpoints hold only the LoRA, and the export is the LoRA file, used with `--lora OUT` on the
+same base model. Resume, validation, gradient checkpointing, mixed precision, 8-bit Adam and several
+processes work as in full fine-tuning; EMA does not (an average of the factors A and B is not an
+average of the LoRA B A), so it is refused.
+
 Output folder (`--out`):
     model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/   a diffusers model: --model OUT
+    pytorch_lora_weights.safetensors   instead, in LoRA mode: --model BASE --lora OUT
     train_info.json        base model, settings, steps, last loss, unreadable images skipped
     checkpoints/step-NNNNNNN/   resumable state (the newest `keep_checkpoints` are kept)
     validation/step-NNNNNNN/    sample images of the validation prompts
@@ -94,6 +102,9 @@ def train(components, cfg: TrainConfig, *, cpu: bool = False, progress: Progress
     from accelerate import Accelerator
     from accelerate.utils import ProjectConfiguration
 
+    if cfg.lora_rank and cfg.ema:
+        raise UserError("--ema cannot be used with --lora-rank: an average of the LoRA's two factors is not "
+                        "an average of the LoRA, so train it without --ema.")
     faces, prior = prepare_data(cfg)
     resume_dir = resume_folder(Path(cfg.out), cfg.resume)
 
@@ -189,11 +200,21 @@ def _setup(accelerator, components, cfg: TrainConfig, faces: ImageSet, prior: Im
     unet = components.unet
     components.vae.requires_grad_(False).eval().to(device, dtype=weight_dtype)
     components.text_encoder.requires_grad_(False).eval().to(device, dtype=weight_dtype)
-    unet.requires_grad_(True).train()
+    if cfg.lora_rank:  # the frozen base in the compute dtype, the LoRA in float32
+        from diffferv_cli.models.lora import add_trainable_lora
+
+        trained = add_trainable_lora(unet, cfg.lora_rank, seed=cfg.seed)  # drawn before any device move
+        unet.to(device, dtype=weight_dtype)
+        for parameter in trained:
+            parameter.data = parameter.data.float()
+    else:
+        unet.requires_grad_(True)
+        trained = list(unet.parameters())
+    unet.train()
     if cfg.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
 
-    optimizer = _optimizer(cfg, unet.parameters())
+    optimizer = _optimizer(cfg, trained)
     lr_scheduler = get_scheduler("constant_with_warmup", optimizer,
                                  num_warmup_steps=cfg.lr_warmup_steps * accelerator.num_processes,
                                  num_training_steps=cfg.steps * accelerator.num_processes)
@@ -276,10 +297,13 @@ def _finish(run: _Run, result: TrainResult) -> None:
         trained = accelerator.unwrap_model(run.unet)
         if run.ema is not None:
             run.ema.copy_to(trained.parameters())
-        if not all(bool(torch.isfinite(p).all()) for p in trained.parameters()):
+        if not all(bool(torch.isfinite(p).all()) for p in trained.parameters() if p.requires_grad):
             raise UserError(f"Training diverged: the weights hold NaN or infinity after {result.steps} steps; "
                             f"nothing was exported. Lower --lr (now {run.cfg.lr:g}).")
-        _export(run.components, trained, run.out, run.cfg, result)
+        if run.cfg.lora_rank:
+            _export_lora(run.components, trained, run.out, run.cfg, result)
+        else:
+            _export(run.components, trained, run.out, run.cfg, result)
     accelerator.end_training()
 
 
@@ -353,10 +377,23 @@ def _export(components, trained_unet, out: Path, cfg: TrainConfig, result: Train
     exported = replace(components, unet=trained_unet, vae=components.vae.to("cpu", dtype=torch.float32),
                        text_encoder=components.text_encoder.to("cpu", dtype=torch.float32))
     save_components(exported, out)
+    _write_info(components, out, cfg, result)
+
+
+def _export_lora(components, trained_unet, out: Path, cfg: TrainConfig, result: TrainResult) -> None:
+    """The trained LoRA as OUT/pytorch_lora_weights.safetensors (`--model BASE --lora OUT`), plus
+    train_info.json."""
+    from diffferv_cli.models.lora import save_lora
+
+    path = save_lora(trained_unet, out)
+    _write_info(components, out, cfg, result, lora=path.name)
+
+
+def _write_info(components, out: Path, cfg: TrainConfig, result: TrainResult, **extra) -> None:
     last_loss = result.losses[-1] if result.losses else None
     info = {"base_model": components.model_id, "base_fingerprint": components.fingerprint, "steps": result.steps,
             "last_loss": last_loss if last_loss is not None and math.isfinite(last_loss) else None,
-            "skipped_images": result.skipped, "settings": json.loads(cfg.model_dump_json())}
+            "skipped_images": result.skipped, "settings": json.loads(cfg.model_dump_json()), **extra}
     atomic_write_json(out / "train_info.json", info)
 
 
