@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated
 
@@ -201,7 +203,20 @@ def invert_cmd(
     console.print(f"Inversion {state}: {outcome.entry.folder} ({outcome.entry.disk_bytes() / 1e6:.1f} MB)")
 
 
-def edit_cmd(
+@dataclass(frozen=True)
+class EditRequest:
+    """`edit`'s options (`options`, by parameter name) checked and built into the configs the library takes,
+    before any work: what `edit` runs, and what `batch` builds for each job."""
+
+    options: dict
+    spec: ClipSpec
+    inversion: InversionConfig
+    edits: list[tuple[str, EditConfig]]
+    composite: CompositeConfig
+    loras: list[tuple[Path, float]]
+
+
+def edit_request(
     clip: ClipArg,
     preset: Annotated[list[str] | None, typer.Option("--preset", "-p", help="Preset name or .toml file; repeat for several edits from one inversion.")] = None,
     preset_dir: PresetDirOpt = None,
@@ -225,8 +240,9 @@ def edit_cmd(
     force: ForceOpt = False, device: DeviceOpt = "auto", dtype: DtypeOpt = "auto", region: RegionOpt = "full",
     compile_unet: CompileOpt = False,
     composite: CompositeOpt = COMPOSITE, composite_threshold: ThresholdOpt = THRESHOLD, lossless: LosslessOpt = False,
-) -> None:
+) -> EditRequest:
     """Edit a clip with presets or a prompt (inverts first when the cache has no inversion)."""
+    options = dict(locals())
     from diffferv_cli.editing.presets import load_preset, preset_folders
     from diffferv_cli.editing.region import parse_region
 
@@ -265,11 +281,23 @@ def edit_cmd(
     except ValueError as err:
         raise UserError(f"Invalid edit setting: {err.errors()[0]['loc'][-1]}: {err.errors()[0]['msg']}.") from None
     spec = _spec(start, frames, stride, size, model)
+    loras = lora_options(lora)  # each file checked before any frame is decoded
+    return EditRequest(options, spec, inversion, configs, compositing, loras)
+
+
+@functools.wraps(edit_request)  # edit's options and help are edit_request's signature and docstring
+def edit_cmd(**options) -> None:
+    request = edit_request(**options)
+    clip, out, overwrite, side_by_side = (options[name] for name in ("clip", "out", "overwrite", "side_by_side"))
+    device, dtype, region, model = (options[name] for name in ("device", "dtype", "region", "model"))
+    spec, inversion, configs, compositing = request.spec, request.inversion, request.edits, request.composite
+    prediction_type, clip_skip, loras = options["prediction_type"], options["clip_skip"], request.loras
+    cache_dir, force, lossless, compile_unet = (options[name] for name in ("cache_dir", "force", "lossless",
+                                                                          "compile_unet"))
     from diffferv_cli.editing.job import edit_outputs, job_plan, run_edits
 
     edit_outputs(clip, [label for label, _ in configs], out, overwrite=overwrite, side_by_side=side_by_side)
     _check_device(device, dtype)
-    loras = lora_options(lora)  # each file checked before any frame is decoded
     with _progress(lambda count, working: job_plan(count, working, inversion, configs)) as report:
         video, components = _load(clip, spec, model, device, dtype, report, region,
                                    dict(prediction_type=prediction_type, clip_skip=clip_skip, loras=loras))
