@@ -36,7 +36,8 @@ def _fields(model, **renamed) -> dict[str, object]:
     return {option: model.model_fields[field].default for option, field in renamed.items()}
 
 
-CLIP = _fields(ClipSpec, start="start", frames="frames", stride="stride", size="short_side")
+CLIP = {**_fields(ClipSpec, start="start", frames="frames", stride="stride"),
+        "size": None}  # the model's own working size (models/geometry.py), ClipSpec's 512 for SD 1.x
 JOB = {
     **CLIP, "model": DEFAULT_MODEL, "prompt": None,
     **_fields(InversionConfig, steps="steps", features="feature_mode", flow_preset="flow_preset",
@@ -76,7 +77,10 @@ def test_option_defaults_are_the_config_defaults(command, expected):
 def test_the_defaults_are_the_documented_values():
     """The values themselves, once, where a change is a decision (README, DESIGN): 512, T=50, w=3, ..."""
     shown = _defaults("edit")
-    assert (shown["size"], shown["steps"], shown["window"], shown["window_frames"]) == (512, 50, 3, 24)
+    assert (shown["size"], shown["steps"], shown["window"], shown["window_frames"]) == (None, 50, 3, 24)
+    from diffferv_cli.models.geometry import model_geometry
+
+    assert model_geometry(DEFAULT_MODEL) == (64, 512) == (64, ClipSpec().short_side)  # SD 1.5, not downloaded
     assert (shown["features"], shown["flow_preset"], shown["composite"], shown["composite_threshold"]) == \
         ("recompute", "medium", "residual", 0.1)
     assert (shown["tau_motion"], shown["tau_cross"]) == (1.0, 1.0)

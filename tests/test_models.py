@@ -70,7 +70,7 @@ def test_families_that_are_not_unet_latent_diffusion_are_refused_before_any_weig
     with pytest.raises(UserError) as error:
         load_components(str(folder), device="cpu")
     message = str(error.value)
-    assert pipeline in message and "Stable Diffusion 1.x and 2.x" in message and "\n" not in message
+    assert pipeline in message and "Stable Diffusion 1.x, 2.x and SDXL" in message and "\n" not in message
 
 
 def test_refusal_on_the_command_line_is_exit_2_before_decoding(tmp_path, monkeypatch):

@@ -24,6 +24,7 @@ from diffferv_cli.cli import (
     lora_options,
     one_of,
 )
+from diffferv_cli.cli.video import SizeOpt  # one definition for probe, invert, edit and reconstruct
 from diffferv_cli.config import (
     DEFAULT_MODEL,
     ClipSpec,
@@ -40,7 +41,6 @@ ClipArg = Annotated[Path, typer.Argument(help="Input video.", show_default=False
 StartOpt = Annotated[int, typer.Option("--start", help="First frame (0-based).")]
 FramesOpt = Annotated[int | None, typer.Option("--frames", help="Number of frames (default: all).")]
 StrideOpt = Annotated[int, typer.Option("--stride", help="Take every n-th frame.")]
-SizeOpt = Annotated[int, typer.Option("--size", help="Short side of the working size (multiple of 64).")]
 PromptOpt = Annotated[str | None, typer.Option("--prompt", help=f"Source prompt (default: {default(InversionConfig, 'prompt')!r}).")]
 StepsOpt = Annotated[int, typer.Option("--steps", help="DDIM steps T.")]
 WindowOpt = Annotated[int, typer.Option("--window", help="SWCFA window w (frames).")]
@@ -64,7 +64,7 @@ LosslessOpt = Annotated[bool, typer.Option("--lossless", help="Write lossless RG
 
 # Option defaults, all read from the config models (a test checks that none is retyped).
 START, FRAMES, STRIDE = default(ClipSpec, "start"), default(ClipSpec, "frames"), default(ClipSpec, "stride")
-SIZE = default(ClipSpec, "short_side")
+SIZE = None  # the model's own (models/geometry.py)
 STEPS, FEATURES = default(InversionConfig, "steps"), default(InversionConfig, "feature_mode")
 FLOW_PRESET, WINDOW_FRAMES = default(InversionConfig, "flow_preset"), default(InversionConfig, "window_frames")
 WINDOW = default(TemporalConfig, "window")
@@ -73,7 +73,7 @@ COMPOSITE, THRESHOLD = default(CompositeConfig, "mode"), default(CompositeConfig
 NO_INJECT, EXACT = not default(EditConfig, "inject"), default(EditConfig, "exact")
 
 
-def _spec(start: int, frames: int | None, stride: int, size: int, model: str) -> ClipSpec:
+def _spec(start: int, frames: int | None, stride: int, size: int | None, model: str) -> ClipSpec:
     from diffferv_cli.cli.video import clip_spec  # the same working size `probe --model` shows
 
     return clip_spec(start, frames, stride, size, model=model)

@@ -87,6 +87,11 @@ def train_cmd(
         field = str(first["loc"][0]) if first["loc"] else "setting"
         option = _OPTION_OF.get(field, "--" + field.replace("_", "-"))
         raise UserError(f"Invalid training setting {option}: {first['msg']}.") from None
+    from diffferv_cli.models.geometry import is_sdxl
+    from diffferv_cli.training.loop import SDXL_TRAINING
+
+    if is_sdxl(model):  # said before any weight loads
+        raise UserError(SDXL_TRAINING)
     components = load_components(model, device="cpu", dtype="fp32")
     if components.is_random:
         err_console.print(f"[yellow]Model: {components.label}[/yellow]")

@@ -17,7 +17,9 @@ ClipArg = Annotated[Path, typer.Argument(help="Input video.", show_default=False
 StartOpt = Annotated[int, typer.Option("--start", help="First frame (0-based).")]
 FramesOpt = Annotated[int | None, typer.Option("--frames", help="Number of frames (default: all).")]
 StrideOpt = Annotated[int, typer.Option("--stride", help="Take every n-th frame.")]
-SizeOpt = Annotated[int, typer.Option("--size", help="Short side of the working size.")]
+SizeOpt = Annotated[int | None, typer.Option(
+    "--size", help="Short side of the working size (default: the model's own, 512 for SD 1.x, 768 for SD 2.x 768-v, "
+    "1024 for SDXL).", show_default=False)]
 MultipleOpt = Annotated[int | None, typer.Option("--multiple", help="Working sides are multiples of this (default: what --model needs, 64 for SD1.5, 16 for tiny-random).")]
 PresetDirOpt = Annotated[list[Path] | None, typer.Option(
     "--dir", "--preset-dir", metavar="DIR", help="Also list the presets in this folder (searched before the built-ins); repeat for "
@@ -26,17 +28,23 @@ PresetDirOpt = Annotated[list[Path] | None, typer.Option(
 
 def size_multiple(model: str) -> int:
     """What the working sides must be multiples of for `model`'s UNet: the VAE divides by 8 and each
-    UNet down block by 2 more, so SD1.5 (3 halvings) needs 64 and `tiny-random` (1 halving) 16."""
-    return 16 if model == "tiny-random" else 64
+    UNet down block by 2 more, so SD 1.x/2.x (3 halvings) need 64, SDXL (2) 32, `tiny-random` (1) 16."""
+    from diffferv_cli.models.geometry import model_geometry
+
+    return model_geometry(model)[0] if model else 64
 
 
-def clip_spec(start: int, frames: int | None, stride: int, size: int, multiple: int | None = None, *,
+def clip_spec(start: int, frames: int | None, stride: int, size: int | None, multiple: int | None = None, *,
               model: str | None = None) -> ClipSpec:
     """The ClipSpec for CLI options: the one function `probe`, `invert`, `edit` and `reconstruct` use,
     so that `probe --model M` shows the working size `invert --model M` will use. `multiple` defaults
     to `size_multiple(model)`. Invalid values are a one-sentence `UserError`."""
     if multiple is None:
         multiple = size_multiple(model or "")
+    if size is None:  # the model's native size (models/geometry.py)
+        from diffferv_cli.models.geometry import model_geometry
+
+        size = model_geometry(model)[1] if model else default(ClipSpec, "short_side")
     try:
         return ClipSpec(start=start, frames=frames, stride=stride, short_side=size, multiple=multiple)
     except ValueError as err:
@@ -67,7 +75,7 @@ def presets_cmd(folders: PresetDirOpt = None) -> None:
 
 
 def probe_cmd(clip: ClipArg, start: StartOpt = default(ClipSpec, "start"), frames: FramesOpt = default(ClipSpec, "frames"),
-              stride: StrideOpt = default(ClipSpec, "stride"), size: SizeOpt = default(ClipSpec, "short_side"),
+              stride: StrideOpt = default(ClipSpec, "stride"), size: SizeOpt = None,
               model: ModelOpt = DEFAULT_MODEL,
               multiple: MultipleOpt = None) -> None:
     """Show a video's properties and the frames and working size diffferv would use (for --model)."""

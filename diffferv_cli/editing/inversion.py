@@ -42,7 +42,7 @@ from diffferv_cli.editing.cache import (
 )
 from diffferv_cli.editing.features import FeatureRecorder
 from diffferv_cli.editing.prefetch import HostTensor, LatentStream, WriteBehind, to_host
-from diffferv_cli.editing.prompts import encode_prompts
+from diffferv_cli.editing.prompts import encode_conditioning, repeat_rows
 from diffferv_cli.editing.vae import encode_frames
 from diffferv_cli.errors import Interrupted
 from diffferv_cli.temporal.context import AttentionContext
@@ -107,6 +107,18 @@ def latent_size(clip, components) -> tuple[int, int]:
 
 def attention_levels(unet) -> int:
     return len(unet.config.block_out_channels)
+
+
+def attention_grids(unet, size: tuple[int, int]) -> list[tuple[int, int]]:
+    """The token grids on which the UNet has self-attention, so the only ones that need trajectories: the
+    levels whose down block attends (SD 1.x/2.x: all but the last; SDXL: all but the first), and the
+    last level's when the mid block attends."""
+    from diffferv_cli.temporal.trajectories import token_grids
+
+    grids = token_grids(size, attention_levels(unet))
+    attends = ["CrossAttn" in kind for kind in unet.config.down_block_types]
+    attends[-1] = attends[-1] or "CrossAttn" in (unet.config.get("mid_block_type") or "UNetMidBlock2DCrossAttn")
+    return [grid for grid, attention in zip(grids, attends, strict=True) if attention]
 
 
 @dataclass
@@ -202,7 +214,7 @@ def kept_clause(items: list[str], plural: bool) -> str:
 def _run(components, clip, config: InversionConfig, entry: CacheEntry, report, compile_unet: bool) -> int:
     """The inversion steps `entry` lacks (all, some after an interruption, or none); UNet passes run."""
     from diffferv_cli.temporal.flow import DISFlow, flow_pairs
-    from diffferv_cli.temporal.trajectories import link_clip, token_grids
+    from diffferv_cli.temporal.trajectories import link_clip
 
     manifest = entry.manifest
     want_features = config.feature_mode == "disk"
@@ -213,7 +225,7 @@ def _run(components, clip, config: InversionConfig, entry: CacheEntry, report, c
     frames = len(clip.frames)
     size = latent_size(clip, components)
     if "trajectories.safetensors" not in manifest["files"]:
-        grids = token_grids(size, attention_levels(components.unet))
+        grids = attention_grids(components.unet, size)
         pairs = flow_pairs(clip.frames, DISFlow(config.flow_preset))
         entry.write_trajectories(links_to_tensors(link_clip(pairs, frames, grids,
                                                             progress=lambda d, t: report("flow", d, t))))
@@ -237,11 +249,13 @@ def _run(components, clip, config: InversionConfig, entry: CacheEntry, report, c
     timesteps = [int(t) for t in scheduler.timesteps]
     manifest["timesteps"] = timesteps
     timestep_inputs = scheduler.timesteps.to(components.device)  # the UNet's timestep, read as a view per step
-    prompt = encode_prompts(components, [config.prompt])  # (1, 77, hidden)
+    pixels = tuple(side * components.vae_scale_factor for side in size)  # (height, width) of the working frames
+    prompt, added = encode_conditioning(components, [config.prompt], pixels)  # (1, 77, hidden); SDXL's extras
     # the same control in both modes, so that both compute the same latents (module notes)
     recorder = FeatureRecorder(dtype=components.dtype, keep=want_features)
     plan = window_plan(entry, components, ("source",))
     texts = {window.frames: prompt.repeat(window.frames, 1, 1) for window in plan.windows}  # (L, 77, hidden)
+    extras = {window.frames: repeat_rows(added, window.frames) for window in plan.windows}
     finished = entry.finished_steps  # the writer thread owns the manifest during the loop
     # features added to a finished inversion follow the cached path, whose latents are the ones recompute
     # mode feeds, so that both modes see the same features
@@ -262,7 +276,8 @@ def _run(components, clip, config: InversionConfig, entry: CacheEntry, report, c
                 recorder.reset()
                 ctx = context.at_step(step, timesteps[step], control=recorder)
                 noise = unet(latent[window.slice].to(components.dtype), timestep_inputs[step],
-                             encoder_hidden_states=texts[window.frames], cross_attention_kwargs={"ctx": ctx}).sample
+                             encoder_hidden_states=texts[window.frames], added_cond_kwargs=extras[window.frames],
+                             cross_attention_kwargs={"ctx": ctx}).sample
                 blended.add(index, noise)
                 if want_features:
                     window_features.append(to_host(recorder.features))

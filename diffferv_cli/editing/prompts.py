@@ -8,28 +8,76 @@ import torch
 
 
 def encode_prompts(components, prompts: list[str]) -> torch.Tensor:
-    """CLIP embeddings, (len(prompts), 77, hidden), in the UNet's dtype.
+    """Text embeddings, (len(prompts), 77, width), in the UNet's dtype: CLIP's last layer (or the layer
+    `components.clip_skip` before it, through the final norm, as diffusers' SD pipelines); for SDXL both
+    encoders' penultimate layers side by side, as diffusers' SDXL pipeline.
 
     Each distinct prompt is encoded once, so equal prompts get bit-identical embeddings (a batched text
     encoder does not guarantee that across rows; exact reconstruction relies on it)."""
-    tokenizer = components.tokenizer
+    return encode_conditioning(components, prompts)[0]
+
+
+def encode_conditioning(components, prompts: list[str], size: tuple[int, int] | None = None
+                        ) -> tuple[torch.Tensor, dict[str, torch.Tensor] | None]:
+    """(text embeddings as `encode_prompts`, the UNet's `added_cond_kwargs` per prompt or None).
+
+    SDXL's UNet also takes the pooled embedding of its second encoder (`text_embeds`, (n, width)) and the
+    time ids of the working frames `size` = (height, width): original size, crop corner (0, 0), target
+    size (`time_ids`, (n, 6)), as diffusers' SDXL pipeline makes them for an uncropped image."""
     unique = list(dict.fromkeys(prompts))
-    ids = tokenizer(unique, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                    return_tensors="pt").input_ids
     skip = getattr(components, "clip_skip", None)
+    sdxl = getattr(components, "text_encoder_2", None) is not None
+    states, pooled = [], None
     with torch.inference_mode():
-        if skip:  # diffusers' clip_skip: the hidden state `skip` layers before the last, through the final norm
-            states = components.text_encoder(ids.to(components.text_encoder.device), output_hidden_states=True)
-            encoder = getattr(components.text_encoder, "text_model", components.text_encoder)  # transformers 4 / 5
-            embeddings = encoder.final_layer_norm(states.hidden_states[-(skip + 1)])
-        else:
-            embeddings = components.text_encoder(ids.to(components.text_encoder.device))[0]
+        for tokenizer, encoder in zip((components.tokenizer, getattr(components, "tokenizer_2", None)),
+                                      getattr(components, "text_encoders", (components.text_encoder,)), strict=False):
+            ids = tokenizer(unique, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                            return_tensors="pt").input_ids.to(encoder.device)
+            if sdxl:  # penultimate layer (skip N: N more), no final norm; pooled from the last encoder
+                output = encoder(ids, output_hidden_states=True)
+                states.append(output.hidden_states[-((skip or 0) + 2)])
+                pooled = output[0]
+            elif skip:  # the hidden state `skip` layers before the last, through the final norm
+                output = encoder(ids, output_hidden_states=True)
+                norm = getattr(encoder, "text_model", encoder).final_layer_norm  # transformers 4 / 5
+                states.append(norm(output.hidden_states[-(skip + 1)]))
+            else:
+                states.append(encoder(ids)[0])
+    embeddings = torch.cat(states, dim=-1)
     rows = torch.tensor([unique.index(prompt) for prompt in prompts], device=embeddings.device)
-    return embeddings[rows].to(components.dtype)
+    dtype = components.dtype
+    if pooled is None:
+        return embeddings[rows].to(dtype), None
+    if size is None:
+        raise ValueError("SDXL's conditioning needs the working size")
+    time_ids = torch.tensor([[*size, 0, 0, *size]], dtype=dtype, device=embeddings.device).repeat(len(prompts), 1)
+    return embeddings[rows].to(dtype), {"text_embeds": pooled[rows].to(dtype), "time_ids": time_ids}
+
+
+def repeat_rows(added: dict[str, torch.Tensor] | None, frames: int, *, interleave: bool = True):
+    """`added_cond_kwargs` of n prompts for a batch of n x `frames` rows (each prompt's rows together when
+    `interleave`, else the n prompts tiled `frames` times); None stays None."""
+    if added is None:
+        return None
+    if interleave:
+        return {name: value.repeat_interleave(frames, dim=0) for name, value in added.items()}
+    return {name: value.repeat(frames, 1) for name, value in added.items()}
 
 
 def _word_tokens(tokenizer, prompt: str) -> list[tuple[str, list[int]]]:
     return [(word.lower(), tokenizer(word, add_special_tokens=False).input_ids) for word in prompt.split()]
+
+
+def token_alignment_all(components, source: str, edit: str) -> torch.Tensor:
+    """`token_alignment` under every tokenizer of the model: SDXL's two tokenizers feed one context side by
+    side, so a position is aligned only where both tokenizers align it the same way (else it is a new word:
+    its maps are kept)."""
+    first = token_alignment(components.tokenizer, source, edit)
+    second_tokenizer = getattr(components, "tokenizer_2", None)
+    if second_tokenizer is None:
+        return first
+    second = token_alignment(second_tokenizer, source, edit)
+    return torch.where(first == second, first, torch.full_like(first, -1))
 
 
 def token_alignment(tokenizer, source: str, edit: str) -> torch.Tensor:

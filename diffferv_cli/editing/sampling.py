@@ -44,7 +44,7 @@ from diffferv_cli.editing.cache import CacheEntry
 from diffferv_cli.editing.features import FeatureInjector, InjectionSchedule
 from diffferv_cli.editing.inversion import unet_for_loop, window_plan
 from diffferv_cli.editing.prefetch import FeatureStream, LatentStream
-from diffferv_cli.editing.prompts import encode_prompts, token_alignment
+from diffferv_cli.editing.prompts import encode_conditioning, repeat_rows, token_alignment_all
 from diffferv_cli.editing.vae import decode_latents
 from diffferv_cli.errors import UserError
 from diffferv_cli.temporal.install import temporal_attention
@@ -89,14 +89,15 @@ def edit(components, entry: CacheEntry, config: EditConfig, *, feature_mode: str
     branches = branch_layout(config, source_prompt, feature_mode)
     prompts = {"source": source_prompt, "anchor": source_prompt, "negative": source_prompt,
                "positive": config.prompt_edit}
-    embeddings = encode_prompts(components, [prompts[name] for name in branches])  # (branches, 77, hidden)
+    pixels = tuple(side * components.vae_scale_factor for side in entry.manifest["latent_size"])  # (height, width)
+    embeddings, added = encode_conditioning(components, [prompts[name] for name in branches], pixels)  # (branches, 77, hidden)
 
     device = components.device
     injector = None
     if config.inject:
         schedule = InjectionSchedule(steps, config.tau_app, config.tau_motion, config.tau_cross)
         targets = tuple(name for name in branches if name != "source")
-        token_maps = {name: token_alignment(components.tokenizer, source_prompt, prompts[name]) for name in targets}
+        token_maps = {name: token_alignment_all(components, source_prompt, prompts[name]) for name in targets}
         injector = FeatureInjector(schedule, branches, targets, token_maps,
                                    source_branch="source" if feature_mode == "recompute" else None, device=device)
 
@@ -108,6 +109,7 @@ def edit(components, entry: CacheEntry, config: EditConfig, *, feature_mode: str
         raise UserError(f"The cache at {entry.folder} was inverted with other timesteps; rerun with --force.")
     timestep_inputs = scheduler.timesteps.to(device)  # the UNet's timestep, read as a view per step
     plan = window_plan(entry, components, branches)
+    extras = {window.frames: repeat_rows(added, window.frames) for window in plan.windows}  # SDXL's, per row
     texts = {window.frames: embeddings.repeat_interleave(window.frames, dim=0)  # (branches*L, 77, hidden)
              for window in plan.windows}
     predicted = tuple(name for name in branches if name != "source")  # the source branch only gives features
@@ -139,6 +141,7 @@ def edit(components, entry: CacheEntry, config: EditConfig, *, feature_mode: str
                 batch = torch.cat([latents_in[name][window.slice] for name in branches])  # (branches*L, 4, h, w)
                 ctx = context.at_step(k, timestep, control=control)
                 noise = unet(batch.to(components.dtype), timestep_inputs[k], encoder_hidden_states=texts[window.frames],
+                             added_cond_kwargs=extras[window.frames],
                              cross_attention_kwargs={"ctx": ctx}).sample
                 for name, window_noise in zip(branches, noise.chunk(len(branches)), strict=True):
                     if name in blends:

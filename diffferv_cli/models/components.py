@@ -22,6 +22,9 @@ class Components:
     fingerprint: str  # identifies the weights; part of every cache key
     is_random: bool = False
     clip_skip: int | None = None  # text encoder layers skipped from the end (diffusers' clip_skip)
+    # SDXL's second text encoder (transformers.CLIPTextModelWithProjection) and its tokenizer; None for SD 1.x/2.x
+    text_encoder_2: Any = None
+    tokenizer_2: Any = None
     loras: tuple[tuple[str, float], ...] = ()  # (sha256 of the file, scale) of each LoRA fused in (models/lora.py)
 
     @property
@@ -42,6 +45,21 @@ class Components:
         return identity
 
     @property
+    def is_sdxl(self) -> bool:
+        """Two text encoders, a pooled text embedding and size/crop time ids (UNet `addition_embed_type`)."""
+        return self.unet.config.get("addition_embed_type") == "text_time"
+
+    @property
+    def text_encoders(self) -> tuple:
+        return (self.text_encoder,) if self.text_encoder_2 is None else (self.text_encoder, self.text_encoder_2)
+
+    @property
+    def native_size(self) -> int:
+        """The short side the model was trained at: the UNet's sample size times the VAE's factor (512 for
+        SD 1.x, 768 for SD 2.x 768-v, 1024 for SDXL)."""
+        return int(self.unet.config.sample_size) * self.vae_scale_factor
+
+    @property
     def device(self) -> torch.device:
         return next(self.unet.parameters()).device
 
@@ -60,6 +78,8 @@ class Components:
         return self.model_id
 
     def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> Components:
-        for module in (self.unet, self.vae, self.text_encoder):
+        for module in (self.unet, self.vae, *self.text_encoders):
             module.to(device=device, dtype=dtype)
+        if self.is_sdxl and self.vae.config.get("force_upcast") and self.vae.dtype == torch.float16:
+            self.vae.to(dtype=torch.float32)  # SDXL's VAE overflows in fp16 (diffusers' pipelines upcast it too)
         return self

@@ -28,8 +28,9 @@ PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 TIMESTEP_SPACINGS = ("leading", "trailing")
 
 # The pipelines whose UNet, VAE and CLIP text encoders diffferv drives, by `model_index.json` class name.
-SD_PIPELINES = {"StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline", "StableDiffusionInpaintPipeline"}
-SUPPORTED = "Stable Diffusion 1.x and 2.x (UNet latent diffusion with a CLIP text encoder)"
+SD_PIPELINES = {"StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline", "StableDiffusionXLPipeline",
+                "StableDiffusionXLImg2ImgPipeline"}
+SUPPORTED = "Stable Diffusion 1.x, 2.x and SDXL (UNet latent diffusion with CLIP text encoders)"
 
 
 def ddim_config(config: dict, prediction_type: str | None = None) -> dict:

@@ -27,7 +27,7 @@ from diffferv_cli.errors import UserError
 from diffferv_cli.models.components import Components
 from diffferv_cli.models.devices import pick_device, pick_dtype
 from diffferv_cli.models.families import SD15_SCHEDULER, check_pipeline_class, ddim_config
-from diffferv_cli.models.tiny import TINY_RANDOM, build_tiny_random
+from diffferv_cli.models.tiny import TINY_MODELS
 
 
 def _not_available(model: str, reason: str) -> UserError:
@@ -64,17 +64,24 @@ def _load_from_pretrained(source: str, local_only: bool, revision: str | None, d
     text_encoder = CLIPTextModel.from_pretrained(source, subfolder="text_encoder", torch_dtype=dtype, **common)
     vae = AutoencoderKL.from_pretrained(source, subfolder="vae", torch_dtype=dtype, **common)
     unet = UNet2DConditionModel.from_pretrained(source, subfolder="unet", torch_dtype=dtype, **common)
+    second = {}
+    if unet.config.get("addition_embed_type") == "text_time":  # SDXL: the second encoder gives the pooled text
+        from transformers import CLIPTextModelWithProjection
+
+        second = dict(tokenizer_2=CLIPTokenizer.from_pretrained(source, subfolder="tokenizer_2", **common),
+                      text_encoder_2=CLIPTextModelWithProjection.from_pretrained(
+                          source, subfolder="text_encoder_2", torch_dtype=dtype, **common))
     try:
         scheduler = dict(DDIMScheduler.load_config(source, subfolder="scheduler", **common))
     except (OSError, ValueError):  # a folder without scheduler/: SD 1.x's schedule
         scheduler = dict(SD15_SCHEDULER)
-    return unet, vae, text_encoder, tokenizer, scheduler
+    return unet, vae, text_encoder, tokenizer, scheduler, second
 
 
 def check_model(model: str) -> None:
     """What can be said of `model` without loading a weight (UserError, one sentence): the file or folder
     exists, the family is one diffferv drives, a hub id is well formed. Commands call it before decoding."""
-    if model == TINY_RANDOM:
+    if model in TINY_MODELS:
         return
     path = Path(model).expanduser()
     if path.suffix in (".safetensors", ".ckpt") or path.is_file():
@@ -111,8 +118,8 @@ def load_components(
     torch_device = pick_device(device)
     torch_dtype = pick_dtype(torch_device, dtype)
     check_model(model)
-    if model == TINY_RANDOM:
-        comps = build_tiny_random().to(torch_device, torch.float32 if dtype in (None, "auto") else torch_dtype)
+    if model in TINY_MODELS:
+        comps = TINY_MODELS[model]().to(torch_device, torch.float32 if dtype in (None, "auto") else torch_dtype)
     else:
         path = Path(model).expanduser()
         if path.suffix in (".safetensors", ".ckpt") or path.is_file():
@@ -123,7 +130,7 @@ def load_components(
             comps = _load_folder(path, torch_dtype)
         else:
             comps = _load_hub(model, revision, torch_dtype)
-        for module in (comps.unet, comps.vae, comps.text_encoder):
+        for module in (comps.unet, comps.vae, *comps.text_encoders):
             module.eval().requires_grad_(False)
         comps = comps.to(torch_device)
     if loras:
@@ -157,11 +164,11 @@ def _folder_index(path: Path) -> dict:
 
 def _load_folder(path: Path, dtype: torch.dtype) -> Components:
     try:
-        *parts, scheduler = _load_from_pretrained(str(path), True, None, dtype)
+        *parts, scheduler, second = _load_from_pretrained(str(path), True, None, dtype)
     except (OSError, ValueError) as err:
         raise _not_available(str(path), f"the folder could not be read: {str(err).splitlines()[0]}") from err
     return Components(*parts, scheduler_config=scheduler, model_id=str(path.resolve()),
-                      fingerprint="folder-" + _folder_fingerprint(path))
+                      fingerprint="folder-" + _folder_fingerprint(path), **second)
 
 
 HUB_PROBE_SECONDS = 5.0  # how long to wait for any answer from the hub before saying it cannot be reached
@@ -221,9 +228,9 @@ def _load_hub(model: str, revision: str | None, dtype: torch.dtype) -> Component
             reason = (str(err).splitlines() or [type(err).__name__])[0]
             raise _not_available(model, f"the download from the hub failed: {reason}") from None
     commit = _hub_commit(model, revision)
-    *modules, scheduler = parts
+    *modules, scheduler, second = parts
     return Components(*modules, scheduler_config=scheduler, model_id=model,
-                      fingerprint=f"hub-{model}@{commit or revision or 'main'}")
+                      fingerprint=f"hub-{model}@{commit or revision or 'main'}", **second)
 
 
 def _in_hub_cache(model: str, revision: str | None) -> bool:
@@ -277,6 +284,9 @@ def save_components(comps: Components, folder: Path) -> None:
     comps.vae.save_pretrained(folder / "vae")
     comps.text_encoder.save_pretrained(folder / "text_encoder")
     comps.tokenizer.save_pretrained(folder / "tokenizer")
+    if comps.text_encoder_2 is not None:
+        comps.text_encoder_2.save_pretrained(folder / "text_encoder_2")
+        comps.tokenizer_2.save_pretrained(folder / "tokenizer_2")
     from diffusers import DDIMScheduler
 
     DDIMScheduler(**comps.scheduler_config).save_pretrained(folder / "scheduler")  # the model's own schedule
@@ -292,6 +302,11 @@ def save_components(comps: Components, folder: Path) -> None:
         "feature_extractor": [None, None],
         "requires_safety_checker": False,
     }
+    if comps.text_encoder_2 is not None:
+        index = {key: value for key, value in index.items() if key not in ("safety_checker", "feature_extractor",
+                                                                           "requires_safety_checker")}
+        index.update(_class_name="StableDiffusionXLPipeline", text_encoder_2=["transformers", "CLIPTextModelWithProjection"],
+                     tokenizer_2=["transformers", "CLIPTokenizer"])
     from diffferv_cli.files import atomic_write_json
 
     atomic_write_json(folder / "model_index.json", index)

@@ -81,8 +81,8 @@ def detect_family(shapes: dict[str, tuple], where: str) -> str:
     if family in FAMILY_NAMES and any(key.startswith("model.diffusion_model.") for key in shapes):
         return family
     what = OTHER_FAMILIES.get(family, "not a Stable Diffusion 1.x or 2.x checkpoint")
-    raise UserError(f"{where} is {what}; diffferv edits with Stable Diffusion 1.x and 2.x checkpoints "
-                    "(.safetensors in the original layout, or diffusers folders).")
+    raise UserError(f"{where} is {what}; diffferv loads single files of Stable Diffusion 1.x and 2.x "
+                    "(SDXL as a diffusers folder or hub id).")
 
 
 def prediction_of(family: str, shapes: dict[str, tuple], path: Path, requested: str | None) -> str:

@@ -129,3 +129,45 @@ def build_full_size_random(seed: int = 0) -> Components:
     return Components(unet, vae, text_encoder, tokenizer, dict(SD15_SCHEDULER),
                       model_id="sd15-shaped-random", fingerprint=f"sd15-shaped-random-seed{seed}",
                       is_random=True)
+
+
+def build_tiny_sdxl(seed: int = 0) -> Components:
+    """An SDXL-shaped model with random weights: no attention on the first level (as SDXL), two CLIP text
+    encoders (the second with a projection: the pooled embedding), size/crop time ids through
+    `addition_embed_type="text_time"`, VAE /8. Deterministic for a seed."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    tokenizer, tokenizer_2 = build_tiny_tokenizer(), build_tiny_tokenizer()
+    text_config = dict(vocab_size=len(tokenizer), intermediate_size=37, num_attention_heads=4, num_hidden_layers=3,
+                       max_position_embeddings=77, bos_token_id=tokenizer.bos_token_id,
+                       eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        unet = UNet2DConditionModel(
+            sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64, 64),
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+            transformer_layers_per_block=(1, 1, 2), attention_head_dim=(2, 4, 4), use_linear_projection=True,
+            cross_attention_dim=32 + 16, addition_embed_type="text_time", addition_time_embed_dim=8,
+            projection_class_embeddings_input_dim=6 * 8 + 16, norm_num_groups=8,
+        )
+        vae = AutoencoderKL(
+            in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
+            up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(8, 16, 16, 16), layers_per_block=1,
+            latent_channels=4, norm_num_groups=8, sample_size=64, scaling_factor=0.13025, force_upcast=True,
+        )
+        text_encoder = CLIPTextModel(CLIPTextConfig(hidden_size=32, **text_config))
+        text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(hidden_size=16, projection_dim=16, **text_config))
+    for module in (unet, vae, text_encoder, text_encoder_2):
+        module.eval().requires_grad_(False)
+    scheduler = dict(SD15_SCHEDULER, timestep_spacing="leading")  # SDXL base's schedule
+    return Components(unet, vae, text_encoder, tokenizer, scheduler, model_id="tiny-random-sdxl",
+                      fingerprint=f"tiny-random-sdxl-v1-seed{seed}", is_random=True,
+                      text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2)
+
+
+
+TINY_MODELS = {TINY_RANDOM: build_tiny_random, "tiny-random-sdxl": build_tiny_sdxl}
+# what the working sides must be multiples of: VAE /8 times 2 per UNet down block after the first
+TINY_MULTIPLES = {TINY_RANDOM: 16, "tiny-random-sdxl": 32}

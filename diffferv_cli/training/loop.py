@@ -92,16 +92,22 @@ def prepare_data(cfg: TrainConfig) -> tuple[ImageSet, ImageSet | None]:
     return faces, prior
 
 
+SDXL_TRAINING = ("train fine-tunes Stable Diffusion 1.x and 2.x models; SDXL is not supported (its second text "
+                 "encoder and size conditioning are not trained here): fine-tune SDXL elsewhere and edit with it.")
+
+
 def train(components, cfg: TrainConfig, *, cpu: bool = False, progress: ProgressFn | None = None,
           on_step: Callable[[int], None] | None = None) -> TrainResult:
     """Fine-tune `components.unet` per `cfg` and write a diffusers model folder to `cfg.out`.
 
-    `components` is a float32 Components as loaded by `models.auxiliary.load_components` (or built for tests);
+    `components` is a float32 Components as loaded by `models.loading.load_components` (or built for tests);
     its UNet is trained in place. `on_step(step)` runs after each optimizer step (tests use it to
     interrupt a run)."""
     from accelerate import Accelerator
     from accelerate.utils import ProjectConfiguration
 
+    if getattr(components, "is_sdxl", False):
+        raise UserError(SDXL_TRAINING)
     if cfg.lora_rank and cfg.ema:
         raise UserError("--ema cannot be used with --lora-rank: an average of the LoRA's two factors is not "
                         "an average of the LoRA, so train it without --ema.")
