@@ -154,7 +154,7 @@ def _register_optional_groups() -> None:
     import importlib
 
     for module_name in ("diffferv_cli.cli.video", "diffferv_cli.cli.edit", "diffferv_cli.cli.train",
-                        "diffferv_cli.cli.evaluate", "diffferv_cli.cli.cache"):
+                        "diffferv_cli.cli.evaluate", "diffferv_cli.cli.cache", "diffferv_cli.cli.batch"):
         try:
             module = importlib.import_module(module_name)
         except ModuleNotFoundError as err:
