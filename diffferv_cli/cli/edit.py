@@ -61,6 +61,8 @@ CompositeOpt = Annotated[str, typer.Option("--composite", help="residual (keep t
 ThresholdOpt = Annotated[float, typer.Option("--composite-threshold", help="Change (0-1) above which the edit "
                                              "replaces the source in residual compositing.")]
 LosslessOpt = Annotated[bool, typer.Option("--lossless", help="Write lossless RGB H.264 (large files).")]
+HtmlOpt = Annotated[bool, typer.Option("--html", help="Also write a self-contained HTML report beside each output "
+                                       "(<output>.report.html): settings, metrics, frame strip, per-frame plots.")]
 
 # Option defaults, all read from the config models (a test checks that none is retyped).
 START, FRAMES, STRIDE = default(ClipSpec, "start"), default(ClipSpec, "frames"), default(ClipSpec, "stride")
@@ -240,6 +242,7 @@ def edit_request(
     force: ForceOpt = False, device: DeviceOpt = "auto", dtype: DtypeOpt = "auto", region: RegionOpt = "full",
     compile_unet: CompileOpt = False,
     composite: CompositeOpt = COMPOSITE, composite_threshold: ThresholdOpt = THRESHOLD, lossless: LosslessOpt = False,
+    html: HtmlOpt = False,
 ) -> EditRequest:
     """Edit a clip with presets or a prompt (inverts first when the cache has no inversion)."""
     options = dict(locals())
@@ -296,7 +299,8 @@ def edit_cmd(**options) -> None:
                                                                           "compile_unet"))
     from diffferv_cli.editing.job import edit_outputs, job_plan, run_edits
 
-    edit_outputs(clip, [label for label, _ in configs], out, overwrite=overwrite, side_by_side=side_by_side)
+    targets = edit_outputs(clip, [label for label, _ in configs], out, overwrite=overwrite, side_by_side=side_by_side)
+    reports = _report_paths(clip, targets, overwrite) if options["html"] else {}
     _check_device(device, dtype)
     with _progress(lambda count, working: job_plan(count, working, inversion, configs)) as report:
         video, components = _load(clip, spec, model, device, dtype, report, region,
@@ -309,6 +313,37 @@ def edit_cmd(**options) -> None:
         console.print(f"Used the cached inversion {outcome.entry.folder}")
     for path in written:
         console.print(f"Wrote {path}")
+    _write_reports(clip, reports)
+
+
+def _report_paths(clip: Path, outputs: list[Path], overwrite: bool) -> dict[Path, Path]:
+    """output -> where `--html` writes its report, each checked like an output before any work."""
+    from diffferv_cli.editing.job import check_writable
+    from diffferv_cli.evaluation.html import html_path_beside
+
+    reports = {output: html_path_beside(output) for output in outputs}
+    for page in reports.values():
+        check_writable(page, [clip], overwrite)
+    return reports
+
+
+def _write_reports(clip: Path, reports: dict[Path, Path]) -> None:
+    """`eval --html` of each output against the clip (frames compared at native size up to a short side
+    of 720, else at 512)."""
+    from diffferv_cli.config import EvalConfig
+    from diffferv_cli.evaluation.html import write_eval_report
+    from diffferv_cli.evaluation.report import native_size
+
+    for output, page in reports.items():
+        size = None if min(native_size(output)) <= 720 else 512
+        try:
+            with err_console.status(f"report on {output.name}") as status:
+                write_eval_report(clip, output, EvalConfig(size=size), page,
+                                  progress=lambda stage, done, total: status.update(f"{stage} {done}/{total}"))
+        except UserError as err:  # the edit is written; say why its report is not
+            err_console.print(f"No report on {output}: {err}", style="yellow", markup=False, highlight=False)
+            continue
+        console.print(f"Wrote {page}")
 
 
 def reconstruct_cmd(
@@ -327,6 +362,7 @@ def reconstruct_cmd(
     force: ForceOpt = False, device: DeviceOpt = "auto", dtype: DtypeOpt = "auto", region: RegionOpt = "full",
     compile_unet: CompileOpt = False,
     composite: CompositeOpt = COMPOSITE, composite_threshold: ThresholdOpt = THRESHOLD, lossless: LosslessOpt = False,
+    html: HtmlOpt = False,
 ) -> None:
     """Reconstruct a clip from its cached inversion (the paper's path: preservation-feature injection) and
     print MSE / PSNR / SSIM against the input, at working size and at source resolution (scaled up as it
@@ -353,6 +389,7 @@ def reconstruct_cmd(
     make_output_folder(out)
     target = output_path(clip, "reconstruct", out, 1)
     check_writable(target, [clip], overwrite)
+    report_page = _report_paths(clip, [target], overwrite)[target] if html else None
     _check_device(device, dtype)
     loras = lora_options(lora)  # each file checked before any frame is decoded
     paths = [(path_label(path), path) for path in reconstruction_paths(config, compare)]
@@ -362,8 +399,11 @@ def reconstruct_cmd(
         _, reconstruction = run_reconstruction(components, video, inversion, config, cache_dir=cache_dir,
                                                force=force, compare=compare, composite=compositing,
                                                progress=report, compile_unet=compile_unet)
+        from diffferv_cli.editing.settings import edit_settings
+
+        settings = edit_settings(components, video, inversion, config, path_label(config), compositing, "reconstruct")
         write_result(video, reconstruction.result.frames, target, composite=compositing,
-                     reference=reconstruction.reference, lossless=lossless, progress=report)
+                     reference=reconstruction.reference, lossless=lossless, progress=report, settings=settings)
     working = "x".join(str(side) for side in video.geometry.working_size)
     table = Table("path", "MSE", "PSNR (dB)", "SSIM", "latent MSE", title=f"Reconstruction vs input (working size {working})")
     for label, values in reconstruction.metrics.items():
@@ -378,6 +418,12 @@ def reconstruct_cmd(
         table.add_row(path, mode, f"{values['mse']:.6f}", f"{values['psnr']:.2f}", f"{values['ssim']:.4f}")
     console.print(table)
     console.print(f"Wrote {target}")
+    if report_page is not None:
+        from diffferv_cli.evaluation.html import reconstruction_page, write_page
+
+        with err_console.status("report"):
+            write_page(report_page, reconstruction_page(video, reconstruction, compositing, settings))
+        console.print(f"Wrote {report_page}")
 
 
 def register(app: typer.Typer) -> None:

@@ -44,30 +44,33 @@ def eval_command(
     attribute_model: Annotated[Path | None, typer.Option("--attribute-model", help="Local image-classification model folder (for TACR/NAPR).")] = None,
     target_attribute: Annotated[str | None, typer.Option("--target-attribute", help="The edited attribute, one of the model's labels.")] = None,
     clip_model: Annotated[Path | None, typer.Option("--clip-model", help="Local CLIP model folder (for CLIP-IQA).")] = None,
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing --json file.")] = False,
+    html_out: Annotated[Path | None, typer.Option("--html", help="Write a self-contained HTML report here: settings, metrics, a frame strip with heat maps, per-frame plots.")] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing --json / --html file.")] = False,
 ) -> None:
     """Compare an edited video with its original: reconstruction, identity, temporal metrics."""
     if json_out is not None:
         _check_json_target(json_out, [original, edited], overwrite)
-    _run(original, edited, json_out, start=start, frames=frames, stride=stride, original_start=original_start,
+    if html_out is not None:
+        _check_json_target(html_out, [original, edited], overwrite, option="--html")
+    _run(original, edited, json_out, html_out=html_out, start=start, frames=frames, stride=stride, original_start=original_start,
          original_stride=original_stride, size=size, similarity=similarity, temporal=not no_temporal, attribute_model=attribute_model,
          target_attribute=target_attribute, clip_model=clip_model)
 
 
-def _check_json_target(path: Path, inputs: list[Path], overwrite: bool) -> None:
+def _check_json_target(path: Path, inputs: list[Path], overwrite: bool, option: str = "--json") -> None:
     """Before any work: never over an input, never over an existing file without --overwrite."""
     for source in inputs:
         if path.exists() and source.exists() and path.resolve() == source.resolve():
-            raise UserError(f"--json {path} is one of the inputs; choose another file.")
+            raise UserError(f"{option} {path} is one of the inputs; choose another file.")
     if path.is_dir():
-        raise UserError(f"--json {path} is a folder; give a file name.")
+        raise UserError(f"{option} {path} is a folder; give a file name.")
     if path.exists() and not overwrite:
-        raise UserError(f"{path} already exists; pass --overwrite or another --json file.")
+        raise UserError(f"{path} already exists; pass --overwrite or another {option} file.")
     if not path.parent.is_dir():
-        raise UserError(f"The folder of --json {path} does not exist.")
+        raise UserError(f"The folder of {option} {path} does not exist.")
 
 
-def _run(original: Path, edited: Path, json_out: Path | None, **options) -> None:
+def _run(original: Path, edited: Path, json_out: Path | None, html_out: Path | None = None, **options) -> None:
     from diffferv_cli.evaluation.report import evaluate
 
     one_of("--identity-similarity", options["similarity"], choices(EvalConfig, "similarity"))
@@ -77,9 +80,13 @@ def _run(original: Path, edited: Path, json_out: Path | None, **options) -> None
         first = err.errors()[0]
         raise UserError(f"Invalid option --{str(first['loc'][-1]).replace('_', '-')}: {first['msg']}.") from None
 
+    from diffferv_cli.evaluation.html import StripFrames
+
+    strip = StripFrames() if html_out is not None else None
     with err_console.status("evaluating") as status:
         report = evaluate(original, edited, config,
-                          progress=lambda stage, done, total: status.update(f"{stage} {done}/{total}"))
+                          progress=lambda stage, done, total: status.update(f"{stage} {done}/{total}"),
+                          frames_hook=strip)
 
     table = Table("metric", "value", "note", title=f"{report.frames} frames at {report.width}x{report.height}")
     for result in report.results:
@@ -95,3 +102,9 @@ def _run(original: Path, edited: Path, json_out: Path | None, **options) -> None
         except OSError as err:
             raise UserError(f"Cannot write {json_out} ({err.strerror}).") from None
         console.print(f"wrote {json_out}")
+    if html_out is not None:
+        from diffferv_cli.evaluation.html import eval_page, write_page
+        from diffferv_cli.video.metadata import read_settings
+
+        write_page(html_out, eval_page(report, strip, read_settings(edited)))
+        console.print(f"wrote {html_out}")

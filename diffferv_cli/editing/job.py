@@ -12,6 +12,7 @@ import numpy as np
 from diffferv_cli.config import CompositeConfig, EditConfig, InversionConfig
 from diffferv_cli.editing.inversion import InversionOutcome, clip_windows, invert, kept_clause
 from diffferv_cli.editing.sampling import EditResult, branch_layout, edit
+from diffferv_cli.editing.settings import edit_settings
 from diffferv_cli.editing.vae import decode_latents
 from diffferv_cli.errors import Interrupted, UserError
 
@@ -24,6 +25,8 @@ class Reconstruction:
     result: EditResult
     reference: np.ndarray | None = None  # R, the decode of z_0 (working size)
     source_metrics: dict[str, dict[str, float]] = field(default_factory=dict)  # at source resolution
+    paths: dict[str, np.ndarray] = field(default_factory=dict)  # label -> frames (m, H, W, 3) at working size
+    source_series: dict[str, dict[str, list[float]]] = field(default_factory=dict)  # source_metrics per frame
 
 
 @dataclass(frozen=True)
@@ -172,10 +175,10 @@ def output_frames(clip, frames: np.ndarray, composite: CompositeConfig, referenc
 
 def write_result(clip, frames: np.ndarray, path: Path, *, side_by_side: bool = False,
                  composite: CompositeConfig | None = None, reference: np.ndarray | None = None,
-                 lossless: bool = False, progress: Progress = None) -> list[Path]:
+                 lossless: bool = False, progress: Progress = None, settings: dict | None = None) -> list[Path]:
     """The edited frames at source resolution (composited as `composite` says, default `replace`;
     `reference` = R, the decode of the cached z_0, for residual compositing) with the source's audio
-    and the frame selection in its metadata; optionally the original|edited comparison at the output's
+    and the frame selection (and `settings`, `editing.settings`) in its metadata; optionally the original|edited comparison at the output's
     size beside it (`side_by_side_path`)."""
     from diffferv_cli.video.geometry import SourceFrames
     from diffferv_cli.video.io import write_side_by_side, write_video
@@ -189,7 +192,7 @@ def write_result(clip, frames: np.ndarray, path: Path, *, side_by_side: bool = F
                   input_paths=[clip.info.path], progress=lambda d, t: report("write", d, t))
     selection = SourceFrames.of(clip.frame_indices, source_count=clip.info.frame_count)
     written = [write_video(output_frames(clip, frames, composite, reference), path, clip.fps, lossless=lossless,
-                           source_frames=selection, **common)]
+                           source_frames=selection, settings=settings, **common)]
     if side_by_side:
         written.append(write_side_by_side(clip, path, side_by_side_path(path), progress=common["progress"]))
     return written
@@ -225,8 +228,9 @@ def run_edits(components, clip, inversion: InversionConfig, edits: list[tuple[st
             named = _named(progress, run_name("edit", label, index, len(edits)))
             result = edit(components, outcome.entry, config, feature_mode=inversion.feature_mode, progress=named,
                           compile_unet=compile_unet)
+            settings = edit_settings(components, clip, inversion, config, label, composite)
             written += write_result(clip, result.frames, target, side_by_side=side_by_side, composite=composite,
-                                    reference=reference, lossless=lossless, progress=named)
+                                    reference=reference, lossless=lossless, progress=named, settings=settings)
             finished += 1
     except KeyboardInterrupt:
         kept = ["the inversion"] + ([f"{finished} of {len(edits)} edits"] if finished else [])
@@ -245,6 +249,17 @@ def source_resolution_metrics(clip, candidates: dict[str, tuple[np.ndarray, Comp
                               reference: np.ndarray | None, progress: Progress = None) -> dict[str, dict[str, float]]:
     """MSE / PSNR / SSIM against the source frames at their own resolution of each candidate (edited
     working-size frames and how they are composited), in one streamed pass over the source frames."""
+    return series_means(source_resolution_series(clip, candidates, reference, progress))
+
+
+def series_means(series: dict[str, dict[str, list[float]]]) -> dict[str, dict[str, float]]:
+    return {label: {name: float(np.mean(values)) for name, values in metrics.items()}
+            for label, metrics in series.items()}
+
+
+def source_resolution_series(clip, candidates: dict[str, tuple[np.ndarray, CompositeConfig]],
+                             reference: np.ndarray | None, progress: Progress = None) -> dict[str, dict[str, list[float]]]:
+    """`source_resolution_metrics` frame by frame: label -> {"mse", "psnr", "ssim"} -> (m,) values."""
     from diffferv_cli.editing.composite import composite_frame
     from diffferv_cli.evaluation.metrics import mse_per_frame, psnr_from_mse, ssim_per_frame
     from diffferv_cli.video.stream import stream_frames
@@ -261,8 +276,7 @@ def source_resolution_metrics(clip, candidates: dict[str, tuple[np.ndarray, Comp
             values[label]["psnr"].append(float(psnr_from_mse(error)))
             values[label]["ssim"].append(float(ssim_per_frame(source, output)[0]))
         report("metrics", index + 1, count)
-    return {label: {name: float(np.mean(series)) for name, series in metrics.items()}
-            for label, metrics in values.items()}
+    return values
 
 
 def path_label(config: EditConfig) -> str:
@@ -309,5 +323,6 @@ def run_reconstruction(components, clip, inversion: InversionConfig, config: Edi
     for label, path_result in results.items():
         candidates.update({f"{label}, replace": (path_result.frames, replace),
                            f"{label}, residual": (path_result.frames, residual)})
-    source_metrics = source_resolution_metrics(clip, candidates, floor, progress)
-    return outcome, Reconstruction(metrics, results[path_label(config)], floor, source_metrics)
+    source_series = source_resolution_series(clip, candidates, floor, progress)
+    return outcome, Reconstruction(metrics, results[path_label(config)], floor, series_means(source_series),
+                                   {label: path.frames for label, path in results.items()}, source_series)

@@ -327,3 +327,42 @@ def clip_iqa_from_similarities(positive: np.ndarray, negative: np.ndarray, logit
     logits -= logits.max(axis=-1, keepdims=True)
     probabilities = np.exp(logits)
     return probabilities[..., 0] / probabilities.sum(axis=-1)
+
+
+# Identity frame by frame (what the reports plot) -----------------------------------------------------
+
+
+@dataclass(frozen=True)
+class IdentitySeries:
+    """`identity_metrics` frame by frame, NaN where a frame (or a pair) does not count.
+
+    `idp` (m,): sim(E_i, S_i), NaN where either side has no face. `edited_adjacent` and
+    `source_adjacent` (m-1,): sim(E_i, E_i+1) and sim(S_i, S_i+1), NaN unless frames i and i+1 both
+    have a face on both sides; so IDP = nanmean(idp) and TL-ID = nanmean(edited_adjacent) /
+    nanmean(source_adjacent)."""
+
+    idp: np.ndarray
+    edited_adjacent: np.ndarray
+    source_adjacent: np.ndarray
+    face_source: np.ndarray  # (m,) bool
+    face_edited: np.ndarray  # (m,) bool
+
+
+def identity_series(source: Sequence[np.ndarray | None], edited: Sequence[np.ndarray | None],
+                    kind: Similarity = "dlib") -> IdentitySeries:
+    """Per-frame identity similarities from per-frame descriptors (None where no face was found)."""
+    if len(source) != len(edited):
+        raise ValueError(f"descriptor sequences differ in length: {len(source)} vs {len(edited)}")
+    face_source = np.array([s is not None for s in source], bool)
+    face_edited = np.array([e is not None for e in edited], bool)
+    kept = face_source & face_edited
+    count = len(source)
+    idp = np.full(count, np.nan)
+    edited_adjacent = np.full(max(count - 1, 0), np.nan)
+    source_adjacent = np.full(max(count - 1, 0), np.nan)
+    for index in np.flatnonzero(kept):
+        idp[index] = float(similarity(edited[index], source[index], kind))
+        if index + 1 < count and kept[index + 1]:
+            edited_adjacent[index] = float(similarity(edited[index], edited[index + 1], kind))
+            source_adjacent[index] = float(similarity(source[index], source[index + 1], kind))
+    return IdentitySeries(idp, edited_adjacent, source_adjacent, face_source, face_edited)

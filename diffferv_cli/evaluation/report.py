@@ -75,6 +75,9 @@ class EvalReport:
     results: list[MetricResult] = field(default_factory=list)
     original_frames: tuple[int, ...] = ()  # frame numbers of the original that were compared
     alignment: str = "same selection on both sides"  # how they were chosen
+    # the original's own per-frame values beside an edit's ("tl_id": sim(S_i, S_i+1), "warp_error")
+    reference_per_frame: dict[str, list[float]] = field(default_factory=dict)
+    faces: dict[str, list[bool]] | None = None  # "original" / "edited": a face found in frame i
 
     def add(self, group: str, name: str, value: float | metrics.Unavailable | None, note: str = "",
             better: Literal["lower", "higher", ""] = "", per_frame: Sequence[float] | None = None) -> None:
@@ -98,6 +101,9 @@ class EvalReport:
             "alignment": self.alignment,
             "scale": "pixel metrics on frames in [0, 1]; PSNR capped at 100 dB",
             "metrics": {result.name: result.to_json() for result in self.results},
+            "reference_per_frame": {name: [_finite(v) for v in values]
+                                    for name, values in self.reference_per_frame.items()},
+            "faces": self.faces,
         }
 
 
@@ -275,10 +281,14 @@ def load_pair(original: Path, edited: Path, config: EvalConfig):
 # Evaluation -------------------------------------------------------------------------------------------
 
 
-def evaluate(original: Path, edited: Path, config: EvalConfig, progress: Progress = None) -> EvalReport:
-    """All metrics of section 4.2 that can be computed here, as an `EvalReport`."""
+def evaluate(original: Path, edited: Path, config: EvalConfig, progress: Progress = None,
+             frames_hook: Callable[[np.ndarray, np.ndarray], None] | None = None) -> EvalReport:
+    """All metrics of section 4.2 that can be computed here, as an `EvalReport`. `frames_hook(original,
+    edited)` sees the compared frames (m, H, W, 3) once they are read (the HTML report keeps a few)."""
     report_progress = progress or (lambda stage, done, total: None)
     source, result, numbers, how = load_pair(Path(original), Path(edited), config)
+    if frames_hook is not None:
+        frames_hook(source, result)
     count, height, width, _ = source.shape
     report = EvalReport(str(original), str(edited), count, height, width, config, original_frames=numbers,
                         alignment=how)
@@ -324,13 +334,17 @@ def _identity(report: EvalReport, source: np.ndarray, result: np.ndarray, config
         edited_descriptors.append(largest_face_descriptor(backend.analyzer, result[index]))
         progress("faces", index + 1, count)
     scores = metrics.identity_metrics(source_descriptors, edited_descriptors, config.similarity)
+    series = metrics.identity_series(source_descriptors, edited_descriptors, config.similarity)
+    report.faces = {"original": series.face_source.tolist(), "edited": series.face_edited.tolist()}
+    report.reference_per_frame["tl_id"] = series.source_adjacent.tolist()
     similarity = "1 - dlib distance" if config.similarity == "dlib" else "cosine of dlib descriptors"
     note = f"{similarity}; {scores.frames_used}/{count} frames with a face on both sides"
     if scores.frames_without_face_source or scores.frames_without_face_edited:
         note += (f" (no face: {scores.frames_without_face_source} original, "
                  f"{scores.frames_without_face_edited} edited)")
-    report.add("identity", "idp", scores.idp, note, "higher")
-    report.add("identity", "tl_id", scores.tl_id, "adjacent frames, relative to the original", "higher")
+    report.add("identity", "idp", scores.idp, note, "higher", series.idp)
+    report.add("identity", "tl_id", scores.tl_id, "adjacent frames, relative to the original; per frame: "
+               "the edit's sim(i, i+1), the original's in reference_per_frame", "higher", series.edited_adjacent)
     report.add("identity", "tg_id", scores.tg_id, "all frame pairs, relative to the original", "higher")
 
 
@@ -347,6 +361,7 @@ def _temporal(report: EvalReport, source: np.ndarray, result: np.ndarray, config
     note = (f"MSE [0, 1] under the original's flow (DIS {config.flow_preset}), {edited.valid_fraction:.0%} "
             f"of pixels unoccluded; original itself {own.mse:.3g}")
     report.add("temporal", "warp_error", edited.mse, note, "lower", edited.per_pair_mse)
+    report.reference_per_frame["warp_error"] = own.per_pair_mse.tolist()
     report.add("temporal", "warp_error_abs", edited.mae, f"mean absolute; original itself {own.mae:.3g}", "lower")
 
 

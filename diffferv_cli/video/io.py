@@ -323,7 +323,8 @@ class FrameStream:
 def write_video(frames: np.ndarray | FrameStream, out_path, fps: float | str, *, geometry: Geometry | None = None,
                 audio_from: Path | None = None, audio_start: float = 0.0, audio_duration: float | None = None,
                 input_paths: Sequence[Path] = (), progress: Progress = None, crf: int = 17,
-                preset: str = "medium", lossless: bool = False, source_frames: SourceFrames | None = None) -> Path:
+                preset: str = "medium", lossless: bool = False, source_frames: SourceFrames | None = None,
+                settings: dict | None = None) -> Path:
     """Write RGB frames (m, H, W, 3) as H.264 yuv420p MP4 (`+faststart`, BT.709) at `fps` (a float, or
     an exact fraction string such as "30000/1001"); returns `out_path`.
 
@@ -342,6 +343,8 @@ def write_video(frames: np.ndarray | FrameStream, out_path, fps: float | str, *,
       into a missing or unwritable folder. An existing non-input `out_path` is replaced.
     * `source_frames`: the frames of the source these are, recorded in the file's metadata
       (`probe(out_path).source_frames` reads it back).
+    * `settings`: what made these frames (JSON values), recorded in the `description` tag
+      (`video.metadata.read_settings(out_path)` reads it back).
     """
     stream = frames if isinstance(frames, FrameStream) else None
     if stream is None:
@@ -390,6 +393,10 @@ def write_video(frames: np.ndarray | FrameStream, out_path, fps: float | str, *,
         options.update(acodec="aac", audio_bitrate="192k")
     if source_frames is not None:
         options["metadata"] = f"{SELECTION_TAG}={selection_tag(source_frames)}"
+    if settings is not None:  # a second tag: ffmpeg-python takes one value per option, `-metadata:g` is global too
+        from diffferv_cli.video.metadata import SETTINGS_TAG, settings_tag
+
+        options["metadata:g"] = f"{SETTINGS_TAG}={settings_tag(settings)}"
     with _atomic_output(out_path) as temp:
         graph = ffmpeg.output(*streams, file_url(temp), **options)
         with _FFmpeg(_command(graph), f"write {out_path.name}", stdin=True) as process:
