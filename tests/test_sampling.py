@@ -215,7 +215,8 @@ def test_edit_injects_on_the_configured_schedule_into_every_branch_but_the_sourc
     result = edit(tiny, entry, EditConfig(prompt_edit=EDIT, tau_app=0.25, tau_motion=0.5, tau_cross=0.75))
     targets = tuple(name for name in result.branches if name != "source")
     assert "source" in result.branches and len(targets) == len(result.branches) - 1
-    assert made == [(InjectionSchedule(STEPS, 0.25, 0.5, 0.75), result.branches, targets, targets, "source")]
+    schedule = InjectionSchedule(STEPS, 0.25, 0.5, 0.75)
+    assert made == [({name: schedule for name in targets}, result.branches, targets, targets, "source")]
 
 
 def test_source_branch_sees_what_the_inversion_fed_the_unet_at_each_timestep(tiny, clip, tmp_path):

@@ -117,8 +117,10 @@ def test_injection_flags_follow_the_schedule_on_the_device(tiny):
     ctx, _ = _contexts(tiny)["edit, recompute mode"]
     injector = _injector(tiny, steps=4)
     schedule = injector.schedule
-    assert [[bool(v) for v in row] for row in injector.flags] == [
-        [schedule.active(kind, step) for kind in ("app", "motion", "cross")] for step in range(4)]
+    for branch, name in enumerate(BRANCHES):  # (steps, branches, kinds): the targets' schedule, the source off
+        assert [[bool(v) for v in row] for row in injector.flags[:, branch]] == [
+            [name in injector.targets and schedule.active(kind, step) for kind in ("app", "motion", "cross")]
+            for step in range(4)]
     latents, text = _inputs(tiny.unet, 3)
     with temporal_attention(tiny.unet), torch.inference_mode():
         def run(control):

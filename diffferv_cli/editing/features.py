@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 from fractions import Fraction
 
@@ -108,24 +109,34 @@ class FeatureInjector:
     Cross-attention maps are replaced only for tokens a target's prompt shares with the source prompt
     (`token_maps[branch]`: source token position per target token, -1 for new words).
 
-    Made once per edit for the UNet call's branch layout `branches`; the loop hands the processors
+    When each kind is injected is the target's own `schedule`: one for every target, or one per target
+    (a mapping), so the edits sampled together in one call (editing/sampling.py, `edit_shared`) each keep
+    their own tau_app / tau_motion / tau_cross; the table of flags is (steps, branches, kinds).
+
+    Made once per edit loop for the UNet call's branch layout `branches`; the loop hands the processors
     `injector.at_step(step)`, which carries that step's on/off flags as a device tensor (and, in disk
     mode, the stored features). Explicit cross-attention maps are computed in every step when any step
     replaces them (`wants_cross_maps`), so every step runs the same graph."""
 
-    def __init__(self, schedule: InjectionSchedule, branches: tuple[str, ...], targets: tuple[str, ...],
-                 token_maps: dict[str, torch.Tensor], source_branch: str | None = "source",
+    def __init__(self, schedule: InjectionSchedule | Mapping[str, InjectionSchedule], branches: tuple[str, ...],
+                 targets: tuple[str, ...], token_maps: dict[str, torch.Tensor], source_branch: str | None = "source",
                  device: torch.device | str | None = None):
-        self.schedule = schedule
+        self.schedule = schedule if isinstance(schedule, InjectionSchedule) else None
+        self.schedules = {name: self.schedule or schedule[name] for name in targets}  # each target's own
+        counts = {each.steps for each in self.schedules.values()} or ({self.schedule.steps} if self.schedule else set())
+        if len(counts) != 1:
+            raise ValueError("the injection schedules of one UNet call must have one number of steps, and one at least")
+        steps = counts.pop()
         self.branches = branches
         self.targets = targets
         self.source_branch = source_branch
         self.stored: dict[str, torch.Tensor] | None = None
-        self.flags = schedule.table(device)  # (steps, 3) bool, on the device
-        self.active = self.flags[0]  # (3,) this step's flags
-        self.ever = {kind: schedule.ever(kind) for kind in KINDS}
-        is_target = torch.tensor([name in targets for name in branches])
-        self.target_mask = is_target.view(-1, 1, 1, 1, 1).to(device)  # (branches, 1, 1, 1, 1)
+        # (steps, branches, 3) bool, on the device: each target's own schedule, False for the other branches
+        off = torch.zeros(steps, len(KINDS), dtype=torch.bool)
+        tables = [self.schedules[name].table() if name in self.schedules else off for name in branches]
+        self.flags = torch.stack(tables, dim=1).to(device)
+        self.active = self.flags[0]  # (branches, 3) this step's flags
+        self.ever = {kind: any(each.ever(kind) for each in self.schedules.values()) for kind in KINDS}
         # cross maps: per branch, the source position of each text token and whether it is replaced
         text_tokens = len(next(iter(token_maps.values()))) if token_maps else 0
         mapping = torch.full((len(branches), text_tokens), -1, dtype=torch.long)
@@ -155,7 +166,7 @@ class FeatureInjector:
     def _override(self, kind: str, live: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
         """live (branches, frames, heads, tokens, d) with the target branches replaced by `source`
         (frames, heads, tokens, d) when `kind` is on in this step."""
-        use = self.target_mask & self.active[KINDS.index(kind)]
+        use = self.active[:, KINDS.index(kind)].view(-1, 1, 1, 1, 1)  # (branches, 1, 1, 1, 1): targets on now
         return torch.where(use, source, live)
 
     def self_attention(self, ctx, layer, kind, query, key):
@@ -174,5 +185,5 @@ class FeatureInjector:
         text_tokens = source.shape[-1]
         replaced = source.index_select(-1, self.token_gather)  # (frames, heads, tokens, branches*text)
         replaced = replaced.view(*source.shape[:-1], len(self.branches), text_tokens).movedim(-2, 0)
-        use = self.token_keep & self.active[KINDS.index("cross")]  # (branches, 1, 1, 1, text_tokens)
+        use = self.token_keep & self.active[:, KINDS.index("cross")].view(-1, 1, 1, 1, 1)  # (branches, 1, 1, 1, text)
         return torch.where(use, replaced, probs)

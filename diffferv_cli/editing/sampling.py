@@ -32,14 +32,14 @@ a tile edge with another micro-kernel, as MKL does on AVX2 CPUs.)
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from diffusers import DDIMScheduler
 
-from diffferv_cli.config import EditConfig
+from diffferv_cli.config import DEFAULT_WINDOW_FRAMES, EditConfig
 from diffferv_cli.editing.cache import CacheEntry
 from diffferv_cli.editing.features import FeatureInjector, InjectionSchedule
 from diffferv_cli.editing.inversion import unet_for_loop, window_plan
@@ -48,6 +48,7 @@ from diffferv_cli.editing.prompts import encode_conditioning, repeat_rows, token
 from diffferv_cli.editing.vae import decode_latents
 from diffferv_cli.errors import UserError
 from diffferv_cli.temporal.install import temporal_attention
+from diffferv_cli.temporal.windows import schedule_from_json
 
 Progress = Callable[[str, int, int], None] | None
 
@@ -71,10 +72,91 @@ def branch_layout(config: EditConfig, source_prompt: str, feature_mode: str) -> 
     return tuple(branches)
 
 
+@dataclass(frozen=True)
+class SharedLayout:
+    """The branches of one UNet call that samples several edits together: the source branch once (when
+    any edit injects in recompute mode), then each edit's own branches (its `branch_layout` less the
+    source), edit after edit. `roles[j]` names edit j's branches in the call by role ("anchor",
+    "negative", "positive"): the roles themselves for one edit, "negative.2" (edit number from 1) for
+    several. `layouts[j]` is edit j's layout as it would run alone."""
+
+    branches: tuple[str, ...]
+    roles: tuple[dict[str, str], ...]
+    layouts: tuple[tuple[str, ...], ...]
+
+
+def shared_layout(configs: Sequence[EditConfig], source_prompt: str, feature_mode: str) -> SharedLayout:
+    layouts = tuple(branch_layout(config, source_prompt, feature_mode) for config in configs)
+    branches = ["source"] if any("source" in layout for layout in layouts) else []
+    roles = []
+    for number, layout in enumerate(layouts, 1):
+        named = {role: role if len(layouts) == 1 else f"{role}.{number}" for role in layout if role != "source"}
+        roles.append(named)
+        branches += named.values()
+    return SharedLayout(tuple(branches), tuple(roles), layouts)
+
+
+# The most frame rows one UNet call of shared edits may hold (branches x the largest window's frames):
+# 7 branches of the default 24-frame window, i.e. three edits with one source branch (1 + 2 x 3), about
+# 2.3 times the rows of one edit alone (3 x 24). Memory grows with the rows of a call, not with the edits.
+DEFAULT_MAX_BATCH_ROWS = 7 * DEFAULT_WINDOW_FRAMES
+
+
+def edit_groups(configs: Sequence[EditConfig], source_prompt: str, feature_mode: str, *, window_frames: int,
+                max_batch_rows: int = DEFAULT_MAX_BATCH_ROWS) -> list[list[int]]:
+    """The edits (indices, in order) split into the groups sampled together: each group's UNet call holds
+    at most `max_batch_rows` frame rows (its branches x `window_frames`, the largest window), filled in
+    order; a group always holds one edit at least (one edit alone runs as it always has). Each group
+    recomputes the source branch."""
+    groups: list[list[int]] = []
+    for index in range(len(configs)):
+        if groups:
+            joined = shared_layout([configs[i] for i in [*groups[-1], index]], source_prompt, feature_mode)
+            if len(joined.branches) * window_frames <= max_batch_rows:
+                groups[-1].append(index)
+                continue
+        groups.append([index])
+    return groups
+
+
+def largest_window(entry: CacheEntry) -> int:
+    """Frames of the largest temporal window of the inversion in `entry` (its UNet calls' frames)."""
+    return max(window.frames for window in schedule_from_json(entry.manifest["request"]["windows"]))
+
+
 def edit(components, entry: CacheEntry, config: EditConfig, *, feature_mode: str = "recompute",
          progress: Progress = None, decode: bool = True, compile_unet: bool = False) -> EditResult:
     """Sample the edit from the cached inversion in `entry` and, with `decode`, decode it to frames (a
-    writer that streams them decodes `latents` with `vae.decoded_frames` instead).
+    writer that streams them decodes `latents` with `vae.decoded_frames` instead): `edit_shared` of one
+    edit."""
+    return edit_shared(components, entry, [config], feature_mode=feature_mode, progress=progress, decode=decode,
+                       compile_unet=compile_unet)[0]
+
+
+def edit_many(components, entry: CacheEntry, configs: Sequence[EditConfig], *, feature_mode: str = "recompute",
+              max_batch_rows: int = DEFAULT_MAX_BATCH_ROWS, progress: Progress = None, decode: bool = True,
+              compile_unet: bool = False) -> list[EditResult]:
+    """Every edit of `configs` from the one cached inversion, in `edit_groups` sampled together
+    (`edit_shared`); the results in the order of `configs`."""
+    groups = edit_groups(configs, entry.manifest["request"]["prompt"], feature_mode,
+                         window_frames=largest_window(entry), max_batch_rows=max_batch_rows)
+    results: dict[int, EditResult] = {}
+    for group in groups:
+        shared = edit_shared(components, entry, [configs[index] for index in group], feature_mode=feature_mode,
+                             progress=progress, decode=decode, compile_unet=compile_unet)
+        results.update(zip(group, shared, strict=True))
+    return [results[index] for index in range(len(configs))]
+
+
+def edit_shared(components, entry: CacheEntry, configs: Sequence[EditConfig], *, feature_mode: str = "recompute",
+                progress: Progress = None, decode: bool = True, compile_unet: bool = False) -> list[EditResult]:
+    """Sample every edit of `configs` from the cached inversion in `entry`, all in one UNet call per
+    window per step (`shared_layout`: the source branch once, then each edit's branches); with `decode`,
+    decode each to frames. Each edit equals its own `edit` run to float tolerance: its branches get
+    the same inputs and prompts, the source features are injected into them on the edit's own schedule
+    and token alignment, and its guidance, DDIM step and exact correction use only its own predictions.
+    (The rows of a bigger batch may round differently, and when any edit replaces cross-attention maps
+    every branch computes explicit maps.)
 
     The step loop keeps every latent on the device; the cached latents (and disk-mode features) are read
     ahead of it in a background thread, each file once (editing/prefetch.py). `compile_unet`: run the UNet
@@ -84,21 +166,26 @@ def edit(components, entry: CacheEntry, config: EditConfig, *, feature_mode: str
     source_prompt, steps = request["prompt"], int(request["steps"])
     if not entry.complete:
         raise UserError(f"The inversion in {entry.folder} is unfinished; run `diffferv invert` again to resume it.")
-    if feature_mode == "disk" and config.inject and not entry.has_features:
+    if feature_mode == "disk" and any(config.inject for config in configs) and not entry.has_features:
         raise UserError("This inversion was cached without features; run `diffferv invert --features disk` first.")
-    branches = branch_layout(config, source_prompt, feature_mode)
-    prompts = {"source": source_prompt, "anchor": source_prompt, "negative": source_prompt,
-               "positive": config.prompt_edit}
+    layout = shared_layout(configs, source_prompt, feature_mode)
+    branches = layout.branches
+    prompts = {"source": source_prompt}
+    for config, roles in zip(configs, layout.roles, strict=True):
+        prompts.update({name: config.prompt_edit if role == "positive" else source_prompt for role, name in roles.items()})
     pixels = tuple(side * components.vae_scale_factor for side in entry.manifest["latent_size"])  # (height, width)
     embeddings, added = encode_conditioning(components, [prompts[name] for name in branches], pixels)  # (branches, 77, hidden)
 
     device = components.device
     injector = None
-    if config.inject:
-        schedule = InjectionSchedule(steps, config.tau_app, config.tau_motion, config.tau_cross)
-        targets = tuple(name for name in branches if name != "source")
-        token_maps = {name: token_alignment_all(components, source_prompt, prompts[name]) for name in targets}
-        injector = FeatureInjector(schedule, branches, targets, token_maps,
+    schedules = {name: InjectionSchedule(steps, config.tau_app, config.tau_motion, config.tau_cross)
+                 for config, roles in zip(configs, layout.roles, strict=True) if config.inject for name in roles.values()}
+    if schedules:
+        targets = tuple(name for name in branches if name in schedules)
+        alignments = {prompt: token_alignment_all(components, source_prompt, prompt)
+                      for prompt in dict.fromkeys(prompts[name] for name in targets)}
+        token_maps = {name: alignments[prompts[name]] for name in targets}
+        injector = FeatureInjector(schedules, branches, targets, token_maps,
                                    source_branch="source" if feature_mode == "recompute" else None, device=device)
 
     scheduler = DDIMScheduler.from_config(components.scheduler_config)
@@ -117,23 +204,28 @@ def edit(components, entry: CacheEntry, config: EditConfig, *, feature_mode: str
     total, done = steps * plan.frames_per_pass, 0
     report(stage, 0, total)
     # cached latents in the order the loop asks for them: z_T, then per step k (inversion step s = T-1-k)
-    # the anchor's z_{s+1}, and z_s once for the source branch and once for the exact correction (every
+    # the anchors' z_{s+1} and z_s, the source branch's input and the exact corrections' base (each
     # request listed, so that a latent stays on the device until its last use and is read once)
-    source_reads = ("source" in branches) + bool(config.exact)
+    anchored = any("anchor" in roles for roles in layout.roles)
+    on_path_reads = "source" in branches or any(config.exact for config in configs)
     order = [steps] + [index for k in range(steps) for index in
-                       ([steps - k] if "anchor" in branches else []) + [steps - 1 - k] * source_reads]
+                       ([steps - k] if anchored else []) + ([steps - 1 - k] if on_path_reads else [])]
     disk_features = injector is not None and feature_mode == "disk"
     feature_order = [(steps - 1 - k, index) for k in range(steps) for index in range(len(plan.windows))]
     unet = unet_for_loop(components.unet, compile_unet)
     with temporal_attention(components.unet), torch.inference_mode(), \
             LatentStream(entry, order, device) as cached, \
             FeatureStream(entry, feature_order if disk_features else [], device) as stored:
-        x = cached(steps)  # z_T, float32 (m, 4, h, w), on the device from here on
+        start = cached(steps)  # z_T, float32 (m, 4, h, w), on the device from here on
+        paths = [start] * len(configs)  # each edit's own latent x
         for k, timestep in enumerate(timesteps):
             inversion_step = steps - 1 - k  # the inversion step that ran at this timestep
-            cached_index = {"source": inversion_step, "anchor": inversion_step + 1}  # branches fed from the cache
-            latents_in = {name: cached(cached_index[name]) if name in cached_index else x for name in branches}
-            blends = {name: plan.blend(tuple(x.shape[1:])) for name in predicted}
+            anchor_in = cached(inversion_step + 1) if anchored else None  # z_{s+1}: every anchor's input
+            on_path = cached(inversion_step) if on_path_reads else None  # z_s: the source's input, the correction's base
+            latents_in = {"source": on_path}
+            for x, roles in zip(paths, layout.roles, strict=True):
+                latents_in.update({name: anchor_in if role == "anchor" else x for role, name in roles.items()})
+            blends = {name: plan.blend(tuple(start.shape[1:])) for name in predicted}
             for index, (window, context) in enumerate(zip(plan.windows, plan.contexts, strict=True)):
                 control = None
                 if injector is not None:
@@ -149,17 +241,21 @@ def edit(components, entry: CacheEntry, config: EditConfig, *, feature_mode: str
                 done += window.frames
                 report(stage, done, total)
             eps = {name: blended.result for name, blended in blends.items()}
-            guided = eps["negative"]
-            if "positive" in eps:
-                guided = eps["negative"] + config.guidance * (eps["positive"] - eps["negative"])  # CFG
-            x_next = scheduler.step(guided, timestep, x).prev_sample
-            if config.exact:
-                anchor = "anchor" if "anchor" in branches else "negative"  # module notes: a reconstruction
-                on_path = scheduler.step(eps[anchor], timestep, latents_in[anchor]).prev_sample
-                # z + (edit step - anchor step): when the edit path is on the inversion path the bracket
-                # is exactly zero, so reconstruction lands on the cached latents bit for bit
-                x_next = cached(inversion_step) + (x_next - on_path)
-            x = x_next
-    x = x.cpu()  # the edit leaves the device once, at the end
-    frames_out = decode_latents(components.vae, x, progress=lambda d, t: report("decode", d, t)) if decode else None
-    return EditResult(latents=x, frames=frames_out, branches=branches)
+            for number, (config, roles) in enumerate(zip(configs, layout.roles, strict=True)):
+                x, guided = paths[number], eps[roles["negative"]]
+                if "positive" in roles:
+                    guided = guided + config.guidance * (eps[roles["positive"]] - guided)  # CFG
+                x_next = scheduler.step(guided, timestep, x).prev_sample
+                if config.exact:
+                    anchor = roles.get("anchor", roles["negative"])  # module notes: a reconstruction
+                    anchor_step = scheduler.step(eps[anchor], timestep, latents_in[anchor]).prev_sample
+                    # z + (edit step - anchor step): when the edit path is on the inversion path the bracket
+                    # is exactly zero, so reconstruction lands on the cached latents bit for bit
+                    x_next = on_path + (x_next - anchor_step)
+                paths[number] = x_next
+    results = []
+    for x, own_layout in zip(paths, layout.layouts, strict=True):
+        x = x.cpu()  # each edit leaves the device once, at the end
+        frames_out = decode_latents(components.vae, x, progress=lambda d, t: report("decode", d, t)) if decode else None
+        results.append(EditResult(latents=x, frames=frames_out, branches=own_layout))
+    return results
