@@ -83,10 +83,10 @@ def _run(original: Path, edited: Path, json_out: Path | None, html_out: Path | N
     from diffferv_cli.evaluation.html import StripFrames
 
     strip = StripFrames() if html_out is not None else None
+    keep = {} if strip is None else {"frames_hook": strip}  # the strip's frames, only for --html
     with err_console.status("evaluating") as status:
         report = evaluate(original, edited, config,
-                          progress=lambda stage, done, total: status.update(f"{stage} {done}/{total}"),
-                          frames_hook=strip)
+                          progress=lambda stage, done, total: status.update(f"{stage} {done}/{total}"), **keep)
 
     table = Table("metric", "value", "note", title=f"{report.frames} frames at {report.width}x{report.height}")
     for result in report.results:
