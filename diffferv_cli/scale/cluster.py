@@ -252,14 +252,16 @@ def start_ray(address: str | None) -> bool:
         try:
             ray.init(address=address, **{key: value for key, value in quiet.items() if key != "include_dashboard"})
         except (ConnectionError, ValueError, RuntimeError) as err:
-            raise UserError(f"Cannot join the Ray cluster at {address} ({err}); start one with `ray start --head` "
-                            "or leave out --address for a local instance.") from None
+            raise UserError(f"Cannot join the Ray cluster at {address} ({err}); start one with `ray start --head`, "
+                            "set RAY_AUTH_MODE=token when it uses token authentication (Ray's default), or leave "
+                            "out --address for a local instance.") from None
         return True
     cpus, gpus = machine_size()
     os.environ.pop("RAY_ADDRESS", None)  # an empty RAY_ADDRESS would make ray.init look for a cluster
-    ray_log = logging.getLogger("ray")
+    # its note that the local instance uses token authentication (the default) is not for our users
+    ray_log = logging.getLogger("ray._private.authentication.authentication_token_setup")
     level = ray_log.level
-    ray_log.setLevel(logging.ERROR)  # its notes on starting a local instance (token set up, ports) are not ours
+    ray_log.setLevel(logging.ERROR)
     try:
         ray.init(num_cpus=cpus, num_gpus=gpus, **quiet)
     finally:
@@ -309,7 +311,7 @@ def run_batch(groups: Sequence[Group], cluster: Cluster, *, retries: int = DEFAU
             return
         job, inverts = slot["jobs"].pop(0)
         attempts[job.number] = attempts.get(job.number, 0) + 1
-        task = Task(job.number, job.request, cache_root(job.options["cache_dir"]).resolve(), inverts)
+        task = Task(job.number, _portable(job.request), cache_root(job.options["cache_dir"]).resolve(), inverts)
         running[slot["actor"].run.remote(task)] = (slot, job, inverts)
         say(BatchEvent("start", job.number, worker=slot["name"]))
 
@@ -346,6 +348,21 @@ def run_batch(groups: Sequence[Group], cluster: Cluster, *, retries: int = DEFAU
         for slot in slots:
             ray.kill(slot["actor"], no_restart=True)
     return [results[number] for number in sorted(results)]
+
+
+def _portable(request):
+    """`request` with the paths a worker opens made absolute: a worker's folder is not the driver's."""
+    import dataclasses
+
+    options = dict(request.options)
+    for name in ("clip", "out"):
+        if options[name] is not None:
+            options[name] = Path(options[name]).expanduser().absolute()
+    model = Path(options["model"]).expanduser()
+    if model.exists():  # a local folder or file, not a hub id
+        options["model"] = str(model.absolute())
+    loras = [(Path(path).expanduser().absolute(), scale) for path, scale in request.loras]
+    return dataclasses.replace(request, options=options, loras=loras)
 
 
 def _death(err: Exception) -> str:
