@@ -19,7 +19,9 @@ from rich.table import Table
 
 from diffferv_cli.errors import UserError
 
-console = Console()
+# Under a launcher's ranks (torchrun, accelerate launch) rank 0 speaks for the job; the others say only errors.
+_FOLLOWER = int(os.environ.get("RANK", "0") or 0) > 0
+console = Console(quiet=_FOLLOWER)
 err_console = Console(stderr=True)
 
 

@@ -200,6 +200,9 @@ def job_progress(console: Console, plan_of: Callable | None = None) -> Iterator[
     """The progress callback of one command, bars on a terminal, lines otherwise. `plan_of(frames,
     working_size)` gives the command's `job.JobPlan`; the callback's `clip_known(frames, working_size)`
     announces it (called before decoding)."""
+    if int(os.environ.get("RANK", "0") or 0) > 0:  # a launcher's follower rank: rank 0 reports for the job
+        yield _Lines(Console(quiet=True), plan_of, progress_every())
+        return
     if not console.is_terminal:
         yield _Lines(console, plan_of, progress_every())
         return

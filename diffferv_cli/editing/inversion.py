@@ -44,9 +44,10 @@ from diffferv_cli.editing.features import FeatureRecorder
 from diffferv_cli.editing.prefetch import HostTensor, LatentStream, WriteBehind, to_host
 from diffferv_cli.editing.prompts import encode_conditioning, repeat_rows
 from diffferv_cli.editing.vae import encode_frames
-from diffferv_cli.errors import Interrupted
+from diffferv_cli.errors import Interrupted, UserError
 from diffferv_cli.temporal.context import AttentionContext
 from diffferv_cli.temporal.install import temporal_attention
+from diffferv_cli.temporal.ranks import SINGLE, Ranks
 from diffferv_cli.temporal.windows import (
     NoiseBlend,
     Window,
@@ -171,21 +172,33 @@ def inverse_scheduler(components, steps: int) -> DDIMInverseScheduler:
 
 
 def invert(components, clip, config: InversionConfig, *, cache_dir=None, force: bool = False,
-           progress: Progress = None, compile_unet: bool = False) -> InversionOutcome:
+           progress: Progress = None, compile_unet: bool = False, ranks: Ranks = SINGLE) -> InversionOutcome:
     """Invert `clip` (or resume / reuse its cached inversion) and return the cache entry. Holds the
     entry's lock meanwhile: a concurrent run on the same entry waits, then reuses the result.
 
     The step loop keeps the latents on the device; cache reads run ahead of it and writes behind it in
-    background threads (editing/prefetch.py). `compile_unet`: run the UNet through `torch.compile`."""
+    background threads (editing/prefetch.py). `compile_unet`: run the UNet through `torch.compile`.
+    `ranks`: the processes of a torch.distributed job sharing this clip (temporal/ranks.py): rank 0 takes
+    the lock, computes the flow and the encode and writes the cache; every rank runs its windows of each
+    UNet pass."""
     report = progress or (lambda stage, done, total: None)
     request = cache_request(clip, components, config)
     root = cache_root(cache_dir)
+    if ranks.world > 1 and config.feature_mode == "disk":
+        raise UserError("--features disk runs in one process; drop it (or the launcher's extra ranks).")
+    if not ranks.main:
+        ranks.barrier()  # rank 0 has prepared the entry (or found it finished)
+        entry = open_entry(root, request)
+        ran = _run(components, clip, config, entry, report, compile_unet, ranks) if ranks.share(None) else 0
+        ranks.barrier()
+        return InversionOutcome(entry, ran)
     with entry_lock(root, request):
         entry = open_entry(root, request, force=force)
         try:
-            ran = _run(components, clip, config, entry, report, compile_unet)
+            ran = _run(components, clip, config, entry, report, compile_unet, ranks)
         except KeyboardInterrupt:
             raise Interrupted(kept_work(entry)) from None
+        ranks.barrier()  # the followers are done with the entry before its lock goes
     return InversionOutcome(entry, ran)
 
 
@@ -211,17 +224,37 @@ def kept_clause(items: list[str], plural: bool) -> str:
     return f"{listed} {'are' if plural else 'is'} kept"
 
 
-def _run(components, clip, config: InversionConfig, entry: CacheEntry, report, compile_unet: bool) -> int:
-    """The inversion steps `entry` lacks (all, some after an interruption, or none); UNet passes run."""
+def _run(components, clip, config: InversionConfig, entry: CacheEntry, report, compile_unet: bool,
+         ranks: Ranks = SINGLE) -> int:
+    """The inversion steps `entry` lacks (all, some after an interruption, or none); UNet passes run.
+    Rank 0 prepares (flow, encode, roll-back) and writes; the other ranks, which call this after rank 0's
+    preparation, only run their windows."""
+    manifest = entry.manifest
+    want_features = config.feature_mode == "disk"
+    if ranks.main:
+        needed = not (entry.complete and (entry.has_features or not want_features))
+        if needed:
+            _prepare(components, clip, config, entry, report)
+        if ranks.world > 1:
+            ranks.barrier()
+            ranks.share(needed)
+        if not needed:
+            return 0
+    size = tuple(manifest["latent_size"])
+    start = entry.finished_steps
+    if want_features:  # features must cover every step from 0: recompute the missing ones
+        start = min(start, int(manifest.get("feature_steps", 0)))
+    return _steps(components, config, entry, report, compile_unet, ranks, size, start)
+
+
+def _prepare(components, clip, config: InversionConfig, entry: CacheEntry, report) -> None:
+    """Flow and trajectories, then the VAE encode (in chunks a resume keeps), then the roll-back of the
+    steps a power cut may have lost: what the steps need, each done once."""
     from diffferv_cli.temporal.flow import DISFlow, flow_pairs
     from diffferv_cli.temporal.trajectories import link_clip
 
     manifest = entry.manifest
-    want_features = config.feature_mode == "disk"
-    if entry.complete and (entry.has_features or not want_features):
-        return 0
     manifest.setdefault("source", {"path": str(clip.info.path)})
-
     frames = len(clip.frames)
     size = latent_size(clip, components)
     if "trajectories.safetensors" not in manifest["files"]:
@@ -241,9 +274,13 @@ def _run(components, clip, config: InversionConfig, entry: CacheEntry, report, c
         entry.drop([entry.encoded_name(start) for start in starts])  # saves the manifest
 
     roll_back_unverified(entry)  # a resume after a power cut: keep only the steps whose files hold
-    start = entry.finished_steps
-    if want_features:  # features must cover every step from 0: recompute the missing ones
-        start = min(start, int(manifest.get("feature_steps", 0)))
+
+
+def _steps(components, config: InversionConfig, entry: CacheEntry, report, compile_unet: bool, ranks: Ranks,
+           size: tuple[int, int], start: int) -> int:
+    """Steps `start` .. T-1 of the inversion; rank 0 writes each step's latent (and features)."""
+    manifest = entry.manifest
+    want_features = config.feature_mode == "disk"
     steps = config.steps
     scheduler = inverse_scheduler(components, steps)
     timesteps = [int(t) for t in scheduler.timesteps]
@@ -273,6 +310,8 @@ def _run(components, clip, config: InversionConfig, entry: CacheEntry, report, c
             blended = plan.blend(tuple(latent.shape[1:]))
             window_features = []
             for index, (window, context) in enumerate(zip(plan.windows, plan.contexts, strict=True)):
+                if not ranks.owns(index):
+                    continue
                 recorder.reset()
                 ctx = context.at_step(step, timesteps[step], control=recorder)
                 noise = unet(latent[window.slice].to(components.dtype), timestep_inputs[step],
@@ -286,11 +325,14 @@ def _run(components, clip, config: InversionConfig, entry: CacheEntry, report, c
             if step + 1 <= finished:
                 latent, written = cached(step + 1), None
             else:
+                ranks.reduce(blended.result)  # every rank's windows: the whole clip's noise on every rank
                 latent = scheduler.step(blended.result, timesteps[step], latent).prev_sample  # z_{step+1}
                 written = HostTensor(latent)
-            writer.submit(partial(commits.finish_step, step, written, window_features if want_features else None))
+            if ranks.main:
+                writer.submit(partial(commits.finish_step, step, written, window_features if want_features else None))
             ran += 1
-    commits.commit()  # the last group commit: every file of the run, then the manifest, durably
+    if ranks.main:
+        commits.commit()  # the last group commit: every file of the run, then the manifest, durably
     return ran
 
 

@@ -206,8 +206,10 @@ def source_reference(components, entry, progress: Progress = None) -> np.ndarray
 
 def run_inversion(components, clip, config: InversionConfig, *, cache_dir=None, force=False,
                   progress: Progress = None, compile_unet: bool = False) -> InversionOutcome:
+    from diffferv_cli.temporal.ranks import from_environment
+
     return invert(components, clip, config, cache_dir=cache_dir, force=force, progress=progress,
-                  compile_unet=compile_unet)
+                  compile_unet=compile_unet, ranks=from_environment(components.device))
 
 
 def run_edits(components, clip, inversion: InversionConfig, edits: list[tuple[str, EditConfig]], *,

@@ -25,9 +25,15 @@ def pick_device(requested: str | None = None) -> torch.device:
         if kind == "mps" and not (getattr(torch.backends, "mps", None) is not None
                                   and torch.backends.mps.is_available()):
             raise UserError(f"--device {requested} was asked for but MPS (Apple GPU) is not available here.")
+        if not index and kind == "cuda":
+            from diffferv_cli.temporal.ranks import rank_device
+
+            return rank_device(torch.device("cuda"))
         return torch.device(f"{kind}:{int(index)}" if index else kind)
     if torch.cuda.is_available():
-        return torch.device("cuda")
+        from diffferv_cli.temporal.ranks import rank_device
+
+        return rank_device(torch.device("cuda"))  # each rank of a torchrun job on its own GPU
     if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
         return torch.device("mps")
     return torch.device("cpu")
