@@ -104,7 +104,7 @@ def _quiet_libraries(ctx: typer.Context) -> None:
 
 
 # Shared options -----------------------------------------------------------------------------------
-ModelOpt = Annotated[str, typer.Option("--model", "-m", help="Hub id, local diffusers folder, .safetensors file, or tiny-random.")]
+ModelOpt = Annotated[str, typer.Option("--model", "-m", help="Hub id, local diffusers folder, single .safetensors/.ckpt file (SD 1.x/2.x), or tiny-random / tiny-random-sdxl (random weights).")]
 DeviceOpt = Annotated[str, typer.Option("--device", help="auto (cuda > mps > cpu), cpu, cuda, cuda:1, mps.")]
 DtypeOpt = Annotated[str, typer.Option("--dtype", help="auto (fp16 on GPU, fp32 on CPU), fp32, fp16, bf16.")]
 def _prediction_type(value: str | None) -> str | None:
@@ -149,6 +149,29 @@ def doctor(cache_dir: CacheOpt = None) -> None:
     for check in run_checks(cache_dir):
         table.add_row(check.name, "ok" if check.ok else ("missing" if check.optional else "FAIL"), check.detail)
     console.print(table)
+
+
+# Help shows plain metavars (TEXT, N, X, PATH, NAME) instead of Typer's type labels (`<list[str]>`).
+_METAVARS = {"<str>": "TEXT", "<int>": "N", "<float>": "X", "<path>": "PATH", "<file>": "FILE",
+             "<directory>": "DIR", "<list[str]>": "NAME", "<list[path]>": "PATH"}
+
+
+def _plain_metavar(display_type):
+    def display(self, ctx):
+        label = display_type(self, ctx)
+        return _METAVARS.get(label, label.strip("<>").upper() if label.startswith("<") else label)
+    return display
+
+
+def _plain_metavars() -> None:
+    from typer.core import _TyperParameter
+
+    if not getattr(_TyperParameter.display_type, "_plain", False):
+        _TyperParameter.display_type = _plain_metavar(_TyperParameter.display_type)
+        _TyperParameter.display_type._plain = True
+
+
+_plain_metavars()
 
 
 def _register_optional_groups() -> None:

@@ -13,8 +13,8 @@ from pathlib import Path
 from rich.console import Console
 
 
-def demo_clip(path: Path, *, width: int = 160, height: int = 96, frames: int = 8, fps: int = 24) -> Path:
-    """A moving test pattern with a tone, as H.264/AAC MP4 (written to a unique temporary name, then renamed)."""
+def demo_clip(path: Path, *, width: int = 160, height: int = 96, frames: int = 48, fps: int = 24) -> Path:
+    """A moving test pattern with a tone (2 s by default), as H.264/AAC MP4 (written to a unique temporary name, then renamed)."""
     import ffmpeg
 
     from diffferv_cli.files import atomic_path
@@ -39,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     console = Console()
     args.out.mkdir(parents=True, exist_ok=True)
     clip = demo_clip(args.out / "clip.mp4")
-    common = [str(clip), "--model", "tiny-random", "--size", "96", "--steps", "10", "--cache-dir",
+    common = [str(clip), "--model", "tiny-random", "--size", "96", "--steps", "8", "--cache-dir",
               str(args.out / "cache"), "--device", "cpu"]
     console.rule("diffferv demo: tiny random-weight model")
     console.print("[yellow]The tiny model has RANDOM weights: the pipeline runs end to end, but the edit is "

@@ -427,6 +427,6 @@ def reconstruct_cmd(
 
 
 def register(app: typer.Typer) -> None:
-    app.command("invert")(invert_cmd)
-    app.command("edit")(edit_cmd)
-    app.command("reconstruct")(reconstruct_cmd)
+    app.command("invert", epilog="Examples: diffferv invert clip.mp4 --prompt 'a photo of a woman'  |  diffferv invert clip.mp4 --frames 48 --model fine-tune.safetensors")(invert_cmd)
+    app.command("edit", epilog="Examples: diffferv edit clip.mp4 -p age  |  diffferv edit clip.mp4 -p age -p blond -o out/  |  diffferv edit clip.mp4 --prompt-edit 'a photo of an old woman' --tau-app 0.8 --side-by-side  |  diffferv edit wide.mp4 -p glasses --region auto --lora person.safetensors:0.8")(edit_cmd)
+    app.command("reconstruct", epilog="Examples: diffferv reconstruct clip.mp4 --compare  |  diffferv reconstruct clip.mp4 --exact --lossless -o rec.mp4")(reconstruct_cmd)

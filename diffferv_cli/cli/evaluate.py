@@ -26,7 +26,7 @@ def _format(value: float | None) -> str:
 
 
 def register(app: typer.Typer) -> None:
-    app.command("eval")(eval_command)
+    app.command("eval", epilog="Examples: diffferv eval clip.mp4 clip.age.mp4  |  diffferv eval clip.mp4 clip.age.mp4 --json metrics.json")(eval_command)
 
 
 def eval_command(

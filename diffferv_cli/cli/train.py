@@ -24,8 +24,8 @@ from diffferv_cli.models.lora import LORA_FILE
 
 
 def register(app: typer.Typer) -> None:
-    app.command("train")(train_cmd)
-    app.command("caption")(caption_cmd)
+    app.command("train", epilog="Examples: diffferv train --faces faces/ --prior laion/ --out models/faces  |  diffferv train --faces faces/ --out models/lora --lora-rank 16 --lr 1e-4")(train_cmd)
+    app.command("caption", epilog="Example: diffferv caption faces/ --model ./pixtral-12b")(caption_cmd)
 
 
 # TrainConfig fields whose option is not the field name with dashes

@@ -106,5 +106,5 @@ def probe_cmd(clip: ClipArg, start: StartOpt = default(ClipSpec, "start"), frame
 
 
 def register(app: typer.Typer) -> None:
-    app.command("presets")(presets_cmd)
-    app.command("probe")(probe_cmd)
+    app.command("presets", epilog="Examples: diffferv presets  |  diffferv presets --dir ~/presets")(presets_cmd)
+    app.command("probe", epilog="Examples: diffferv probe clip.mp4  |  diffferv probe clip.mp4 --frames 32 --stride 2 --model stabilityai/stable-diffusion-xl-base-1.0")(probe_cmd)
