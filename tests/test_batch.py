@@ -182,6 +182,37 @@ def test_the_plan_inverts_each_clip_once_longest_first(tmp_path, monkeypatch, cl
 
 
 # -- on Ray -------------------------------------------------------------------------------------------
+def test_a_worker_loads_its_model_once_and_decodes_each_clip_it_runs(tmp_path, monkeypatch, clips):
+    """The worker without Ray: two jobs on two clips, one model load, each output that of its own clip."""
+    import diffferv_cli.models.loading as loading
+    from diffferv_cli.editing.cache import cache_root
+
+    loads = []
+    real_load = loading.load_components
+    monkeypatch.setattr(loading, "load_components", lambda *args, **kwargs: loads.append(args) or real_load(*args, **kwargs))
+    monkeypatch.chdir(clips["a"].parent)
+    out = tmp_path / "out"
+    jobs = load_jobs(_jsonl(tmp_path / "jobs.jsonl", [{"clip": name, "presets": [preset], "out": str(out), **SMALL}
+                                                      for name, preset in (("a.mp4", "age"), ("b.mp4", "age"),
+                                                                           ("a.mp4", "blond"))]),
+                     edit_request, targets=_targets)
+    worker = cluster.BatchWorker()
+    results = [worker.run(cluster.Task(job.number, job.request, cache_root(None), inverts=True)) for job in jobs[:2]]
+    assert all(result.ok for result in results), [result.error for result in results]
+    assert len(loads) == 1 and len(worker.models) == 1
+    assert [result.inversion_steps for result in results] == [2, 2]
+    again = worker.run(cluster.Task(3, jobs[2].request, cache_root(None), inverts=False))
+    assert again.ok and again.inversion_steps == 0 and len(loads) == 1  # the cached inversion, the warm model
+    b_frames = decode_all(out / "b.age.mp4")
+    assert np.array_equal(b_frames, _edited(tmp_path, clips["b"], "age", "plain-b.mp4", threads=torch_threads()))
+
+
+def torch_threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
+
+
 def _edited(tmp_path, clip: Path, preset: str, name: str, *args: str, threads: int = 1) -> np.ndarray:
     """The same job through plain `diffferv edit`, with its own cache (so it inverts for itself), on as many
     torch threads as the batch's worker had (each of 2 workers on 2 CPUs has 1; another count of threads
