@@ -20,17 +20,17 @@ JobsArg = Annotated[Path, typer.Argument(
     "made), and any other option of `edit` under its long name with underscores (model, size, steps, frames, "
     "tau_app, cache_dir, ...).", show_default=False)]
 AddressOpt = Annotated[str | None, typer.Option(
-    "--address", envvar="RAY_ADDRESS", help="Ray cluster to join (HEAD:6379, or auto for one started on this "
+    "--address", envvar="RAY_ADDRESS", metavar="HOST:PORT", help="Ray cluster to join (HEAD:6379, or auto for one started on this "
     "machine with `ray start --head`); default: an embedded local instance sized to this machine.",
     show_default=False)]
 WorkersOpt = Annotated[int | None, typer.Option(
-    "--workers", min=1, help="Workers on CPU, each with its share of the CPUs (default 1); with GPUs, one per GPU "
+    "--workers", min=1, metavar="N", help="Workers on CPU, each with its share of the CPUs (default 1); with GPUs, one per GPU "
     "(at most this many).", show_default=False)]
 RetriesOpt = Annotated[int, typer.Option(
-    "--retries", min=0, max=100, help="Times a job runs again after its worker died (killed, node lost); it "
+    "--retries", min=0, max=100, metavar="N", help="Times a job runs again after its worker died (killed, node lost); it "
     "resumes from the cache.")]
 ReportOpt = Annotated[Path | None, typer.Option(
-    "--report", help="Write a JSON report: every job's outputs, time, inversion and error.", show_default=False)]
+    "--report", metavar="FILE", help="Write a JSON report: every job's outputs, time, inversion and error.", show_default=False)]
 
 
 def _targets(request) -> list[Path]:
@@ -199,4 +199,5 @@ def _summary(results, seconds: float) -> None:
 
 
 def register(app: typer.Typer) -> None:
-    app.command("batch")(batch_cmd)
+    app.command("batch", epilog="Examples: diffferv batch jobs.jsonl --report report.json  |  diffferv batch "
+                "jobs.toml --workers 2  |  RAY_AUTH_MODE=token diffferv batch jobs.csv --address HEAD:6379")(batch_cmd)
