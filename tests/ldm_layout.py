@@ -219,3 +219,49 @@ def write_single_file(path, unet, vae, text_encoder, extra: dict | None = None) 
     path = Path(path)
     save_file(state, str(path))
     return path
+
+
+SDXL_CLIP_PREFIX = "conditioner.embedders.0.transformer."
+SDXL_OPEN_CLIP_PREFIX = "conditioner.embedders.1.model."
+_OPEN_CLIP_LAYER = {"layer_norm1": "ln_1", "layer_norm2": "ln_2", "mlp.fc1": "mlp.c_fc", "mlp.fc2": "mlp.c_proj",
+                    "self_attn.out_proj": "attn.out_proj"}
+
+
+def to_open_clip_state_dict(text_encoder, prefix: str) -> dict[str, torch.Tensor]:
+    """A transformers CLIPTextModelWithProjection in open_clip's layout (SD 2.x / SDXL's second encoder):
+    q, k, v stacked into `attn.in_proj_*`, the projection stored transposed as `text_projection`."""
+    state = {key.removeprefix("text_model."): value.detach().clone()
+             for key, value in text_encoder.state_dict().items() if not key.endswith("position_ids")}
+    out = {prefix + "token_embedding.weight": state.pop("embeddings.token_embedding.weight"),
+           prefix + "positional_embedding": state.pop("embeddings.position_embedding.weight"),
+           prefix + "ln_final.weight": state.pop("final_layer_norm.weight"),
+           prefix + "ln_final.bias": state.pop("final_layer_norm.bias"),
+           prefix + "text_projection": state.pop("text_projection.weight").T.contiguous()}
+    layers = sorted({int(key.split(".")[2]) for key in state if key.startswith("encoder.layers.")})
+    for layer in layers:
+        inner, outer = f"encoder.layers.{layer}.", f"{prefix}transformer.resblocks.{layer}."
+        for kind in ("weight", "bias"):
+            out[f"{outer}attn.in_proj_{kind}"] = torch.cat(
+                [state.pop(f"{inner}self_attn.{name}_proj.{kind}") for name in ("q", "k", "v")])
+            for ours, theirs in _OPEN_CLIP_LAYER.items():
+                out[f"{outer}{theirs}.{kind}"] = state.pop(f"{inner}{ours}.{kind}")
+    if state:
+        raise ValueError(f"no open_clip name for {sorted(state)[:5]}")
+    return out
+
+
+def write_sdxl_single_file(path, unet, vae, text_encoder, text_encoder_2, extra: dict | None = None) -> Path:
+    """An SDXL single-file checkpoint: the UNet (its add_embedding as label_emb) and VAE as for SD 1.x, the
+    first text encoder under conditioner.embedders.0, the second in open_clip layout under embedders.1."""
+    from safetensors.torch import save_file
+
+    state = {key: value for key, value in to_ldm_state_dict(unet, vae, text_encoder).items()
+             if not key.startswith(CLIP_PREFIX)}
+    for key, tensor in text_encoder.state_dict().items():
+        if not key.endswith("position_ids"):
+            state[SDXL_CLIP_PREFIX + _clip_key(key).removeprefix(CLIP_PREFIX)] = tensor.detach().clone()
+    state.update(to_open_clip_state_dict(text_encoder_2, SDXL_OPEN_CLIP_PREFIX))
+    if extra:
+        state.update(extra)
+    save_file({key: tensor.contiguous() for key, tensor in state.items()}, str(path))
+    return Path(path)

@@ -132,13 +132,13 @@ def test_other_families_and_non_checkpoints_are_refused_in_one_sentence(offline)
     from safetensors.torch import save_file
 
     sdxl = offline / "xl.safetensors"
-    save_file({"conditioner.embedders.1.model.transformer.resblocks.9.mlp.c_proj.bias": torch.zeros(4),
+    save_file({"conditioner.embedders.0.model.transformer.resblocks.9.mlp.c_proj.bias": torch.zeros(4),
                "model.diffusion_model.input_blocks.0.0.weight": torch.zeros(4, 4, 3, 3)}, str(sdxl))
     other = offline / "other.safetensors"
     save_file({"transformer.weight": torch.zeros(2)}, str(other))
     text = offline / "notes.safetensors"
     text.write_text("not a checkpoint")
-    for path, words in ((sdxl, "is SDXL"), (other, "not a Stable Diffusion 1.x or 2.x checkpoint"),
+    for path, words in ((sdxl, "is an SDXL refiner"), (other, "not a Stable Diffusion 1.x, 2.x or SDXL checkpoint"),
                         (text, "not a readable checkpoint")):
         with pytest.raises(UserError) as error:
             load_components(str(path), device="cpu")
@@ -220,3 +220,65 @@ def test_a_full_size_sd15_file_loads_offline_in_fp16_like_its_folder(offline):
     from_folder = load_components(str(offline / "sd15-folder"), device="cpu", dtype="fp16")
     for a, b in zip(from_file.unet.parameters(), from_folder.unet.parameters(), strict=True):
         assert torch.equal(a, b)
+
+
+def _sdxl_modules(seed: int = 0):
+    """An SDXL-shaped model of the kind a single file carries (64-channel heads, 32 groups, CLIP's
+    vocabulary in both encoders, the second with ten layers and a projection), tiny."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    text = dict(vocab_size=49408, intermediate_size=48, max_position_embeddings=77)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        unet = UNet2DConditionModel(sample_size=8, block_out_channels=(64, 128, 128), layers_per_block=1,
+                                    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+                                    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+                                    transformer_layers_per_block=(1, 1, 2), attention_head_dim=(1, 2, 2),
+                                    use_linear_projection=True, cross_attention_dim=64 + 128, norm_num_groups=32,
+                                    addition_embed_type="text_time", addition_time_embed_dim=8,
+                                    projection_class_embeddings_input_dim=6 * 8 + 32)
+        vae = AutoencoderKL(block_out_channels=(32, 64), down_block_types=("DownEncoderBlock2D",) * 2,
+                            up_block_types=("UpDecoderBlock2D",) * 2, layers_per_block=1, norm_num_groups=32,
+                            latent_channels=4, scaling_factor=0.13025)
+        # widths differ, as SDXL's 768 and 1280 do: diffusers tells the two encoders apart by them
+        first = CLIPTextModel(CLIPTextConfig(hidden_size=64, num_attention_heads=1, num_hidden_layers=2,
+                                             hidden_act="quick_gelu", **text))
+        second = CLIPTextModelWithProjection(CLIPTextConfig(hidden_size=128, num_attention_heads=2, num_hidden_layers=10,
+                                                            hidden_act="gelu", projection_dim=32, **text))
+        for module in (unet, vae, first, second):
+            for parameter in module.parameters():
+                parameter.data.normal_(std=0.2)
+            module.eval().requires_grad_(False)
+    return unet, vae, first, second
+
+
+def test_an_sdxl_file_loads_offline_with_both_text_encoders(offline):
+    from ldm_layout import write_sdxl_single_file
+
+    from diffferv_cli.editing.prompts import encode_conditioning
+
+    unet, vae, first, second = _sdxl_modules()
+    path = write_sdxl_single_file(offline / "xl.safetensors", unet, vae, first, second)
+    comps = load_components(str(path), device="cpu")
+    assert comps.is_sdxl and comps.tokenizer_2.pad_token == "!"
+    ids = comps.tokenizer(["a photo of a cat"], padding="max_length", max_length=77, return_tensors="pt").input_ids
+    assert torch.equal(comps.text_encoder(ids)[0], first(ids)[0])
+    assert torch.equal(comps.text_encoder_2(ids).text_embeds, second(ids).text_embeds)
+    states, added = encode_conditioning(comps, ["a photo of a cat"], (64, 96))
+    latents = torch.randn(1, 4, 8, 12)
+    assert torch.equal(comps.unet(latents, 10, states, added_cond_kwargs=added).sample,
+                       unet(latents, 10, states, added_cond_kwargs=added).sample)
+    assert comps.vae.config.scaling_factor == 0.13025 and comps.scheduler_config["prediction_type"] == "epsilon"
+
+
+def test_a_file_missing_weights_is_one_sentence_not_a_half_loaded_model(sd1, offline):
+    state = to_ldm_state_dict(*sd1)
+    del state["model.diffusion_model.out.2.bias"]
+    from safetensors.torch import save_file
+
+    path = offline / "truncated.safetensors"
+    save_file({key: value.contiguous() for key, value in state.items()}, str(path))
+    with pytest.raises(UserError) as error:
+        load_components(str(path), device="cpu")
+    assert "\n" not in str(error.value) and ("out.bias" in str(error.value) or "could not be loaded" in str(error.value))

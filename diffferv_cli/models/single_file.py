@@ -2,8 +2,8 @@
 running pickled code), loaded offline.
 
 1. The family is read from the file's tensor names and shapes, as diffusers reads it
-   (`infer_diffusers_model_type`): SD 1.x and SD 2.x load; any other family is refused in one sentence
-   before a weight is read.
+   (`infer_diffusers_model_type`): SD 1.x, SD 2.x and SDXL base load; any other family is refused in one
+   sentence before a weight is read.
 2. The prediction type: `--prediction-type` when given; else a `v_pred` marker in the file (kohya's
    convention) means v-prediction; else diffusers' rule -- SD 1.x predicts noise, SD 2.x predicts v unless
    the file's `global_step` is 875000 (the 512 base model).
@@ -27,12 +27,13 @@ import torch
 from diffferv_cli.errors import UserError
 from diffferv_cli.models.components import Components
 
-FAMILY_NAMES = {"v1": "Stable Diffusion 1.x", "v2": "Stable Diffusion 2.x"}
+FAMILY_NAMES = {"v1": "Stable Diffusion 1.x", "v2": "Stable Diffusion 2.x", "xl_base": "SDXL"}
 # diffusers' names of the families it recognises that diffferv does not drive, for the refusal
-OTHER_FAMILIES = {"xl_base": "SDXL", "xl_refiner": "an SDXL refiner", "xl_inpaint": "an SDXL inpainting model",
+OTHER_FAMILIES = {"xl_refiner": "an SDXL refiner", "xl_inpaint": "an SDXL inpainting model",
                   "inpainting": "an SD inpainting model", "inpainting_v2": "an SD 2 inpainting model",
                   "playground-v2-5": "Playground v2.5", "upscale": "an SD upscaler"}
-CONFIG_REPOS = {"v1": "stable-diffusion-v1-5/stable-diffusion-v1-5", "v2": "stabilityai/stable-diffusion-2-1"}
+CONFIG_REPOS = {"v1": "stable-diffusion-v1-5/stable-diffusion-v1-5", "v2": "stabilityai/stable-diffusion-2-1",
+                "xl_base": "stabilityai/stable-diffusion-xl-base-1.0"}
 
 
 class _Shape:
@@ -80,9 +81,9 @@ def detect_family(shapes: dict[str, tuple], where: str) -> str:
     family = infer_diffusers_model_type({key: _Shape(shape) for key, shape in shapes.items()})
     if family in FAMILY_NAMES and any(key.startswith("model.diffusion_model.") for key in shapes):
         return family
-    what = OTHER_FAMILIES.get(family, "not a Stable Diffusion 1.x or 2.x checkpoint")
-    raise UserError(f"{where} is {what}; diffferv loads single files of Stable Diffusion 1.x and 2.x "
-                    "(SDXL as a diffusers folder or hub id).")
+    what = OTHER_FAMILIES.get(family, "not a Stable Diffusion 1.x, 2.x or SDXL checkpoint")
+    raise UserError(f"{where} is {what}; diffferv loads single files of Stable Diffusion 1.x, 2.x and SDXL base "
+                    "(UNet latent diffusion with CLIP text encoders).")
 
 
 def prediction_of(family: str, shapes: dict[str, tuple], path: Path, requested: str | None) -> str:
@@ -115,7 +116,7 @@ def config_folder(family: str, shapes: dict[str, tuple], prediction_type: str) -
     from diffferv_cli.editing.cache import cache_root
     from diffferv_cli.models.skeletons import skeleton_folder, unet_config
 
-    cached = _hub_config(CONFIG_REPOS[family])
+    cached = _hub_config(CONFIG_REPOS[family], second=family == "xl_base")
     if cached is not None:
         unet = json.loads((cached / "unet" / "config.json").read_text())
         wanted = unet_config(shapes, family)
@@ -124,7 +125,7 @@ def config_folder(family: str, shapes: dict[str, tuple], prediction_type: str) -
     return skeleton_folder(shapes, family, prediction_type, cache_root(None) / "model-configs")
 
 
-def _hub_config(repo: str) -> Path | None:
+def _hub_config(repo: str, second: bool = False) -> Path | None:
     try:
         from huggingface_hub import try_to_load_from_cache
 
@@ -132,8 +133,10 @@ def _hub_config(repo: str) -> Path | None:
         if not isinstance(index, str):
             return None
         folder = Path(index).parent
-        needed = ("unet/config.json", "vae/config.json", "text_encoder/config.json", "tokenizer/vocab.json",
-                  "tokenizer/merges.txt", "scheduler/scheduler_config.json")
+        needed = ["unet/config.json", "vae/config.json", "text_encoder/config.json", "tokenizer/vocab.json",
+                  "tokenizer/merges.txt", "scheduler/scheduler_config.json"]
+        if second:  # SDXL's second encoder and tokenizer
+            needed += ["text_encoder_2/config.json", "tokenizer_2/vocab.json", "tokenizer_2/merges.txt"]
         for name in needed:
             if not isinstance(try_to_load_from_cache(repo, name), str):
                 return None
@@ -168,13 +171,25 @@ def load_single_file(path: Path, dtype: torch.dtype, prediction_type: str | None
                                                             **common)
         tokenizer = CLIPTokenizer.from_pretrained(str(folder), subfolder="tokenizer", local_files_only=True)
         scheduler = dict(DDIMScheduler.load_config(str(folder), subfolder="scheduler", local_files_only=True))
+        second = {}
+        if family == "xl_base":
+            from transformers import CLIPTextModelWithProjection
+
+            second = dict(text_encoder_2=create_diffusers_clip_model_from_ldm(
+                CLIPTextModelWithProjection, checkpoint, subfolder="text_encoder_2", **common),
+                tokenizer_2=CLIPTokenizer.from_pretrained(str(folder), subfolder="tokenizer_2", local_files_only=True))
     except UserError:
         raise
     except Exception as err:  # noqa: BLE001 - diffusers raises many types here; all mean "cannot load"
         raise _not_available(str(path), f"the checkpoint could not be loaded: {(str(err).splitlines() or [''])[0]}") from err
+    for name, module in (("unet", unet), ("vae", vae), ("text_encoder", text_encoder), *second.items()):
+        missing = [key for key, tensor in module.state_dict().items() if getattr(tensor, "is_meta", False)]
+        if missing:  # diffusers leaves what the file lacks unloaded
+            raise _not_available(str(path), f"the checkpoint has no weights for {name} {missing[0]} "
+                                            f"(and {len(missing) - 1} more)")
     scheduler["prediction_type"] = prediction
     return Components(unet, vae, text_encoder, tokenizer, scheduler, model_id=str(path.resolve()),
-                      fingerprint=f"file-sha256-{fingerprint}")
+                      fingerprint=f"file-sha256-{fingerprint}", **second)
 
 
 def content_fingerprint(path: Path, chunk: int = 1 << 24) -> str:

@@ -2,7 +2,7 @@
 
 diffusers turns an original-layout checkpoint into its modules given a diffusers-layout folder of configs
 (and tokenizer files); without one it fetches the family's repository from the hub. `skeleton_folder`
-writes such a folder from what the package ships: the family's configs (SD 1.x, SD 2.x), with every size
+writes such a folder from what the package ships: the family's configs (SD 1.x, SD 2.x, SDXL), with every size
 the checkpoint's tensors reveal (channels, layers, attention placement and depth, text width, vocabulary)
 read from the file itself -- so a fine-tune of another size loads too -- and CLIP's tokenizer built from
 OpenAI's byte-pair merges (`data/bpe_simple_vocab_16e6.txt.gz`, MIT licence, see data/LICENSE-CLIP).
@@ -27,6 +27,8 @@ UNET = "model.diffusion_model."
 VAE = "first_stage_model."
 CLIP_L = "cond_stage_model.transformer.text_model."
 OPEN_CLIP = "cond_stage_model.model."
+XL_CLIP_L = "conditioner.embedders.0.transformer.text_model."
+XL_OPEN_CLIP = "conditioner.embedders.1.model."
 
 PIPELINE_INDEX = {
     "_class_name": "StableDiffusionPipeline",
@@ -53,6 +55,15 @@ FAMILIES = {
         text=dict(hidden_act="gelu", projection_dim=512),
         pad_token="!",
         scheduler=dict(SD15_SCHEDULER),
+    ),
+    "xl_base": dict(  # SDXL base: CLIP ViT-L and OpenCLIP ViT-bigG side by side, size/crop conditioning
+        unet=dict(attention_head_dim=None, cross_attention_dim=2048, sample_size=128, use_linear_projection=True),
+        text=dict(hidden_act="quick_gelu", projection_dim=768),
+        text_2=dict(hidden_act="gelu"),
+        pad_token="<|endoftext|>",
+        pad_token_2="!",
+        scheduler=dict(SD15_SCHEDULER, timestep_spacing="leading"),
+        vae=dict(scaling_factor=0.13025, force_upcast=True, sample_size=1024),
     ),
 }
 
@@ -88,7 +99,7 @@ def _blocks(keys, pattern: str) -> list[int]:
     return sorted({int(match.group(1)) for key in keys if (match := regex.match(key))})
 
 
-def unet_config(shapes: Mapping[str, tuple], family: str) -> dict:
+def unet_config(shapes: Mapping[str, tuple], family: str, pooled_width: int | None = None) -> dict:
     """The UNet's config: the family's, with its levels, channels, attention and widths read from the
     original-layout tensors (`input_blocks`: conv_in, then per level its res(+attention) blocks and a
     downsampler but after the last level)."""
@@ -123,10 +134,14 @@ def unet_config(shapes: Mapping[str, tuple], family: str) -> dict:
         use_linear_projection=len(shapes[proj_in]) == 2,
         transformer_layers_per_block=depths if len(set(depths)) > 1 else depths[0],
     )
+    added = shapes.get(f"{UNET}label_emb.0.0.weight")
+    if added is not None and pooled_width:  # SDXL: pooled text + 6 size/crop ids, each through a sinusoid
+        config.update(addition_embed_type="text_time", projection_class_embeddings_input_dim=added[1],
+                      addition_time_embed_dim=(added[1] - pooled_width) // 6)
     return config
 
 
-def vae_config(shapes: Mapping[str, tuple]) -> dict:
+def vae_config(shapes: Mapping[str, tuple], family: str = "v1") -> dict:
     keys = list(shapes)
     levels = _blocks(keys, re.escape(VAE) + r"encoder\.down\.(\d+)\.")
     channels = [shapes[f"{VAE}encoder.down.{level}.block.0.conv1.weight"][0] for level in levels]
@@ -138,51 +153,73 @@ def vae_config(shapes: Mapping[str, tuple]) -> dict:
         up_block_types=["UpDecoderBlock2D"] * len(channels),
         layers_per_block=len(_blocks(keys, re.escape(VAE) + r"encoder\.down\.0\.block\.(\d+)\.")),
         latent_channels=shapes[f"{VAE}quant_conv.weight"][0] // 2,
-        sample_size=512,
-        scaling_factor=0.18215,
+        **{"sample_size": 512, "scaling_factor": 0.18215, **FAMILIES[family].get("vae", {})},
     )
 
 
-def text_config(shapes: Mapping[str, tuple], family: str) -> dict:
-    """CLIPTextConfig arguments: SD 1.x's CLIP ViT-L (transformers layout in the file) or SD 2.x's
-    OpenCLIP ViT-H (open_clip layout; diffusers keeps all but its last layer, as SD 2 uses)."""
+def text_config(shapes: Mapping[str, tuple], family: str, second: bool = False) -> dict:
+    """CLIPTextConfig arguments: SD 1.x's CLIP ViT-L (transformers layout in the file), SD 2.x's OpenCLIP
+    ViT-H (open_clip layout; diffusers keeps all but its last layer, as SD 2 uses), SDXL's two (the first
+    a ViT-L, the `second` an OpenCLIP ViT-bigG with its projection, every layer kept)."""
     keys = list(shapes)
-    if family == "v1":
-        vocab, hidden = shapes[f"{CLIP_L}embeddings.token_embedding.weight"]
-        positions = shapes[f"{CLIP_L}embeddings.position_embedding.weight"][0]
-        layers = len(_blocks(keys, re.escape(CLIP_L) + r"encoder\.layers\.(\d+)\."))
-        intermediate = shapes[f"{CLIP_L}encoder.layers.0.mlp.fc1.weight"][0]
+    if family == "v1" or (family == "xl_base" and not second):
+        prefix = CLIP_L if family == "v1" else XL_CLIP_L
+        vocab, hidden = shapes[f"{prefix}embeddings.token_embedding.weight"]
+        positions = shapes[f"{prefix}embeddings.position_embedding.weight"][0]
+        layers = len(_blocks(keys, re.escape(prefix) + r"encoder\.layers\.(\d+)\."))
+        intermediate = shapes[f"{prefix}encoder.layers.0.mlp.fc1.weight"][0]
+        extra = {}
     else:
-        vocab, hidden = shapes[f"{OPEN_CLIP}token_embedding.weight"]
-        positions = shapes[f"{OPEN_CLIP}positional_embedding"][0]
-        layers = len(_blocks(keys, re.escape(OPEN_CLIP) + r"transformer\.resblocks\.(\d+)\.")) - 1
-        intermediate = shapes[f"{OPEN_CLIP}transformer.resblocks.0.mlp.c_fc.weight"][0]
-    return dict(FAMILIES[family]["text"], vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate,
-                num_hidden_layers=layers, num_attention_heads=max(1, hidden // 64), max_position_embeddings=positions,
-                bos_token_id=49406, eos_token_id=49407, pad_token_id=49407 if family == "v1" else 0)
+        prefix = OPEN_CLIP if family == "v2" else XL_OPEN_CLIP
+        vocab, hidden = shapes[f"{prefix}token_embedding.weight"]
+        positions = shapes[f"{prefix}positional_embedding"][0]
+        layers = len(_blocks(keys, re.escape(prefix) + r"transformer\.resblocks\.(\d+)\."))
+        layers -= 1 if family == "v2" else 0
+        intermediate = shapes[f"{prefix}transformer.resblocks.0.mlp.c_fc.weight"][0]
+        extra = {"projection_dim": shapes[f"{prefix}text_projection"][1]} if second else {}
+    base = FAMILIES[family]["text_2" if second else "text"]
+    pad = 0 if (family == "v2" or second) else 49407
+    return dict(base, vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
+                num_attention_heads=max(1, hidden // 64), max_position_embeddings=positions, bos_token_id=49406,
+                eos_token_id=49407, pad_token_id=pad, **extra)
+
+
+def _tokenizer_files(folder: str, pad: str) -> dict[str, dict]:
+    special = {"bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>",
+               "pad_token": pad}
+    return {f"{folder}/tokenizer_config.json": {"tokenizer_class": "CLIPTokenizer", "model_max_length": 77, **special},
+            f"{folder}/special_tokens_map.json": special}
 
 
 def skeleton(shapes: Mapping[str, tuple], family: str, prediction_type: str) -> dict[str, dict]:
     """{relative file: JSON content} of the folder for a checkpoint of `family` with these tensor shapes."""
-    unet = unet_config(shapes, family)
-    vae = vae_config(shapes)
+    sdxl = family == "xl_base"
+    text = text_config(shapes, family)
+    text_2 = text_config(shapes, family, second=True) if sdxl else None
+    unet = unet_config(shapes, family, pooled_width=text_2["projection_dim"] if sdxl else None)
+    vae = vae_config(shapes, family)
     if family == "v2" and prediction_type == "v_prediction":  # SD 2.x 768-v
         unet["sample_size"], vae["sample_size"] = 96, 768
     scheduler = dict(FAMILIES[family]["scheduler"], prediction_type=prediction_type)
-    pad = FAMILIES[family]["pad_token"]
-    return {
-        "model_index.json": PIPELINE_INDEX,
+    index = dict(PIPELINE_INDEX)
+    if sdxl:
+        index = {key: value for key, value in index.items()
+                 if key not in ("safety_checker", "feature_extractor", "requires_safety_checker")}
+        index.update(_class_name="StableDiffusionXLPipeline", text_encoder_2=["transformers", "CLIPTextModelWithProjection"],
+                     tokenizer_2=["transformers", "CLIPTokenizer"])
+    files = {
+        "model_index.json": index,
         "unet/config.json": {"_class_name": "UNet2DConditionModel", **unet},
         "vae/config.json": {"_class_name": "AutoencoderKL", **vae},
-        "text_encoder/config.json": {"architectures": ["CLIPTextModel"], "model_type": "clip_text_model",
-                                     **text_config(shapes, family)},
+        "text_encoder/config.json": {"architectures": ["CLIPTextModel"], "model_type": "clip_text_model", **text},
         "scheduler/scheduler_config.json": {"_class_name": "DDIMScheduler", **scheduler},
-        "tokenizer/tokenizer_config.json": {"tokenizer_class": "CLIPTokenizer", "model_max_length": 77,
-                                            "bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>",
-                                            "unk_token": "<|endoftext|>", "pad_token": pad},
-        "tokenizer/special_tokens_map.json": {"bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>",
-                                              "unk_token": "<|endoftext|>", "pad_token": pad},
+        **_tokenizer_files("tokenizer", FAMILIES[family]["pad_token"]),
     }
+    if sdxl:
+        files["text_encoder_2/config.json"] = {"architectures": ["CLIPTextModelWithProjection"],
+                                               "model_type": "clip_text_model", **text_2}
+        files.update(_tokenizer_files("tokenizer_2", FAMILIES[family]["pad_token_2"]))
+    return files
 
 
 def skeleton_folder(shapes: Mapping[str, tuple], family: str, prediction_type: str, root: Path) -> Path:
@@ -199,8 +236,9 @@ def skeleton_folder(shapes: Mapping[str, tuple], family: str, prediction_type: s
         path = staging / name
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(content, indent=1))
-    (staging / "tokenizer/vocab.json").write_text(json.dumps(vocab))
-    (staging / "tokenizer/merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
+    for tokenizer in ("tokenizer", "tokenizer_2") if family == "xl_base" else ("tokenizer",):
+        (staging / tokenizer / "vocab.json").write_text(json.dumps(vocab))
+        (staging / tokenizer / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
     try:
         staging.rename(folder)
     except OSError:  # another run renamed its copy first
