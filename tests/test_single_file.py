@@ -9,11 +9,11 @@ import pickle
 
 import pytest
 import torch
+from ldm_layout import to_ldm_state_dict, write_single_file
 from typer.testing import CliRunner
 
 from diffferv_cli.errors import UserError
 from diffferv_cli.models.loading import load_components
-from ldm_layout import to_ldm_state_dict, write_single_file
 
 
 def _sd1_modules(seed: int = 0, text_width: int = 64):
