@@ -49,13 +49,14 @@ def test_a_piped_edit_of_several_presets_prints_the_plan_and_named_progress_line
     assert result.exit_code == 0, result.output
     assert (out / "clip.age.mp4").is_file() and (out / "clip.blond.mp4").is_file()
     lines = _lines(result.output)
-    assert lines[0].endswith("Work: invert (or reuse the cache) + 2 edits (age, blond) of 4 frames at 96x64: "
-                             "2 steps × 1 window each = 6 window passes")
+    assert lines[0].endswith("Work: invert (or reuse the cache) + 2 edits (age, blond) sampled together of 4 frames "
+                             "at 96x64: 2 steps × 1 window each = 4 window passes")
     said = "\n".join(lines)
     for stage in ("decode: 4/4, done in", "flow: 3/3, done in", "encode: 4/4, done in",
                   "invert: 2 steps × 1 window: 8/8, done in",
-                  "edit age (1 of 2): 2 steps × 1 window: 8/8, done in", "write: edit age (1 of 2): 4/4, done in",
-                  "edit blond (2 of 2): 2 steps × 1 window: 8/8, done in", "write: edit blond (2 of 2): 4/4"):
+                  "edit age + blond: 2 steps × 1 window: 8/8, done in",  # one loop, one source branch
+                  "decode: edit age (1 of 2): 4/4, done in", "write: edit age (1 of 2): 4/4, done in",
+                  "decode: edit blond (2 of 2): 4/4, done in", "write: edit blond (2 of 2): 4/4"):
         assert stage in said, stage
     # from the first UNet pass on, the whole command's share done and time left
     first_pass = next(line for line in lines if "invert: 2 steps × 1 window: 4/8" in line)
@@ -77,10 +78,23 @@ def test_progress_lines_come_at_a_steady_pace_and_at_each_stage_end():
         "decode: 100/100, done in 0:01:40"]
 
 
+def test_edits_sampled_together_are_one_loop_of_their_shared_branches():
+    inversion = InversionConfig(steps=10, window_frames=8)
+    edits = [(name, EditConfig(prompt_edit=f"a photo of a {name} person")) for name in ("old", "young", "blond")]
+    plan = job_plan(20, (512, 768), inversion, edits)
+    assert [(run.name, run.branches) for run in plan.runs] == [("invert", 1), ("edit old + young + blond", 7)]
+    assert plan.describe() == ("invert (or reuse the cache) + 3 edits (old, young, blond) sampled together of 20 "
+                               "frames at 512x768: 10 steps × 4 windows each = 80 window passes")
+    plan = job_plan(20, (512, 768), inversion, edits, max_batch_rows=5 * 8)  # two edits' branches per call
+    assert [(run.name, run.branches) for run in plan.runs] == [
+        ("invert", 1), ("edit old + young (1-2 of 3)", 5), ("edit blond (3 of 3)", 3)]
+    assert plan.describe().startswith("invert (or reuse the cache) + 3 edits (old, young, blond) in 2 shared loops")
+
+
 def test_the_whole_command_eta_counts_every_edit_and_drops_a_cached_inversion():
     inversion = InversionConfig(steps=10, window_frames=8)
     edits = [(name, EditConfig(prompt_edit=f"a photo of a {name} person")) for name in ("old", "young")]
-    plan = job_plan(20, (512, 768), inversion, edits)
+    plan = job_plan(20, (512, 768), inversion, edits, max_batch_rows=3 * 8)  # one edit per loop
     assert [run.name for run in plan.runs] == ["invert", "edit old (1 of 2)", "edit young (2 of 2)"]
     assert plan.describe() == ("invert (or reuse the cache) + 2 edits (old, young) of 20 frames at 512x768: "
                                "10 steps × 4 windows each = 120 window passes")

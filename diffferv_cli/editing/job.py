@@ -11,7 +11,15 @@ import numpy as np
 
 from diffferv_cli.config import CompositeConfig, EditConfig, InversionConfig
 from diffferv_cli.editing.inversion import InversionOutcome, clip_windows, invert, kept_clause
-from diffferv_cli.editing.sampling import EditResult, branch_layout, edit
+from diffferv_cli.editing.sampling import (
+    DEFAULT_MAX_BATCH_ROWS,
+    EditResult,
+    edit,
+    edit_groups,
+    edit_shared,
+    largest_window,
+    shared_layout,
+)
 from diffferv_cli.editing.settings import edit_settings
 from diffferv_cli.editing.vae import decode_latents
 from diffferv_cli.errors import Interrupted, UserError
@@ -31,13 +39,15 @@ class Reconstruction:
 
 @dataclass(frozen=True)
 class PlannedRun:
-    """One UNet loop of a command: the inversion, or one edit (one reconstruction path)."""
+    """One UNet loop of a command: the inversion, the edits sampled together (one edit, or a group sharing
+    one source branch), or one reconstruction path."""
 
-    name: str  # the head of its progress stage: "invert", "edit age (2 of 3)", "reconstruct exact (1 of 3)"
+    name: str  # the head of its progress stage: "invert", "edit age + blond", "reconstruct exact (1 of 3)"
     steps: int
     windows: int
     frames_per_pass: int  # frames through the UNet in one pass over all windows (overlaps counted twice)
     branches: int  # prompt branches: batch rows per frame
+    labels: tuple[str, ...] = ()  # the edits (reconstruction paths) this loop samples
 
     @property
     def units(self) -> int:
@@ -58,15 +68,17 @@ class JobPlan:
         return sum(run.units for run in self.runs)
 
     def describe(self) -> str:
-        """"invert + 3 edits (age, blond, glasses) of 472 frames at 512x768: 50 steps × 12 windows each =
-        2,400 window passes"."""
+        """"invert (or reuse the cache) + 3 edits (age, blond, glasses) sampled together of 472 frames at
+        512x768: 50 steps × 12 windows each = 1,200 window passes"."""
         first, *rest = self.runs
         what = "invert"
         if rest:
             kind = rest[0].name.split()[0]
-            labels = ", ".join(run.name.split(" (")[0].removeprefix(kind).strip() or kind for run in rest)
+            labels = [label for run in rest for label in run.labels]
             noun = {"edit": "edit", "reconstruct": "reconstruction path"}.get(kind, kind)
-            what = f"invert (or reuse the cache) + {len(rest)} {noun}{'s' if len(rest) > 1 else ''} ({labels})"
+            what = f"invert (or reuse the cache) + {len(labels)} {noun}{'s' if len(labels) > 1 else ''} ({', '.join(labels)})"
+            if len(rest) < len(labels):  # some share a loop (and its source branch)
+                what += " sampled together" if len(rest) == 1 else f" in {len(rest)} shared loops"
         passes = sum(run.steps * run.windows for run in self.runs)
         width, height = self.working_size
         return (f"{what} of {self.frames} frames at {width}x{height}: {first.steps} steps × {first.windows} "
@@ -79,19 +91,37 @@ def run_name(kind: str, label: str, index: int, count: int) -> str:
     return f"{name} ({index} of {count})" if count > 1 else name
 
 
+def loop_name(kind: str, labels: list[str], numbers: list[int], count: int) -> str:
+    """The name on the progress of one UNet loop sampling the edits `labels` (numbered `numbers` of
+    `count`) together: `run_name` for one edit, "edit age + blond + glasses" for all of them, "edit age +
+    blond (1-2 of 3)" for a group of them."""
+    if len(labels) == 1:
+        return run_name(kind, labels[0], numbers[0], count)
+    name = f"{kind} {' + '.join(labels)}"
+    return name if len(labels) == count else f"{name} ({numbers[0]}-{numbers[-1]} of {count})"
+
+
 def job_plan(frames: int, working_size: tuple[int, int], inversion: InversionConfig,
-             runs: list[tuple[str, EditConfig]] = (), kind: str = "edit") -> JobPlan:
-    """The plan of inverting `frames` frames and then running each (label, config) of `runs`."""
+             runs: list[tuple[str, EditConfig]] = (), kind: str = "edit",
+             max_batch_rows: int = DEFAULT_MAX_BATCH_ROWS) -> JobPlan:
+    """The plan of inverting `frames` frames and then running each (label, config) of `runs`: edits in
+    the groups `run_edits` samples together (`sampling.edit_groups`), reconstruction paths one by one."""
     windows = clip_windows(frames, inversion)
     frames_per_pass = sum(window.frames for window in windows)
+    configs = [config for _, config in runs]
+    groups = [[index] for index in range(len(runs))]
+    if kind == "edit":
+        groups = edit_groups(configs, inversion.prompt, inversion.feature_mode,
+                             window_frames=max(window.frames for window in windows), max_batch_rows=max_batch_rows)
 
-    def planned(name: str, branches: int) -> PlannedRun:
-        return PlannedRun(name, inversion.steps, len(windows), frames_per_pass, branches)
+    def planned(group: list[int]) -> PlannedRun:
+        labels = [runs[index][0] for index in group]
+        layout = shared_layout([configs[index] for index in group], inversion.prompt, inversion.feature_mode)
+        return PlannedRun(loop_name(kind, labels, [index + 1 for index in group], len(runs)), inversion.steps,
+                          len(windows), frames_per_pass, len(layout.branches), tuple(labels))
 
-    return JobPlan(frames, tuple(working_size), (planned("invert", 1), *(
-        planned(run_name(kind, label, index, len(runs)),
-                len(branch_layout(config, inversion.prompt, inversion.feature_mode)))
-        for index, (label, config) in enumerate(runs, 1))))
+    return JobPlan(frames, tuple(working_size), (PlannedRun("invert", inversion.steps, len(windows), frames_per_pass, 1),
+                                                 *(planned(group) for group in groups)))
 
 
 def _named(progress: Progress, name: str, kind: str = "edit") -> Progress:
@@ -215,9 +245,13 @@ def run_inversion(components, clip, config: InversionConfig, *, cache_dir=None, 
 def run_edits(components, clip, inversion: InversionConfig, edits: list[tuple[str, EditConfig]], *,
               cache_dir=None, force=False, out: Path | None = None, overwrite=False, side_by_side=False,
               composite: CompositeConfig = CompositeConfig(), lossless: bool = False,
-              progress: Progress = None, compile_unet: bool = False) -> tuple[InversionOutcome, list[Path]]:
-    """Invert once (or reuse the cache), then sample and write every edit. Progress names each edit's
-    stages (`run_name`); an interrupt says what is kept (`errors.Interrupted`)."""
+              progress: Progress = None, compile_unet: bool = False,
+              max_batch_rows: int = DEFAULT_MAX_BATCH_ROWS) -> tuple[InversionOutcome, list[Path]]:
+    """Invert once (or reuse the cache), then sample the edits together, one source branch per UNet call
+    for as many edits as `max_batch_rows` frame rows per call allow (`sampling.edit_groups`: each call
+    holds branches x the largest window's frames), and decode and write each. Progress names each
+    sampling loop (`loop_name`) and each edit's decode and write (`run_name`); an interrupt says what is
+    kept (`errors.Interrupted`)."""
     targets = edit_outputs(clip.info.path, [label for label, _ in edits], out, overwrite=overwrite,
                            side_by_side=side_by_side)
     outcome = run_inversion(components, clip, inversion, cache_dir=cache_dir, force=force, progress=progress,
@@ -226,14 +260,24 @@ def run_edits(components, clip, inversion: InversionConfig, edits: list[tuple[st
     finished = 0
     try:
         reference = source_reference(components, outcome.entry, progress) if composite.mode == "residual" else None
-        for index, ((label, config), target) in enumerate(zip(edits, targets, strict=True), 1):
-            named = _named(progress, run_name("edit", label, index, len(edits)))
-            result = edit(components, outcome.entry, config, feature_mode=inversion.feature_mode, progress=named,
-                          compile_unet=compile_unet)
-            settings = edit_settings(components, clip, inversion, config, label, composite)
-            written += write_result(clip, result.frames, target, side_by_side=side_by_side, composite=composite,
-                                    reference=reference, lossless=lossless, progress=named, settings=settings)
-            finished += 1
+        groups = edit_groups([config for _, config in edits], inversion.prompt, inversion.feature_mode,
+                             window_frames=largest_window(outcome.entry), max_batch_rows=max_batch_rows)
+        for group in groups:
+            loop = _named(progress, loop_name("edit", [edits[index][0] for index in group],
+                                              [index + 1 for index in group], len(edits)))
+            results = edit_shared(components, outcome.entry, [edits[index][1] for index in group],
+                                  feature_mode=inversion.feature_mode, progress=loop, decode=False,
+                                  compile_unet=compile_unet)
+            for index, result in zip(group, results, strict=True):
+                label, config = edits[index]
+                named = _named(progress, run_name("edit", label, index + 1, len(edits)))
+                report = named or (lambda stage, done, total: None)
+                frames = decode_latents(components.vae, result.latents,
+                                        progress=lambda done, total, report=report: report("decode", done, total))
+                settings = edit_settings(components, clip, inversion, config, label, composite)
+                written += write_result(clip, frames, targets[index], side_by_side=side_by_side, composite=composite,
+                                        reference=reference, lossless=lossless, progress=named, settings=settings)
+                finished += 1
     except KeyboardInterrupt:
         kept = ["the inversion"] + ([f"{finished} of {len(edits)} edits"] if finished else [])
         raise Interrupted(kept_clause(kept, plural=finished > 0)) from None
