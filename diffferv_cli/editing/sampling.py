@@ -17,6 +17,14 @@ Branches of the batch (each `frames` rows, see attention/context.py):
         x     <- DDIM(eps, t, x)
         exact:  x <- z_{T-1-k} + (DDIM(eps, t, x) - DDIM(eps_anchor, t, z_{T-k}))
 
+Several edits of one clip (`edit -p age -p blond -p glasses`) are sampled together (`edit_shared`): one
+call holds the source branch once and then each edit's own anchor / negative / positive branches
+(1 + 2k branches instead of 3k), each edit's branches injected from that one source branch on the edit's
+own schedule and word alignment; guidance, the DDIM step and the exact correction are per edit, from its
+own predictions only, so each edit equals its separate run (to float tolerance: a bigger batch may round
+its rows differently). `edit_groups` keeps a call within `max_batch_rows` frame rows, recomputing the
+source branch per group; `edit` is the case of one edit.
+
 Every UNet pass runs over the temporal windows the inversion used (recorded in the cache request; see
 temporal/windows.py): each window's batch holds the branches x the window's frames, and the windows'
 noise predictions are blended per branch before the guidance and the DDIM step. In disk mode the source
