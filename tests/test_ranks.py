@@ -89,3 +89,29 @@ def _free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]
+
+
+def test_a_two_rank_torchrun_edit_equals_one_process_and_rank_0_alone_writes(tmp_path):
+    import numpy as np
+    from media import decode_all, make_test_clip
+
+    clip = make_test_clip(tmp_path / "clip.mp4", width=64, height=48, frames=10, fps=24)
+    common = ["edit", str(clip), "-p", "age", "-p", "blond", "--model", "tiny-random", "--size", "48", "--steps", "2",
+              "--frames", "10", "--window-frames", "4", "--flow-preset", "ultrafast", "--device", "cpu", "--lossless"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "DIFFFERV_NO_FACE_CHECK": "1"}
+    env.pop("WORLD_SIZE", None)
+    outputs = {}
+    for name, launcher in (("one", []), ("two", ["-m", "torch.distributed.run", "--nproc-per-node", "2",
+                                                 "--master-port", str(_free_port())])):
+        out = tmp_path / f"out-{name}"
+        command = [sys.executable, *(launcher or []), "-m", "diffferv_cli", *common, "--cache-dir",
+                   str(tmp_path / f"cache-{name}"), "-o", str(out)]
+        run = subprocess.run(command, env=env, capture_output=True, text=True, timeout=400)
+        assert run.returncode == 0, run.stderr[-3000:]
+        outputs[name] = out
+    assert sorted(path.name for path in outputs["one"].iterdir()) == \
+        sorted(path.name for path in outputs["two"].iterdir()) == ["clip.age.mp4", "clip.blond.mp4"]
+    for name in ("clip.age.mp4", "clip.blond.mp4"):
+        single, split = decode_all(outputs["one"] / name), decode_all(outputs["two"] / name)
+        difference = np.abs(single.astype(int) - split.astype(int))
+        assert difference.max() <= 2 and difference.mean() < 0.05, (name, difference.max(), difference.mean())

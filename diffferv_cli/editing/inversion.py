@@ -190,8 +190,8 @@ def invert(components, clip, config: InversionConfig, *, cache_dir=None, force: 
         ranks.barrier()  # rank 0 has prepared the entry (or found it finished)
         entry = open_entry(root, request)
         ran = _run(components, clip, config, entry, report, compile_unet, ranks) if ranks.share(None) else 0
-        ranks.barrier()
-        return InversionOutcome(entry, ran)
+        ranks.barrier()  # rank 0 has committed every step
+        return InversionOutcome(open_entry(root, request), ran)  # the manifest as rank 0 left it
     with entry_lock(root, request):
         entry = open_entry(root, request, force=force)
         try:

@@ -254,12 +254,16 @@ def run_edits(components, clip, inversion: InversionConfig, edits: list[tuple[st
     kept (`errors.Interrupted`)."""
     targets = edit_outputs(clip.info.path, [label for label, _ in edits], out, overwrite=overwrite,
                            side_by_side=side_by_side)
+    from diffferv_cli.temporal.ranks import from_environment
+
+    ranks = from_environment(components.device)  # a torchrun job: every rank samples, rank 0 writes
     outcome = run_inversion(components, clip, inversion, cache_dir=cache_dir, force=force, progress=progress,
                             compile_unet=compile_unet)
     written: list[Path] = []
     finished = 0
     try:
-        reference = source_reference(components, outcome.entry, progress) if composite.mode == "residual" else None
+        reference = (source_reference(components, outcome.entry, progress)
+                     if composite.mode == "residual" and ranks.main else None)
         groups = edit_groups([config for _, config in edits], inversion.prompt, inversion.feature_mode,
                              window_frames=largest_window(outcome.entry), max_batch_rows=max_batch_rows)
         for group in groups:
@@ -267,7 +271,9 @@ def run_edits(components, clip, inversion: InversionConfig, edits: list[tuple[st
                                               [index + 1 for index in group], len(edits)))
             results = edit_shared(components, outcome.entry, [edits[index][1] for index in group],
                                   feature_mode=inversion.feature_mode, progress=loop, decode=False,
-                                  compile_unet=compile_unet)
+                                  compile_unet=compile_unet, ranks=ranks)
+            if not ranks.main:
+                continue
             for index, result in zip(group, results, strict=True):
                 label, config = edits[index]
                 named = _named(progress, run_name("edit", label, index + 1, len(edits)))

@@ -56,6 +56,7 @@ from diffferv_cli.editing.prompts import encode_conditioning, repeat_rows, token
 from diffferv_cli.editing.vae import decode_latents
 from diffferv_cli.errors import UserError
 from diffferv_cli.temporal.install import temporal_attention
+from diffferv_cli.temporal.ranks import SINGLE, Ranks
 from diffferv_cli.temporal.windows import schedule_from_json
 
 Progress = Callable[[str, int, int], None] | None
@@ -157,7 +158,8 @@ def edit_many(components, entry: CacheEntry, configs: Sequence[EditConfig], *, f
 
 
 def edit_shared(components, entry: CacheEntry, configs: Sequence[EditConfig], *, feature_mode: str = "recompute",
-                progress: Progress = None, decode: bool = True, compile_unet: bool = False) -> list[EditResult]:
+                progress: Progress = None, decode: bool = True, compile_unet: bool = False,
+                ranks: Ranks = SINGLE) -> list[EditResult]:
     """Sample every edit of `configs` from the cached inversion in `entry`, all in one UNet call per
     window per step (`shared_layout`: the source branch once, then each edit's branches); with `decode`,
     decode each to frames. Each edit equals its own `edit` run to float tolerance: its branches get
@@ -168,10 +170,14 @@ def edit_shared(components, entry: CacheEntry, configs: Sequence[EditConfig], *,
 
     The step loop keeps every latent on the device; the cached latents (and disk-mode features) are read
     ahead of it in a background thread, each file once (editing/prefetch.py). `compile_unet`: run the UNet
-    through `torch.compile`."""
+    through `torch.compile`. `ranks`: the processes of a torch.distributed job sharing this clip
+    (temporal/ranks.py): each runs its windows of every pass, one all-reduce per branch sums them, every
+    rank steps the same latents; only rank 0 decodes."""
     report = progress or (lambda stage, done, total: None)
     request = entry.manifest["request"]
     source_prompt, steps = request["prompt"], int(request["steps"])
+    if ranks.world > 1 and feature_mode == "disk":
+        raise UserError("--features disk runs in one process; drop it (or the launcher's extra ranks).")
     if not entry.complete:
         raise UserError(f"The inversion in {entry.folder} is unfinished; run `diffferv invert` again to resume it.")
     if feature_mode == "disk" and any(config.inject for config in configs) and not entry.has_features:
@@ -235,6 +241,8 @@ def edit_shared(components, entry: CacheEntry, configs: Sequence[EditConfig], *,
                 latents_in.update({name: anchor_in if role == "anchor" else x for role, name in roles.items()})
             blends = {name: plan.blend(tuple(start.shape[1:])) for name in predicted}
             for index, (window, context) in enumerate(zip(plan.windows, plan.contexts, strict=True)):
+                if not ranks.owns(index):
+                    continue
                 control = None
                 if injector is not None:
                     control = injector.at_step(k, stored(inversion_step, index) if disk_features else None)
@@ -248,7 +256,7 @@ def edit_shared(components, entry: CacheEntry, configs: Sequence[EditConfig], *,
                         blends[name].add(index, window_noise)
                 done += window.frames
                 report(stage, done, total)
-            eps = {name: blended.result for name, blended in blends.items()}
+            eps = {name: ranks.reduce(blended.result) for name, blended in blends.items()}  # every rank's windows
             for number, (config, roles) in enumerate(zip(configs, layout.roles, strict=True)):
                 x, guided = paths[number], eps[roles["negative"]]
                 if "positive" in roles:
@@ -264,6 +272,7 @@ def edit_shared(components, entry: CacheEntry, configs: Sequence[EditConfig], *,
     results = []
     for x, own_layout in zip(paths, layout.layouts, strict=True):
         x = x.cpu()  # each edit leaves the device once, at the end
-        frames_out = decode_latents(components.vae, x, progress=lambda d, t: report("decode", d, t)) if decode else None
+        frames_out = (decode_latents(components.vae, x, progress=lambda d, t: report("decode", d, t))
+                      if decode and ranks.main else None)
         results.append(EditResult(latents=x, frames=frames_out, branches=own_layout))
     return results
