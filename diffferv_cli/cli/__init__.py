@@ -9,6 +9,7 @@ import errno
 import functools
 import os
 import sys
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated
@@ -17,7 +18,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from diffferv_cli.errors import UserError
+from diffferv_cli.errors import UserError, os_error_message, os_reason
+from diffferv_cli.files import release_outputs
 
 # Under a launcher's ranks (torchrun, accelerate launch) rank 0 speaks for the job; the others say only errors.
 _FOLLOWER = int(os.environ.get("RANK", "0") or 0) > 0
@@ -53,11 +55,13 @@ def friendly(command: Callable) -> Callable:
                        "Interrupted; finished work is kept, run the same command again to resume.")
             err_console.print(message, markup=False, highlight=False, soft_wrap=True)
             raise typer.Exit(130) from None
-        except OSError as err:
-            if err.errno == errno.ENOSPC:
-                raise _report(f"No space left on the device while writing {err.filename or 'output'}; free some "
-                              "disk or pass --cache-dir / -o on another disk.", 2) from None
-            raise
+        except OSError as err:  # one the library did not name (the cache and outputs say what they were doing)
+            if os_reason(err) is None:  # not the disk, permissions or a path: a bug, with its traceback
+                raise
+            action = "write" if err.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS) else "use"
+            raise _report(os_error_message(err, action, err.filename or "a file"), 2) from None
+        finally:
+            release_outputs()  # the outputs this command claimed (files.claim_outputs)
 
     return run
 
@@ -192,7 +196,16 @@ def _register_optional_groups() -> None:
 _register_optional_groups()
 
 
+def _terminate(signum, frame) -> None:
+    """SIGTERM (kill, a scheduler's stop) as Ctrl-C: files being written are removed, finished work kept."""
+    raise KeyboardInterrupt
+
+
 def main() -> None:
+    import signal
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _terminate)
     try:
         app()
     except UserError as err:  # raised outside a command (e.g. while building the app)

@@ -64,6 +64,13 @@ LosslessOpt = Annotated[bool, typer.Option("--lossless", help="Write lossless RG
 HtmlOpt = Annotated[bool, typer.Option("--html", help="Also write a self-contained HTML report beside each output "
                                        "(<output>.report.html): settings, metrics, frame strip, per-frame plots.")]
 
+def _output_option(value: str) -> Path:
+    """-o as given: an empty one is refused (it would mean the current folder without saying so)."""
+    if not value.strip():
+        raise typer.BadParameter("is empty; give a file or a folder (. for the current folder).")
+    return Path(value)
+
+
 # Option defaults, all read from the config models (a test checks that none is retyped).
 START, FRAMES, STRIDE = default(ClipSpec, "start"), default(ClipSpec, "frames"), default(ClipSpec, "stride")
 SIZE = None  # the model's own (models/geometry.py)
@@ -230,7 +237,7 @@ def edit_request(
     guidance: Annotated[float | None, typer.Option("--guidance", "-g", help=f"Guidance g (preset default, else {default(EditConfig, 'guidance'):g}).")] = None,
     no_inject: Annotated[bool, typer.Option("--no-inject", help="Turn all injection off (appearance, motion, cross maps): plain DDIM editing.")] = NO_INJECT,
     exact: Annotated[bool, typer.Option("--exact", help="Correct the edit path with the cached inversion path.")] = EXACT,
-    out: Annotated[Path | None, typer.Option("--out", "-o", help="Output file (one edit) or folder.")] = None,
+    out: Annotated[Path | None, typer.Option("--out", "-o", parser=_output_option, metavar="PATH", help="Output file (one edit) or folder.")] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing output file.")] = False,
     side_by_side: Annotated[bool, typer.Option("--side-by-side", help="Also write original|edited.")] = False,
     prompt: PromptOpt = None, model: ModelOpt = DEFAULT_MODEL,
@@ -297,10 +304,13 @@ def edit_cmd(**options) -> None:
     prediction_type, clip_skip, loras = options["prediction_type"], options["clip_skip"], request.loras
     cache_dir, force, lossless, compile_unet = (options[name] for name in ("cache_dir", "force", "lossless",
                                                                           "compile_unet"))
-    from diffferv_cli.editing.job import edit_outputs, job_plan, run_edits
+    from diffferv_cli.editing.job import edit_outputs, job_plan, run_edits, side_by_side_path
 
     targets = edit_outputs(clip, [label for label, _ in configs], out, overwrite=overwrite, side_by_side=side_by_side)
     reports = _report_paths(clip, targets, overwrite) if options["html"] else {}
+    _claim([*targets, *(side_by_side_path(target) for target in targets if side_by_side), *reports.values()])
+    targets = edit_outputs(clip, [label for label, _ in configs], out, overwrite=overwrite, side_by_side=side_by_side)
+    reports = _report_paths(clip, targets, overwrite) if options["html"] else {}  # checked again, now held
     _check_device(device, dtype)
     with _progress(lambda count, working: job_plan(count, working, inversion, configs)) as report:
         video, components = _load(clip, spec, model, device, dtype, report, region,
@@ -316,6 +326,15 @@ def edit_cmd(**options) -> None:
     _write_reports(clip, reports)
 
 
+def _claim(paths: list[Path]) -> None:
+    """Hold `paths` for this command (`files.claim_outputs`): another command writing one is refused until
+    this one ends; the leftovers of killed runs beside them are removed. The caller checks them again."""
+    from diffferv_cli.files import check_distinct_targets, claim_outputs
+
+    check_distinct_targets(paths)
+    claim_outputs(paths)
+
+
 def _report_paths(clip: Path, outputs: list[Path], overwrite: bool) -> dict[Path, Path]:
     """output -> where `--html` writes its report, each checked like an output before any work."""
     from diffferv_cli.editing.job import check_writable
@@ -323,7 +342,7 @@ def _report_paths(clip: Path, outputs: list[Path], overwrite: bool) -> dict[Path
 
     reports = {output: html_path_beside(output) for output in outputs}
     for page in reports.values():
-        check_writable(page, [clip], overwrite)
+        check_writable(page, [clip], overwrite, suffixes=(".html",))
     return reports
 
 
@@ -348,7 +367,7 @@ def _write_reports(clip: Path, reports: dict[Path, Path]) -> None:
 
 def reconstruct_cmd(
     clip: ClipArg,
-    out: Annotated[Path | None, typer.Option("--out", "-o", help="Output video.")] = None,
+    out: Annotated[Path | None, typer.Option("--out", "-o", parser=_output_option, metavar="PATH", help="Output video.")] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite")] = False,
     plain: Annotated[bool, typer.Option("--plain", help="Plain DDIM reconstruction (no injection).")] = False,
     exact: Annotated[bool, typer.Option("--exact", help="Add the exact correction (not in the paper): reconstruction is then bounded by the VAE round trip.")] = EXACT,
@@ -389,6 +408,9 @@ def reconstruct_cmd(
     make_output_folder(out)
     target = output_path(clip, "reconstruct", out, 1)
     check_writable(target, [clip], overwrite)
+    report_page = _report_paths(clip, [target], overwrite)[target] if html else None
+    _claim([target] + ([report_page] if report_page else []))
+    check_writable(target, [clip], overwrite)  # again, now that no other command can write it
     report_page = _report_paths(clip, [target], overwrite)[target] if html else None
     _check_device(device, dtype)
     loras = lora_options(lora)  # each file checked before any frame is decoded

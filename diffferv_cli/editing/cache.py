@@ -25,11 +25,18 @@ written since the last commit, their folders, then the manifest naming them, wit
 every few seconds and at the end, not twice per step; a resume first checks the hashes of the steps
 after `durable_steps` (those a power cut may have lost) and goes back to the last one that holds. A folder whose manifest does not describe the request, whose files fail their hash,
 or whose tensors hold NaN or infinity is never used: the user gets one sentence and `--force`
-recomputes.
+recomputes. The same holds for values that do not fit together (`check_manifest`: frame count, latent
+size, timesteps and step counts against the request and the files it names; `_check_tensors`: every
+tensor file's names, dtypes and shapes against the manifest), so a hand-edited manifest or a file
+swapped with its hash updated is refused before use, never met as an IndexError deep in a step loop.
+A failure of the operating system (disk full, `ulimit -f`, read-only, permissions, a link loop) is one
+sentence naming the file and whether it was being read or written.
 
 One run at a time writes an entry: `entry_lock` holds `<root>/.locks/<key>.lock` (an OS file lock,
 released when the process ends, however it ends) while an inversion runs; a second run on the same
-entry says that it waits, waits, then finds the entry finished and reuses it.
+entry says that it waits, waits, then finds the entry finished and reuses it. A finished entry on a disk
+this process may not write (read-only, another user's shared cache) is still used, unlocked: nothing is
+written to it, and `--force` on it says that it cannot be removed.
 """
 
 from __future__ import annotations
@@ -52,13 +59,14 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from safetensors import SafetensorError
 from safetensors.torch import save
 
-from diffferv_cli.errors import UserError
+from diffferv_cli.errors import UserError, os_error_message, os_errors
 from diffferv_cli.files import atomic_write_bytes, flush_files, to_json
 
 log = logging.getLogger("diffferv")
 
 FORMAT_VERSION = 3  # 2: TTA replaces the SWCFA output (Q = K = V = h); 3: temporal windows, links stored
 ENV_VAR = "DIFFFERV_CACHE"
+WRITE_HINT = "pass --cache-dir to use another folder"
 
 
 def cache_root(cache_dir: Path | str | None = None) -> Path:
@@ -90,23 +98,45 @@ def entry_lock(root: Path, request: dict[str, Any]) -> Iterator[None]:
     from filelock import FileLock, Timeout
 
     locks = root / ".locks"
+    key = request_key(request)
     try:
         locks.mkdir(parents=True, exist_ok=True)
+        writable = os.access(locks, os.W_OK)
     except OSError as err:
-        raise UserError(f"Cannot create the cache folder {root} ({err.strerror}); pass --cache-dir.") from None
-    if not os.access(locks, os.W_OK):
+        writable, failure = False, err
+    else:
+        failure = None
+    if not writable:
+        if _finished_on_disk(root / key):  # read it as it is: nothing will be written
+            yield
+            return
+        if failure is not None:
+            with os_errors("create the cache folder", root, "pass --cache-dir"):
+                raise failure
         raise UserError(f"The cache folder {root} is not writable; pass --cache-dir.")
-    key = request_key(request)
     lock = FileLock(locks / f"{key}.lock")
     try:
         lock.acquire(timeout=0)
     except Timeout:
         log.warning("Another diffferv run is working on the cache entry %s; waiting for it to finish.", root / key)
         lock.acquire()
+    except OSError as err:  # Timeout is one too
+        raise UserError(os_error_message(err, "lock the cache entry", locks / f"{key}.lock", WRITE_HINT)) from None
     try:
         yield
     finally:
         lock.release()
+
+
+def _finished_on_disk(folder: Path) -> bool:
+    """Whether `folder` holds a finished inversion by its manifest (read only; anything odd is False, and
+    `open_entry` then says what is wrong)."""
+    try:
+        manifest = json.loads((folder / "manifest.json").read_text())
+        request = manifest["request"]
+        return bool(manifest.get("encoded")) and int(manifest.get("finished_steps", -1)) >= int(request["steps"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
 
 
 class _ManifestShape(BaseModel):
@@ -126,6 +156,7 @@ class _ManifestShape(BaseModel):
     # absent until the step that writes them; never null
     frames: int = Field(None, ge=1)
     latent_size: list[int] = Field(None, min_length=2, max_length=2)
+    latent_channels: int = Field(None, ge=1)  # written with z_0 (absent in entries from before it)
     timesteps: list[int] = None
 
     @model_validator(mode="after")
@@ -143,6 +174,7 @@ class CacheEntry:
 
     folder: Path
     manifest: dict[str, Any] = field(default_factory=dict)
+    _shapes: dict = field(default_factory=dict, repr=False)  # what the files read so far agreed on
 
     # -- manifest ----------------------------------------------------------------------------------
     @property
@@ -170,13 +202,15 @@ class CacheEntry:
         """Replace manifest.json atomically. The inversion loop saves it after every step with
         `durable=False` and durably with each group commit (`make_durable`) and at the end."""
         self.manifest["updated"] = time.strftime("%Y-%m-%dT%H:%M:%S")
-        atomic_write_bytes(self.manifest_path, to_json(self.manifest, sort_keys=True).encode(), durable=durable)
+        with os_errors("write the cache file", self.manifest_path, WRITE_HINT):
+            atomic_write_bytes(self.manifest_path, to_json(self.manifest, sort_keys=True).encode(), durable=durable)
 
     # -- tensors -----------------------------------------------------------------------------------
     def _write_tensors(self, relative: str, tensors: dict[str, torch.Tensor], *, durable: bool = True) -> None:
         data = save({name: tensor.detach().contiguous().cpu() for name, tensor in tensors.items()})
-        (self.folder / relative).parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_bytes(self.folder / relative, data, durable=durable)
+        with os_errors("write the cache file", self.folder / relative, WRITE_HINT):
+            (self.folder / relative).parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_bytes(self.folder / relative, data, durable=durable)
         self.manifest.setdefault("files", {})[relative] = hashlib.sha256(data).hexdigest()
 
     def holds(self, relative: str) -> bool:
@@ -190,7 +224,8 @@ class CacheEntry:
     def make_durable(self, relatives: list[str]) -> None:
         """Flush the files `relatives` (written with `durable=False`) and their folders to the disk, then
         save the manifest durably: one group commit for the steps written since the last one."""
-        flush_files([self.folder / relative for relative in relatives])
+        with os_errors("write the cache entry", self.folder, WRITE_HINT):
+            flush_files([self.folder / relative for relative in relatives])
         self.save_manifest(durable=True)
 
     def _verified_bytes(self, relative: str) -> bytes:
@@ -199,7 +234,8 @@ class CacheEntry:
         expected = self.manifest.get("files", {}).get(relative)
         if expected is None or not path.is_file():
             raise UserError(f"The cache at {self.folder} is missing {relative}; rerun with --force to recompute it.")
-        data = path.read_bytes()
+        with os_errors("read the cache file", path, "rerun with --force, or pass --cache-dir"):
+            data = path.read_bytes()
         if hashlib.sha256(data).hexdigest() != expected:
             raise UserError(f"The cache file {path} is corrupted (hash mismatch); rerun with --force to recompute it.")
         return data
@@ -219,6 +255,28 @@ class CacheEntry:
                                 "to recompute it.")
         return tensors
 
+    def _unfit(self, relative: str, what: str) -> UserError:
+        return UserError(f"The cache file {self.folder / relative} does not fit its entry ({what}); rerun with "
+                         "--force to recompute it.")
+
+    def _checked_latent(self, relative: str, tensors: dict[str, torch.Tensor], frames: int | None) -> torch.Tensor:
+        """The one float32 tensor `latent` of `relative`, (frames, channels, h, w) with the manifest's
+        latent size and the channels of every other latent of this entry."""
+        latent = tensors.get("latent")
+        if set(tensors) != {"latent"} or latent is None:
+            raise self._unfit(relative, f"tensors {sorted(tensors)}, expected ['latent']")
+        height, width = self.manifest.get("latent_size") or (None, None)
+        channels = self.manifest.get("latent_channels") or self._shapes.get("channels")
+        if (latent.dtype != torch.float32 or latent.dim() != 4 or latent.shape[1] < 1
+                or (frames is not None and latent.shape[0] != frames)
+                or (height is not None and tuple(latent.shape[2:]) != (height, width))
+                or (channels is not None and latent.shape[1] != channels)):
+            want = f"({frames if frames is not None else 'n'}, {channels or 'c'}, {height}, {width}) float32"
+            raise self._unfit(relative, f"latent {str(latent.dtype).removeprefix('torch.')} {tuple(latent.shape)}, "
+                              f"expected {want}")
+        self._shapes["channels"] = int(latent.shape[1])
+        return latent
+
     def latent_name(self, index: int) -> str:
         return f"latents/step-{index:03d}.safetensors"
 
@@ -230,9 +288,12 @@ class CacheEntry:
             raise UserError(f"The inversion produced NaN or infinite latents at step {index} (the model's "
                             f"dtype {self.manifest['request'].get('unet_dtype')} may overflow); try --dtype fp32.")
         self._write_tensors(self.latent_name(index), {"latent": latent.float()}, durable=durable)
+        if index == 0 and latent.dim() == 4:
+            self.manifest["latent_channels"] = int(latent.shape[1])  # what every latent of the entry has
 
     def read_latent(self, index: int) -> torch.Tensor:
-        return self._read_tensors(self.latent_name(index))["latent"]
+        relative = self.latent_name(index)
+        return self._checked_latent(relative, self._read_tensors(relative), self.manifest.get("frames"))
 
     def encoded_name(self, start: int) -> str:
         """A chunk of z_0 while the VAE encode is under way, from frame `start` (dropped once z_0 is written)."""
@@ -242,7 +303,8 @@ class CacheEntry:
         self._write_tensors(self.encoded_name(start), {"latent": latents.float()}, durable=durable)
 
     def read_encoded(self, start: int) -> torch.Tensor:
-        return self._read_tensors(self.encoded_name(start))["latent"]
+        relative = self.encoded_name(start)
+        return self._checked_latent(relative, self._read_tensors(relative), None)
 
     def drop(self, relatives: list[str]) -> None:
         """Take `relatives` out of the manifest, save it (durably), then delete their files: a file that
@@ -251,23 +313,80 @@ class CacheEntry:
             self.manifest.get("files", {}).pop(relative, None)
         self.save_manifest()
         for relative in relatives:
-            (self.folder / relative).unlink(missing_ok=True)
+            with os_errors("remove the cache file", self.folder / relative, WRITE_HINT):
+                (self.folder / relative).unlink(missing_ok=True)
 
     def write_features(self, step: int, features: dict[str, torch.Tensor], window: int = 0, *,
                        durable: bool = True) -> None:
         self._write_tensors(self.feature_name(step, window), features, durable=durable)
 
     def read_features(self, step: int, window: int = 0) -> dict[str, torch.Tensor]:
-        return self._read_tensors(self.feature_name(step, window))
+        """Step `step`'s features of window `window`: the same names and shapes in every step of a window,
+        each (window frames, heads, tokens, channels)."""
+        relative = self.feature_name(step, window)
+        tensors = self._read_tensors(relative)
+        from diffferv_cli.temporal.windows import schedule_from_json
+
+        windows = schedule_from_json(self.manifest["request"].get("windows", []))
+        if windows and not 0 <= window < len(windows):
+            raise self._unfit(relative, f"window {window} of {len(windows)}")
+        frames = windows[window].frames if windows else None
+        shapes = {name: (tuple(tensor.shape), tensor.dtype) for name, tensor in tensors.items()}
+        tokens = {height * width for height, width in self._grids()} if self.manifest.get("latent_size") else None
+        odd = [name for name, (shape, _) in shapes.items()
+               if frames is not None and (len(shape) != 4 or shape[0] != frames or 0 in shape
+                                          or (tokens is not None and shape[2] not in tokens))]
+        if not tensors or odd:
+            raise self._unfit(relative, f"{odd[0]} is {shapes[odd[0]][0]}, expected ({frames}, heads, tokens of a "
+                              "token grid, channels)" if odd else "no features")
+        first, seen = self._shapes.setdefault(("features", window), (relative, shapes))
+        if seen != shapes:
+            missing, extra = sorted(set(seen) - set(shapes)), sorted(set(shapes) - set(seen))
+            changed = [name for name in set(seen) & set(shapes) if seen[name] != shapes[name]]
+            what = (f"it lacks {missing[0]}" if missing else f"it has an unexpected {extra[0]}" if extra else
+                    f"its {changed[0]} is {shapes[changed[0]][0]}")
+            raise self._unfit(relative, f"{what}, unlike {first}")
+        return tensors
+
+    def _grids(self) -> set[tuple[int, int]]:
+        """Every token grid an SD-family UNet has on this entry's latents: the latent size, then halved
+        rounding up, three times (temporal.trajectories.token_grids)."""
+        height, width = self.manifest["latent_size"]
+        grids = set()
+        for _ in range(4):
+            grids.add((height, width))
+            height, width = (height + 1) // 2, (width + 1) // 2
+        return grids
 
     def write_trajectories(self, tensors: dict[str, torch.Tensor]) -> None:
         self._write_tensors("trajectories.safetensors", tensors)
 
     def read_trajectories(self) -> dict[str, torch.Tensor]:
-        return self._read_tensors("trajectories.safetensors")
+        """The links of every token grid: `<h>x<w>.links`, int32 (frames - 1, h*w), each -1 or a token of
+        its grid, on grids of the latent size halved (temporal.trajectories.token_grids)."""
+        relative = "trajectories.safetensors"
+        tensors = self._read_tensors(relative)
+        frames, grids = int(self.manifest["frames"]), self._grids()
+        for name, links in tensors.items():
+            try:
+                grid = tuple(int(part) for part in name.removesuffix(".links").split("x"))
+            except ValueError:
+                grid = None
+            if not name.endswith(".links") or grid not in grids:
+                raise self._unfit(relative, f"{name!r} names no token grid of a {self.manifest['latent_size']} latent")
+            tokens = grid[0] * grid[1]
+            if links.dtype != torch.int32 or tuple(links.shape) != (max(frames - 1, 0), tokens):
+                raise self._unfit(relative, f"{name} is {str(links.dtype).removeprefix('torch.')} "
+                                  f"{tuple(links.shape)}, expected int32 {(max(frames - 1, 0), tokens)}")
+            if links.numel() and (int(links.min()) < -1 or int(links.max()) >= tokens):
+                raise self._unfit(relative, f"{name} links to tokens outside its {grid[0]}x{grid[1]} grid")
+        if not tensors and self.manifest["request"].get("temporal", {}).get("tta", True):
+            raise self._unfit(relative, "no token grid")
+        return tensors
 
     def disk_bytes(self) -> int:
-        return sum(path.stat().st_size for path in self.folder.rglob("*") if path.is_file())
+        with os_errors("read the cache folder", self.folder):
+            return sum(path.stat().st_size for path in self.folder.rglob("*") if path.is_file())
 
 
 def open_entry(root: Path, request: dict[str, Any], *, force: bool = False) -> CacheEntry:
@@ -277,29 +396,78 @@ def open_entry(root: Path, request: dict[str, Any], *, force: bool = False) -> C
     key = request_key(request)
     folder = root / key
     entry = CacheEntry(folder)
-    if force and folder.exists():
-        shutil.rmtree(folder)
+    if force:
+        with os_errors("remove the cache entry", folder, WRITE_HINT):
+            if folder.is_symlink():  # the link goes, never what it points to
+                folder.unlink()
+            elif folder.exists():
+                shutil.rmtree(folder)
+    if os.path.lexists(entry.manifest_path) and not entry.manifest_path.is_file():
+        raise UserError(f"The cache manifest {entry.manifest_path} is not a file; rerun with --force to recompute.")
     if entry.manifest_path.is_file():
+        with os_errors("read the cache manifest", entry.manifest_path, "rerun with --force, or pass --cache-dir"):
+            text = entry.manifest_path.read_bytes()
         try:
-            manifest = json.loads(entry.manifest_path.read_text())
+            manifest = json.loads(text)
             _ManifestShape.model_validate(manifest)
-        except (OSError, ValueError, ValidationError) as err:
+        except (ValueError, ValidationError) as err:
             raise UserError(f"The cache manifest {entry.manifest_path} is broken ({err.__class__.__name__}); "
                             "rerun with --force to recompute.") from None
         if manifest.get("format") != FORMAT_VERSION or manifest.get("request") != _jsonable(request):
             raise UserError(f"The cache at {folder} does not match this request; rerun with --force to recompute.")
+        problem = manifest_problem(manifest)
+        if problem:
+            raise UserError(f"The cache manifest {entry.manifest_path} is inconsistent ({problem}); rerun with "
+                            "--force to recompute.")
         entry.manifest = manifest
         return entry
-    try:
+    with os_errors("create the cache folder", folder, WRITE_HINT):
         folder.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise UserError(f"Cannot create the cache folder {folder} ({err.strerror}); pass --cache-dir.") from err
     if not os.access(folder, os.W_OK):
         raise UserError(f"The cache folder {folder} is not writable; pass --cache-dir.")
     entry.manifest = {"format": FORMAT_VERSION, "key": key, "request": _jsonable(request),
                       "created": time.strftime("%Y-%m-%dT%H:%M:%S"), "finished_steps": -1, "files": {}}
     entry.save_manifest()
     return entry
+
+
+def manifest_problem(manifest: dict[str, Any]) -> str | None:
+    """What does not fit together in a manifest whose types are right and whose request is this run's
+    (so trusted), in words; None when it all fits. Counts against the request, the latent size against
+    the working size, the finished steps against the files named."""
+    request = manifest["request"]
+    steps = int(request.get("steps", 0))
+    selected = len(request.get("selection", {}).get("indices", ())) or None
+    files = manifest.get("files", {})
+    if any(not isinstance(digest, str) or len(digest) != 64 for digest in files.values()):
+        return "a file hash that is not a sha256"
+    frames, size, timesteps = manifest.get("frames"), manifest.get("latent_size"), manifest.get("timesteps")
+    if frames is not None and selected is not None and frames != selected:
+        return f"frames {frames}, but the request selects {selected}"
+    if size is not None and "working_size" in request:
+        width, height = request["working_size"]
+        if min(size) < 1 or height % size[0] or width % size[1] or height // size[0] != width // size[1]:
+            return f"latent size {size} for frames of {width}x{height}"
+    if timesteps is not None and (len(timesteps) != steps or timesteps != sorted(set(timesteps))
+                                  or timesteps[0] < 0):
+        return f"{len(timesteps)} timesteps for {steps} steps"
+    finished = manifest.get("finished_steps", -1)
+    if not -1 <= finished <= steps:
+        return f"finished steps {finished} of {steps}"
+    if manifest.get("feature_steps", 0) > steps:
+        return f"feature steps {manifest['feature_steps']} of {steps}"
+    encoded = manifest.get("encoded_frames")
+    if encoded is not None and (not isinstance(encoded, int) or not 0 <= encoded <= (selected or encoded)):
+        return f"encoded frames {encoded} of {selected}"
+    if manifest.get("encoded") and (frames is None or size is None):
+        return "encoded without frame count or latent size"
+    if finished >= 0 and not manifest.get("encoded"):
+        return "finished steps without the encoded frames"
+    for step in range(max(finished, -1) + 1):
+        name = f"latents/step-{step:03d}.safetensors"
+        if name not in files:
+            return f"step {step} is finished but {name} is not listed"
+    return None
 
 
 def _jsonable(value: Any) -> Any:

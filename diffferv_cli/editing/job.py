@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -154,17 +153,14 @@ def side_by_side_path(path: Path) -> Path:
     return path.with_suffix(".side-by-side.mp4")
 
 
-def check_writable(path: Path, inputs: list[Path], overwrite: bool) -> None:
-    """Fail before any work: never over an input, never over an existing file unless asked."""
-    for source in inputs:
-        if path.resolve() == source.resolve():
-            raise UserError(f"The output {path} is the input video; choose another -o.")
-    if path.exists() and not overwrite:
-        raise UserError(f"{path} already exists; pass --overwrite or another -o.")
-    if not path.parent.is_dir():
-        raise UserError(f"The output folder {path.parent} does not exist.")
-    if not os.access(path.parent, os.W_OK):
-        raise UserError(f"The output folder {path.parent} is not writable; choose another -o.")
+def check_writable(path: Path, inputs: list[Path], overwrite: bool, suffixes: tuple[str, ...] | None = None) -> None:
+    """Fail before any work (`files.check_output_target`): never over an input or a link to one, never over
+    an existing file unless asked, never over a device or folder; the suffix one of `suffixes` (default:
+    the video writer's)."""
+    from diffferv_cli.files import check_output_target
+    from diffferv_cli.video.io import OUTPUT_SUFFIXES
+
+    check_output_target(path, inputs, overwrite, OUTPUT_SUFFIXES if suffixes is None else suffixes)
 
 
 def make_output_folder(out: Path | None) -> None:
@@ -180,9 +176,13 @@ def make_output_folder(out: Path | None) -> None:
 def edit_outputs(clip_path: Path, labels: list[str], out: Path | None, *, overwrite: bool = False,
                  side_by_side: bool = False) -> list[Path]:
     """Where each edit goes, checked before any work (`check_writable`), the -o folder made if missing."""
-    make_output_folder(out)
+    from diffferv_cli.files import check_distinct_targets
+
     targets = [output_path(clip_path, label, out, len(labels)) for label in labels]
-    for target in targets + ([side_by_side_path(target) for target in targets] if side_by_side else []):
+    every = targets + ([side_by_side_path(target) for target in targets] if side_by_side else [])
+    check_distinct_targets(every)
+    make_output_folder(out)
+    for target in every:
         check_writable(target, [clip_path], overwrite)
     return targets
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import os
 import re
+import stat
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
@@ -76,11 +77,12 @@ def parse_selection_tag(text: str | None) -> SourceFrames | None:
 
 
 def check_input_file(path: Path) -> None:
-    if not path.exists():
-        raise UserError(f"{path} does not exist.")
-    if path.is_dir():
+    from diffferv_cli.files import input_status
+
+    info = input_status(path, "video")  # missing, a link loop, a folder on the way that may not be searched
+    if stat.S_ISDIR(info.st_mode):
         raise UserError(f"{path} is a folder, not a video file.")
-    if path.stat().st_size == 0:
+    if info.st_size == 0:
         raise UserError(f"{path} is empty (0 bytes), not a video.")
     if not os.access(path, os.R_OK):
         raise UserError(f"{path} is not readable (permission denied).")
