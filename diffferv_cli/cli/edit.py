@@ -95,8 +95,11 @@ def _inversion(prompt: str | None, steps: int, window: int, no_swcfa: bool, no_t
                         f"by at least the SWCFA window), got {window_frames}.")
     one_of("--features", features, choices(InversionConfig, "feature_mode"))
     one_of("--flow-preset", flow_preset, choices(InversionConfig, "flow_preset"))
+    if prompt is not None and not prompt.strip():
+        raise UserError(f"--prompt is empty; describe the clip (or leave --prompt out for "
+                        f"{default(InversionConfig, 'prompt')!r}).")
     try:
-        return InversionConfig(prompt=prompt or default(InversionConfig, "prompt"), steps=steps, feature_mode=features,
+        return InversionConfig(prompt=default(InversionConfig, "prompt") if prompt is None else prompt, steps=steps, feature_mode=features,
                                temporal=TemporalConfig(window=window, swcfa=not no_swcfa, tta=not no_tta),
                                flow_preset=flow_preset, window_frames=window_frames)
     except ValueError as err:
@@ -259,6 +262,8 @@ def edit_request(
     compositing = _composite(composite, composite_threshold)
     parse_region(region)
 
+    if prompt_edit is not None and not prompt_edit.strip():
+        raise UserError("--prompt-edit is empty; say what the edited clip shows (or use --preset NAME).")
     if not preset and not prompt_edit:
         raise UserError("Say what to edit: --preset NAME (see `diffferv presets`) or --prompt-edit TEXT.")
     edits: list[tuple[str, str, float, float]] = []  # label, edit prompt, tau_app, guidance

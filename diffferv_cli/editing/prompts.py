@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import difflib
+import logging
 
 import torch
+
+log = logging.getLogger("diffferv")
+_WARNED: set[tuple[int, str]] = set()  # (tokenizer length, prompt) already said to be cut, once per process
 
 
 def encode_prompts(components, prompts: list[str]) -> torch.Tensor:
@@ -25,6 +29,8 @@ def encode_conditioning(components, prompts: list[str], size: tuple[int, int] | 
     time ids of the working frames `size` = (height, width): original size, crop corner (0, 0), target
     size (`time_ids`, (n, 6)), as diffusers' SDXL pipeline makes them for an uncropped image."""
     unique = list(dict.fromkeys(prompts))
+    for prompt in unique:
+        warn_if_cut(components.tokenizer, prompt)
     skip = getattr(components, "clip_skip", None)
     sdxl = getattr(components, "text_encoder_2", None) is not None
     states, pooled = [], None
@@ -52,6 +58,30 @@ def encode_conditioning(components, prompts: list[str], size: tuple[int, int] | 
         raise ValueError("SDXL's conditioning needs the working size")
     time_ids = torch.tensor([[*size, 0, 0, *size]], dtype=dtype, device=embeddings.device).repeat(len(prompts), 1)
     return embeddings[rows].to(dtype), {"text_embeds": pooled[rows].to(dtype), "time_ids": time_ids}
+
+
+def cut_words(tokenizer, prompt: str) -> list[str]:
+    """The words of `prompt` that do not fit the text encoder (CLIP: 77 tokens, the start and end tokens
+    among them), all of a word when part of it is cut; [] when the prompt fits."""
+    room = tokenizer.model_max_length - 2  # the start and end tokens
+    if len(tokenizer(prompt, add_special_tokens=False).input_ids) <= room:
+        return []
+    used, cut = 0, []
+    for word, ids in _word_tokens(tokenizer, prompt):
+        used += len(ids)
+        if used > room:
+            cut.append(word)
+    return cut
+
+
+def warn_if_cut(tokenizer, prompt: str) -> None:
+    """One warning per prompt and process naming the words the text encoder never sees."""
+    cut = cut_words(tokenizer, prompt)
+    if cut and (tokenizer.model_max_length, prompt) not in _WARNED:
+        _WARNED.add((tokenizer.model_max_length, prompt))
+        shown = " ".join(cut) if len(cut) <= 12 else " ".join(cut[:12]) + f" ... ({len(cut)} words)"
+        log.warning("Warning: the prompt %r is longer than the text encoder's %d tokens; these words are cut: %s",
+                    prompt if len(prompt) <= 60 else prompt[:57] + "...", tokenizer.model_max_length, shown)
 
 
 def repeat_rows(added: dict[str, torch.Tensor] | None, frames: int, *, interleave: bool = True):

@@ -204,10 +204,14 @@ def read_frames(path: Path, spec) -> np.ndarray:
         from diffferv_cli.video.geometry import frame_selection, working_geometry
 
         files = _frame_files(path)
-        geometry = working_geometry(native_size(path), spec)
+        size = native_size(path)
+        geometry = working_geometry(size, spec)
         frames = []
         for index in frame_selection(len(files), spec, name=path.name):
             with _open_frame(files[index]) as image:
+                if image.size != size:  # never stretched into the first frame's size and scored
+                    raise UserError(f"The frame {files[index]} is {image.size[0]}x{image.size[1]} but {files[0]} "
+                                    f"is {size[0]}x{size[1]}; eval compares frames of one size.")
                 try:
                     frames.append(_fit(np.asarray(image.convert("RGB")), geometry))
                 except (OSError, ValueError) as err:

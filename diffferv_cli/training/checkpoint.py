@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -210,6 +211,10 @@ def load_checkpoint(accelerator, unet, optimizer, lr_scheduler, ema, folder: Pat
         was = f"a LoRA of rank {saved_rank}" if saved_rank else "the whole UNet"
         now = f"--lora-rank {saved_rank}" if saved_rank else "no --lora-rank"
         raise UserError(f"Checkpoint {folder} trained {was}; resume with {now}.")
+    named = re.fullmatch(r"step-(\d+)", folder.name)
+    if named and int(named.group(1)) != saved.step:
+        raise UserError(f"Checkpoint {folder} says step {saved.step} in its {STATE_FILE}, not {int(named.group(1))}; "
+                        "the file was changed: resume from another checkpoint or start a new --out.")
     changed = [key for key in RESUME_KEYS if getattr(saved, key) != state[key]]
     if changed:
         detail = ", ".join(f"{key} {getattr(saved, key)} -> {state[key]}" for key in changed)
@@ -223,7 +228,14 @@ def load_checkpoint(accelerator, unet, optimizer, lr_scheduler, ema, folder: Pat
         if state.get("lora_rank") and set(weights) != set(_trained_weights(model, state)):
             raise ValueError("its LoRA weights are not those of this run's LoRA")
         model.load_state_dict(weights, strict=not state.get("lora_rank"))
-        optimizer.load_state_dict(_load_state(folder, "optimizer"))
+        optimizer_state = _load_state(folder, "optimizer")
+        counts = {int(value["step"]) for value in optimizer_state.get("state", {}).values()
+                  if isinstance(value, dict) and "step" in value}
+        # the optimizer counts its steps; fp16's scaler may skip some, never add any
+        if counts and (max(counts) > saved.step or (accelerator.scaler is None and counts != {saved.step})):
+            raise UserError(f"Checkpoint {folder} says step {saved.step} in its {STATE_FILE} but its optimizer "
+                            f"took {max(counts)} steps; resume from another checkpoint or start a new --out.")
+        optimizer.load_state_dict(optimizer_state)
         lr_scheduler.load_state_dict(_load_state(folder, "lr_scheduler"))
         if ema is not None:
             ema.load_state_dict(_load_state(folder, "ema"))
