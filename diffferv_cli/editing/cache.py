@@ -13,6 +13,11 @@ One folder per (decoded frames, frame selection, working size, model, inversion 
 
 `<root>` is `--cache-dir`, else `$DIFFFERV_CACHE`, else `$XDG_CACHE_HOME/diffferv` (~/.cache/diffferv).
 
+`--compile` is part of the key (`"compile": true`, only when set, so eager keys are unchanged): a compiled
+UNet rounds differently (latents ~1e-6 apart on the tiny model), and an edit's bytes must not depend on
+which mode happened to fill the cache. The device is not: CPU and GPU latents differ in their last bits
+too, so same bytes means same command on the same kind of machine.
+
 The key hashes the decoded, selected frames at working size (`frames_sha256`), not the input file: the
 inversion depends on those pixels only, they are in memory anyway, and the cost is one pass over them
 whatever the size of the file (a multi-GB 4K clip of which 16 frames are used is not read a second

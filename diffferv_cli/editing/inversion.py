@@ -183,6 +183,8 @@ def invert(components, clip, config: InversionConfig, *, cache_dir=None, force: 
     UNet pass."""
     report = progress or (lambda stage, done, total: None)
     request = cache_request(clip, components, config)
+    if compile_unet:  # a compiled UNet rounds differently (~1e-6): its latents are another entry's, never mixed
+        request["compile"] = True
     root = cache_root(cache_dir)
     if ranks.world > 1 and config.feature_mode == "disk":
         raise UserError("--features disk runs in one process; drop it (or the launcher's extra ranks).")
