@@ -1,4 +1,4 @@
-"""Hostile input, by category: each ends with one sentence on stderr and exit code 2, writes nothing, and
+"""Hostile input, by category: each ends with one sentence on stderr and exit code 2 (or a correct result), writes nothing, and
 never hangs. (Cache entries with NaN or wrong types: test_cache.py; tampered checkpoints: test_training.py;
 no model and no hub: test_components.py.)"""
 
@@ -342,3 +342,471 @@ def test_eval_json_never_overwrites_without_asking(clip_path, tmp_path):
     assert replaced.exit_code == 0, replaced.output
     assert json.loads(existing.read_text())["frames"] == 3
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temporary file left
+
+
+# ------------------------------------------------------------------------------ cache values (issue 23)
+# A manifest with the right types but values that do not fit, or a tensor file swapped with its hash
+# updated to match: one sentence naming the entry and --force, before any step runs.
+
+
+@pytest.fixture(scope="module")
+def inverted(clip_path, tmp_path_factory) -> Path:
+    """A finished disk-feature inversion of the clip (the cache folder), for tests to copy and tamper with."""
+    cache = tmp_path_factory.mktemp("inverted") / "cache"
+    args = _edit_args(clip_path, cache.parent)
+    args = ["invert", *args[1:args.index("-o")], *args[args.index("-o") + 2:], "--features", "disk"]
+    result = _invoke(args)
+    assert result.exit_code == 0, result.output
+    return cache
+
+
+def _cache_copy(inverted: Path, tmp_path: Path) -> Path:
+    """A copy of the inverted cache as `tmp_path/cache`; returns its entry folder."""
+    import shutil
+
+    shutil.copytree(inverted, tmp_path / "cache")
+    (entry,) = [path for path in (tmp_path / "cache").iterdir() if not path.name.startswith(".")]
+    return entry
+
+
+def _rewrite_manifest(entry: Path, **changes) -> None:
+    manifest = json.loads((entry / "manifest.json").read_text())
+    (entry / "manifest.json").write_text(json.dumps({**manifest, **changes}))
+
+
+def _swap_tensors(entry: Path, relative: str, change) -> None:
+    """Replace `relative` with `change(its tensors)` and update its hash in the manifest, as a careful
+    tamperer (or a buggy tool) would: only the values can tell."""
+    import hashlib
+
+    from safetensors.torch import load, save
+
+    tensors = {name: tensor.contiguous() for name, tensor in change(load((entry / relative).read_bytes())).items()}
+    data = save(tensors)
+    (entry / relative).write_bytes(data)
+    manifest = json.loads((entry / "manifest.json").read_text())
+    manifest["files"][relative] = hashlib.sha256(data).hexdigest()
+    (entry / "manifest.json").write_text(json.dumps(manifest))
+
+
+@pytest.mark.parametrize("changes", [
+    {"frames": 99}, {"frames": 1}, {"latent_size": [1, 1]}, {"latent_size": [-4, 0]}, {"latent_size": [8, 8]},
+    {"timesteps": [1]}, {"timesteps": [900, 1]}, {"finished_steps": 2, "files": {}}, {"finished_steps": 7},
+    {"feature_steps": 9}, {"encoded_frames": 99}, {"latent_channels": 3},
+], ids=lambda changes: "-".join(f"{k}={v}" for k, v in changes.items()))
+def test_a_manifest_whose_values_do_not_fit_is_refused(clip_path, inverted, tmp_path, changes):
+    entry = _cache_copy(inverted, tmp_path)
+    _rewrite_manifest(entry, **changes)
+    before = (entry / "manifest.json").read_bytes()
+    _one_line_error(_invoke(_edit_args(clip_path, tmp_path, "-p", "age", "--features", "disk")),
+                    str(entry), "--force")
+    assert (entry / "manifest.json").read_bytes() == before and not (tmp_path / "out.mp4").exists()
+
+
+LATENT = "latents/step-{:03d}.safetensors"
+FEATURES = "features/step-{:03d}-w000.safetensors"
+
+
+@pytest.mark.parametrize("relative, change, extra", [
+    (LATENT.format(2), lambda t: {"latent": t["latent"][:1]}, ()),  # z_T of one frame
+    (LATENT.format(2), lambda t: {"z": t["latent"]}, ()),  # its name
+    (LATENT.format(2), lambda t: {"latent": t["latent"].double()}, ()),
+    (LATENT.format(1), lambda t: {"latent": t["latent"][..., :-1]}, ("--features", "recompute")),
+    (LATENT.format(0), lambda t: {"latent": t["latent"][:, :3]}, ("--composite", "residual")),  # channels
+    ("trajectories.safetensors", lambda t: {name: links[:, :-1] for name, links in t.items()}, ()),
+    ("trajectories.safetensors", lambda t: {name: links + 10**6 for name, links in t.items()}, ()),
+    ("trajectories.safetensors", lambda t: {"7x7.links": next(iter(t.values()))}, ()),
+    ("trajectories.safetensors", lambda t: {name: links.long() for name, links in t.items()}, ()),
+    (FEATURES.format(1), lambda t: {name: value[..., :1, :] for name, value in t.items()}, ()),  # tokens
+    (FEATURES.format(0), lambda t: dict(list(t.items())[1:]), ()),  # a feature missing
+    (FEATURES.format(0), lambda t: {name: value[..., :1] for name, value in t.items()}, ()),  # channels
+    (FEATURES.format(0), lambda t: {name: value[:1] for name, value in t.items()}, ()),  # frames
+], ids=["z_T-frames", "z_T-name", "z_T-dtype", "z_1-width", "z_0-channels", "links-shape", "links-range",
+        "links-grid", "links-dtype", "features-tokens", "features-missing", "features-channels", "features-frames"])
+def test_a_tensor_file_that_does_not_fit_is_refused_even_with_its_hash_updated(clip_path, inverted, tmp_path,
+                                                                                relative, change, extra):
+    entry = _cache_copy(inverted, tmp_path)
+    _swap_tensors(entry, relative, change)
+    args = _edit_args(clip_path, tmp_path, "-p", "age", "--features", "disk", *extra)
+    _one_line_error(_invoke(args), "does not fit its entry", "--force")
+    assert not (tmp_path / "out.mp4").exists()
+
+
+def test_the_untampered_copy_is_used(clip_path, inverted, tmp_path):
+    """The control of the two tests above: their copy, untouched, edits without recomputing."""
+    entry = _cache_copy(inverted, tmp_path)
+    before = (entry / "manifest.json").read_bytes()
+    result = _invoke(_edit_args(clip_path, tmp_path, "-p", "age", "--features", "disk"))
+    assert result.exit_code == 0, result.output
+    assert "Used the cached inversion" in result.output and (entry / "manifest.json").read_bytes() == before
+
+
+def test_a_manifest_that_is_a_folder(clip_path, inverted, tmp_path):
+    entry = _cache_copy(inverted, tmp_path)
+    (entry / "manifest.json").unlink()
+    (entry / "manifest.json").mkdir()
+    _one_line_error(_invoke(_edit_args(clip_path, tmp_path, "-p", "age")), "is not a file", "--force")
+    result = _invoke(_edit_args(clip_path, tmp_path, "-p", "age", "--force"))
+    assert result.exit_code == 0, result.output
+    assert (entry / "manifest.json").is_file()
+
+
+def test_force_on_a_symlinked_entry_replaces_the_link_and_keeps_its_target(clip_path, inverted, tmp_path):
+    entry = _cache_copy(inverted, tmp_path)
+    elsewhere = tmp_path / "elsewhere"
+    entry.rename(elsewhere)
+    entry.symlink_to(elsewhere, target_is_directory=True)
+    kept = sorted(path.relative_to(elsewhere) for path in elsewhere.rglob("*"))
+    result = _invoke(_edit_args(clip_path, tmp_path, "-p", "age"))  # read through the link
+    assert result.exit_code == 0 and "Used the cached inversion" in result.output, result.output
+    result = _invoke(_edit_args(clip_path, tmp_path, "-p", "age", "--force", "--overwrite"))
+    assert result.exit_code == 0, result.output
+    assert not entry.is_symlink() and (entry / "manifest.json").is_file()
+    assert sorted(path.relative_to(elsewhere) for path in elsewhere.rglob("*")) == kept
+
+
+def _read_only(monkeypatch, cache_root: Path) -> None:
+    """The cache as a read-only disk shows it (tests run as root, whom chmod does not stop): nothing under
+    `cache_root` is writable, and every write there fails with EROFS."""
+    import errno
+
+    from diffferv_cli import files
+    from diffferv_cli.editing import cache
+
+    real_access, real_write = os.access, files.atomic_write_bytes
+
+    def access(path, mode, *args, **kwargs):
+        if mode & os.W_OK and str(path).startswith(str(cache_root)):
+            return False
+        return real_access(path, mode, *args, **kwargs)
+
+    def write(path, data, **kwargs):
+        if str(path).startswith(str(cache_root)):
+            raise OSError(errno.EROFS, "Read-only file system", str(path))
+        return real_write(path, data, **kwargs)
+
+    monkeypatch.setattr(cache.os, "access", access)
+    monkeypatch.setattr(cache, "atomic_write_bytes", write)
+
+
+def test_a_finished_entry_on_a_read_only_disk_is_used(clip_path, inverted, tmp_path, monkeypatch):
+    entry = _cache_copy(inverted, tmp_path)
+    _read_only(monkeypatch, tmp_path / "cache")
+    result = _invoke(_edit_args(clip_path, tmp_path, "-p", "age", "--features", "disk"))
+    assert result.exit_code == 0 and "Used the cached inversion" in result.output, result.output
+    assert (tmp_path / "out.mp4").is_file()
+    _rewrite_manifest(entry, finished_steps=1)  # unfinished: it would have to be written
+    _one_line_error(_invoke(_edit_args(clip_path, tmp_path, "-p", "age", "--overwrite")),
+                    str(tmp_path / "cache"), "not writable", "--cache-dir")
+
+
+# --------------------------------------------------------------- the operating system's failures (issue 23)
+
+
+def test_the_file_size_limit_while_writing_the_cache_is_one_sentence(clip_path, tmp_path):
+    """`ulimit -f` for real (Python ignores SIGXFSZ, so the write fails with EFBIG)."""
+    import resource
+    import sys
+
+    args = _edit_args(clip_path, tmp_path)
+    args = ["invert", *args[1:args.index("-o")], *args[args.index("-o") + 2:], "--features", "disk"]
+    limit = lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))  # noqa: E731
+    run = subprocess.run([sys.executable, "-m", "diffferv_cli", *args], capture_output=True, text=True, timeout=300,
+                         preexec_fn=limit, env={**os.environ, "DIFFFERV_NO_FACE_CHECK": "1"})
+    assert run.returncode == 2, run.stderr
+    assert "Traceback" not in run.stderr
+    assert "Cannot write the cache file" in run.stderr and "ulimit -f" in run.stderr and str(tmp_path) in run.stderr
+
+
+@pytest.mark.parametrize("code, reason", [
+    ("ENOSPC", "no space left on the device"), ("EDQUOT", "the disk quota is exceeded"), ("EFBIG", "ulimit -f"),
+    ("EROFS", "the file system is read-only"), ("EACCES", "permission denied"), ("ELOOP", "a symbolic link loop"),
+    ("EISDIR", "it is a folder"), ("EIO", "input/output error"),
+])
+def test_every_kind_of_write_failure_in_the_cache_names_the_file_and_the_action(tmp_path, monkeypatch, code,
+                                                                                 reason):
+    import errno
+
+    import torch
+
+    from diffferv_cli.editing import cache
+    from diffferv_cli.errors import UserError
+
+    entry = cache.open_entry(tmp_path, {"steps": 1})
+
+    def fail(path, data, **kwargs):
+        raise OSError(getattr(errno, code), os.strerror(getattr(errno, code)), str(path))
+
+    monkeypatch.setattr(cache, "atomic_write_bytes", fail)
+    with pytest.raises(UserError) as error:
+        entry.write_latent(0, torch.zeros(1, 4, 2, 2))
+    assert str(error.value).startswith(f"Cannot write the cache file {entry.folder / entry.latent_name(0)}: ")
+    assert reason in str(error.value)
+    with pytest.raises(UserError, match=f"Cannot write the cache file {entry.manifest_path}: .*{reason}"):
+        entry.save_manifest()
+
+
+def test_a_read_failure_in_the_cache_names_the_file_and_the_action(tmp_path, monkeypatch):
+    import errno
+    from pathlib import PosixPath
+
+    import torch
+
+    from diffferv_cli.editing import cache
+    from diffferv_cli.errors import UserError
+
+    entry = cache.open_entry(tmp_path, {"steps": 1})
+    entry.write_latent(0, torch.zeros(1, 4, 2, 2))
+
+    def fail(self):
+        raise OSError(errno.EACCES, "Permission denied", str(self))
+
+    monkeypatch.setattr(PosixPath, "read_bytes", fail)
+    with pytest.raises(UserError, match=r"Cannot read the cache file .*step-000.safetensors: permission denied"):
+        entry.read_latent(0)
+
+
+def test_os_errors_nobody_named_become_one_sentence_and_others_stay_bugs():
+    import errno
+
+    import typer
+
+    from diffferv_cli.cli import friendly
+
+    def failing(number):
+        @friendly
+        def command():
+            raise OSError(number, os.strerror(number), "/some/file")
+        return command
+
+    with pytest.raises(typer.Exit) as stopped:
+        failing(errno.ENOSPC)()
+    assert stopped.value.exit_code == 2
+    with pytest.raises(OSError):  # not a user's mistake or the disk's: a traceback
+        failing(errno.ECONNRESET)()
+
+
+def test_a_symlink_loop_is_named_as_one(tmp_path):
+    (tmp_path / "a.mp4").symlink_to(tmp_path / "b.mp4")
+    (tmp_path / "b.mp4").symlink_to(tmp_path / "a.mp4")
+    _one_line_error(_invoke(["invert", str(tmp_path / "a.mp4"), "--model", "tiny-random", "--device", "cpu",
+                             "--cache-dir", str(tmp_path / "cache")]), "symbolic link loop", str(tmp_path / "a.mp4"))
+    _one_line_error(_invoke(["invert", str(tmp_path / "none.mp4"), "--model", "tiny-random", "--device", "cpu",
+                             "--cache-dir", str(tmp_path / "cache")]), "does not exist")
+
+
+# ------------------------------------------------------------------------------------ outputs (issue 23)
+# Every target checked before any work (no cache entry is made), never two targets one file, never a
+# second command on a file the first is writing, no leftover of a killed writer kept.
+
+
+def _pirate(folder: Path) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "pirate.toml").write_text('description = "Arr."\nedit_prompt = "a photo of a {subject} as a pirate"\n')
+    return folder / "pirate.toml"
+
+
+@pytest.mark.parametrize("case", ["suffix", "no-folder", "hard-link", "symlink", "device", "folder", "same-preset",
+                                  "same-file-name", "side-by-side-clash", "empty"])
+def test_output_targets_are_checked_before_any_work(clip_path, tmp_path, case):
+    import shutil
+
+    clip = tmp_path / "clip.mp4"
+    shutil.copy(clip_path, clip)
+    base = _edit_args(clip, tmp_path)
+    out = base.index("-o") + 1
+    fragments: tuple[str, ...] = ()
+    if case == "suffix":
+        base[out], fragments = str(tmp_path / "out.avi"), ("must end in .mp4",)
+    elif case == "no-folder":
+        base[out], fragments = str(tmp_path / "none" / "deeper" / "out.mp4"), ("does not exist",)
+    elif case == "hard-link":
+        os.link(clip, tmp_path / "out.mp4")
+        base += ["--overwrite"]
+        fragments = ("is the input",)
+    elif case == "symlink":
+        (tmp_path / "out.mp4").symlink_to(clip)
+        base += ["--overwrite"]
+        fragments = ("is the input",)
+    elif case == "device":
+        (tmp_path / "out.mp4").symlink_to("/dev/null")
+        base += ["--overwrite"]
+        fragments = ("not a regular file",)
+    elif case == "folder":  # -o names a folder; the file it would write there is a folder
+        (tmp_path / "box" / "clip.age.mp4").mkdir(parents=True)
+        base[out] = str(tmp_path / "box")
+        base += ["--overwrite"]
+        fragments = ("is a folder",)
+    elif case == "same-preset":
+        base[out], fragments = str(tmp_path / "outs"), ("same file",)
+        base += ["-p", "age", "-p", "age"]
+    elif case == "same-file-name":  # two presets named alike in two folders
+        base[out], fragments = str(tmp_path / "outs"), ("same file",)
+        base += ["-p", str(_pirate(tmp_path / "one")), "-p", str(_pirate(tmp_path / "two"))]
+    elif case == "side-by-side-clash":  # an edit labelled like another's comparison
+        (tmp_path / "presets").mkdir()
+        (tmp_path / "presets" / "age.side-by-side.toml").write_text(
+            'description = "x"\nedit_prompt = "a photo of an old {subject}"\n')
+        base[out], fragments = str(tmp_path / "outs"), ("same file",)
+        base += ["-p", "age", "-p", str(tmp_path / "presets" / "age.side-by-side.toml"), "--side-by-side"]
+    elif case == "empty":
+        base[out], fragments = "", ("empty",)
+    if case not in ("same-preset", "same-file-name", "side-by-side-clash"):
+        base += ["-p", "age"]
+    result = _invoke(base)
+    assert result.exit_code == 2, result.output
+    text = " ".join(result.output.split())
+    assert all(fragment in text for fragment in fragments), result.output
+    assert not (tmp_path / "cache").exists() and not (tmp_path / "outs").exists()
+    assert clip.read_bytes() == clip_path.read_bytes()
+    if case == "device":
+        assert (tmp_path / "out.mp4").is_symlink()
+
+
+def _claim_lock(target: Path):
+    """The lock `files.claim_outputs` takes for `target`, opened separately: held, it is another command."""
+    import hashlib
+
+    from filelock import FileLock
+
+    from diffferv_cli.files import _claims_folder, _target_key
+
+    _claims_folder().mkdir(parents=True, exist_ok=True)
+    return FileLock(_claims_folder() / f"{hashlib.sha256(_target_key(target).encode()).hexdigest()[:32]}.lock")
+
+
+def test_a_second_command_writing_the_same_output_is_refused(clip_path, tmp_path):
+    other = _claim_lock(tmp_path / "out.mp4")
+    other.acquire(timeout=0)
+    try:
+        _one_line_error(_invoke(_edit_args(clip_path, tmp_path, "-p", "age")), "Another diffferv command is writing",
+                        str(tmp_path / "out.mp4"))
+        assert not (tmp_path / "cache").exists()
+        reconstruct = _edit_args(clip_path, tmp_path)
+        reconstruct[0] = "reconstruct"
+        _one_line_error(_invoke(reconstruct), "Another diffferv command is writing")
+    finally:
+        other.release()
+
+
+def test_a_command_lets_go_of_its_outputs_and_removes_leftovers_of_killed_writers(clip_path, tmp_path):
+    killed = [tmp_path / ".out.k1ll3d_9.partial.mp4", tmp_path / ".out.zzzzzzzz.partial.mp4"]
+    killed[0].write_bytes(b"half a video")  # SIGTERM mid-write (an older version), and SIGKILL: 0 bytes
+    killed[1].write_bytes(b"")
+    others = [tmp_path / ".out.b.zzzzzzzz.partial.mp4", tmp_path / ".out.zzzzzzzz.partial.mov",
+              tmp_path / ".outer.zzzzzzzz.partial.mp4"]  # another target's, never touched
+    for path in others:
+        path.write_bytes(b"")
+    result = _invoke(_edit_args(clip_path, tmp_path, "-p", "age"))
+    assert result.exit_code == 0, result.output
+    assert not any(path.exists() for path in killed) and all(path.exists() for path in others)
+    assert (tmp_path / "out.mp4").is_file()
+    lock = _claim_lock(tmp_path / "out.mp4")
+    lock.acquire(timeout=0)  # released when the command ended
+    lock.release()
+
+
+def test_sigterm_is_handled_as_an_interrupt(monkeypatch):
+    """The CLI's entry point turns SIGTERM into KeyboardInterrupt, so writers remove their temporary file."""
+    import signal
+
+    from diffferv_cli import cli
+
+    installed = {}
+    monkeypatch.setattr(signal, "signal", lambda number, handler: installed.update({number: handler}))
+    monkeypatch.setattr(cli, "app", lambda: None)
+    cli.main()
+    with pytest.raises(KeyboardInterrupt):
+        installed[signal.SIGTERM](signal.SIGTERM, None)
+
+
+# ------------------------------------------------------------------------------------ prompts (issue 23)
+
+
+@pytest.mark.parametrize("option, value", [("--prompt", ""), ("--prompt", "   "), ("--prompt-edit", ""),
+                                           ("--prompt-edit", "\t")])
+def test_an_empty_prompt_is_refused(clip_path, tmp_path, option, value):
+    args = _edit_args(clip_path, tmp_path, option, value)
+    if option == "--prompt":
+        args += ["-p", "age"]
+    _one_line_error(_invoke(args), option, "empty")
+    assert not (tmp_path / "cache").exists()
+
+
+def test_a_prompt_longer_than_the_text_encoder_warns_once_naming_the_cut_words(clip_path, tmp_path, caplog):
+    """Encoded by the inversion and again by the edit, said once (on stderr; pytest's log capture takes it here)."""
+    import logging
+
+    prompt = "a photo of a person " + " ".join(f"w{index}" for index in range(90)) + " lastword"
+    with caplog.at_level(logging.WARNING, logger="diffferv"):
+        result = _invoke(_edit_args(clip_path, tmp_path, "--prompt", prompt, "--prompt-edit", "a photo of a woman"))
+    assert result.exit_code == 0, result.output
+    warnings = [record.getMessage() for record in caplog.records if "text encoder" in record.getMessage()]
+    assert len(warnings) == 1, warnings
+    assert "longer than the text encoder's 77 tokens; these words are cut: " in warnings[0]
+    assert "(68 words)" in warnings[0] and "w89" not in warnings[0].split("cut: ")[1]  # the list is shortened
+
+
+def test_cut_words_are_exactly_those_past_the_encoder_length():
+    from diffferv_cli.editing.prompts import cut_words
+    from diffferv_cli.models.loading import load_components
+
+    tokenizer = load_components("tiny-random", device="cpu", dtype="fp32").tokenizer
+    room = tokenizer.model_max_length - 2
+    fits = " ".join(["a"] * room)
+    assert len(tokenizer(fits, add_special_tokens=False).input_ids) == room
+    assert cut_words(tokenizer, fits) == []
+    assert cut_words(tokenizer, fits + " old") == ["old"]
+    assert cut_words(tokenizer, fits + " old man") == ["old", "man"]
+
+
+# ------------------------------------------------------------------------------- eval and training (issue 23)
+
+
+def test_eval_refuses_frame_folders_of_mixed_sizes(tmp_path):
+    frames = tmp_path / "frames"
+    frames.mkdir()
+    cv2.imwrite(str(frames / "0.png"), np.zeros((48, 64, 3), np.uint8))
+    cv2.imwrite(str(frames / "1.png"), np.zeros((48, 80, 3), np.uint8))  # wider: it used to be stretched
+    _one_line_error(_invoke(["eval", str(frames), str(frames), "--no-temporal"]), "80x48", "64x48", "one size")
+
+
+def test_a_checkpoint_whose_state_contradicts_its_run_is_refused(faces, tmp_path):
+    import shutil
+
+    captions = tmp_path / "captions.jsonl"
+    captions.write_text("".join(json.dumps({"file": f"img{index}.png", "text": "a face"}) + "\n" for index in range(2)))
+    result = _invoke(_train_args(faces, tmp_path, "--checkpoint-every", "1", "--captions", str(captions)), timeout=300)
+    assert result.exit_code == 0, result.output
+    checkpoint = tmp_path / "model" / "checkpoints" / "step-0000001"
+    state = json.loads((checkpoint / "train_state.json").read_text())
+    (checkpoint / "train_state.json").write_text(json.dumps({**state, "step": 10**9}))
+    resume = [*_train_args(faces, tmp_path, "--captions", str(captions)), "--resume", "latest"]
+    resume[resume.index("--steps") + 1] = "3"
+    _one_line_error(_invoke(resume, timeout=300), "step 1000000000", "not 1")
+    renamed = tmp_path / "mine"  # a folder of any name: its optimizer's step count tells
+    shutil.copytree(checkpoint, renamed)
+    resume[-1] = str(renamed)
+    _one_line_error(_invoke(resume, timeout=300), "step 1000000000", "optimizer took 1 steps")
+
+
+# ----------------------------------------------------------------------------- same bytes (issue 23)
+
+
+def test_compile_is_part_of_the_cache_key(clip_path, inverted, tmp_path, monkeypatch):
+    """A compiled inversion's latents are ~1e-6 from eager: never under the eager key (torch.compile itself
+    is replaced by the plain UNet here; only the key is under test)."""
+    from diffferv_cli.editing import inversion
+
+    monkeypatch.setattr(inversion, "unet_for_loop", lambda unet, compile_unet=False: unet)
+    entry = _cache_copy(inverted, tmp_path)
+    args = _edit_args(clip_path, tmp_path)
+    args = ["invert", *args[1:args.index("-o")], *args[args.index("-o") + 2:]]
+    eager = _invoke(args)
+    assert eager.exit_code == 0 and "reused" in eager.output, eager.output  # the eager key is unchanged
+    compiled = _invoke([*args, "--compile"])
+    assert compiled.exit_code == 0 and "2 steps run" in compiled.output, compiled.output
+    entries = [path for path in (tmp_path / "cache").iterdir() if not path.name.startswith(".")]
+    assert len(entries) == 2 and entry in entries
+    again = _invoke([*args, "--compile"])
+    assert "reused" in again.output, again.output
