@@ -182,7 +182,8 @@ def load_single_file(path: Path, dtype: torch.dtype, prediction_type: str | None
         raise
     except Exception as err:  # noqa: BLE001 - diffusers raises many types here; all mean "cannot load"
         raise _not_available(str(path), f"the checkpoint could not be loaded: {(str(err).splitlines() or [''])[0]}") from err
-    for name, module in (("unet", unet), ("vae", vae), ("text_encoder", text_encoder), *second.items()):
+    modules = {"unet": unet, "vae": vae, "text_encoder": text_encoder, "text_encoder_2": second.get("text_encoder_2")}
+    for name, module in ((name, module) for name, module in modules.items() if module is not None):
         missing = [key for key, tensor in module.state_dict().items() if getattr(tensor, "is_meta", False)]
         if missing:  # diffusers leaves what the file lacks unloaded
             raise _not_available(str(path), f"the checkpoint has no weights for {name} {missing[0]} "
