@@ -810,3 +810,209 @@ def test_compile_is_part_of_the_cache_key(clip_path, inverted, tmp_path, monkeyp
     assert len(entries) == 2 and entry in entries
     again = _invoke([*args, "--compile"])
     assert "reused" in again.output, again.output
+
+
+# ------------------------------------------------------------------ every flag reaches the job (issue 23)
+# Each option of invert / edit / reconstruct, given a value other than its default, changes exactly the
+# field of the configuration the job gets that it names, and nothing else: an option wired to the wrong
+# field (--tau-motion into tau_cross, --no-tta into swcfa) or to none fails here. A new option without an
+# entry below fails too.
+
+
+class _Stop(Exception):
+    """Raised by a stand-in for the library once the CLI has handed over what it built."""
+
+
+@pytest.fixture
+def handed_over(monkeypatch):
+    """Stand-ins for the loader and the job runners that record what a command hands them, then stop."""
+    from types import SimpleNamespace
+
+    import diffferv_cli.cli.edit as edit_cli
+    import diffferv_cli.editing.job as job
+    import diffferv_cli.editing.settings as settings
+
+    seen: dict = {}
+    check_writable = job.check_writable
+
+    def load(clip_path, spec, model, device, dtype, report, region="full", model_options=None):
+        seen.update(spec=spec, model=model, device=device, dtype=dtype, region=region,
+                    model_options=dict(model_options or {}))
+        return SimpleNamespace(), SimpleNamespace()
+
+    def record(*args, **kwargs):
+        seen.update(args=args[2:], kwargs={name: value for name, value in kwargs.items() if name != "progress"})
+
+    def stop(*args, **kwargs):
+        record(*args, **kwargs)
+        raise _Stop
+
+    def reconstruct(*args, **kwargs):
+        record(*args, **kwargs)
+        return SimpleNamespace(), SimpleNamespace(result=SimpleNamespace(frames=None), reference=None)
+
+    def write(video, frames, target, **kwargs):
+        seen.update(target=target, lossless=kwargs["lossless"])
+        raise _Stop
+
+    def checked(path, inputs, overwrite, *args, **kwargs):
+        seen["overwrite_checked"] = overwrite
+        return check_writable(path, inputs, overwrite, *args, **kwargs)
+
+    monkeypatch.setattr(edit_cli, "_load", load)
+    monkeypatch.setattr(edit_cli, "lora_options", lambda values: [(Path(value), 1.0) for value in values or ()])
+    monkeypatch.setattr(edit_cli, "_report_paths", lambda clip, outputs, overwrite: (
+        seen.update(reports=list(outputs)) or {output: output.with_suffix(".report.html") for output in outputs}))
+    monkeypatch.setattr(job, "run_inversion", stop)
+    monkeypatch.setattr(job, "run_edits", stop)
+    monkeypatch.setattr(job, "run_reconstruction", reconstruct)
+    monkeypatch.setattr(job, "write_result", write)
+    monkeypatch.setattr(job, "check_writable", checked)
+    monkeypatch.setattr(settings, "edit_settings", lambda *args, **kwargs: {})
+    return seen
+
+
+def _flat(value, prefix: str = "") -> dict[str, object]:
+    """Nested configs and dicts as {"inversion.temporal.tta": False, ...}."""
+    from pydantic import BaseModel
+
+    if isinstance(value, BaseModel):
+        value = value.model_dump()
+    if isinstance(value, dict):
+        flat = {}
+        for name, item in value.items():
+            flat.update(_flat(item, f"{prefix}.{name}" if prefix else str(name)))
+        return flat
+    return {prefix: value}
+
+
+def _handed_over(command: str, seen: dict) -> dict[str, object]:
+    """What the job got, by field: the clip, model and device, the configs, the runner's keywords."""
+    got = {name: seen.get(name) for name in ("spec", "model", "device", "dtype", "region", "model_options",
+                                               "target", "lossless", "reports", "overwrite_checked")}
+    got["inversion"] = seen["args"][0]
+    if command == "edit":
+        got["edits"] = {label: config for label, config in seen["args"][1]}
+    if command == "reconstruct":
+        got["path"] = seen["args"][1]
+    got["kwargs"] = seen["kwargs"]
+    return _flat(got)
+
+
+def _run_flags(seen: dict, args: list[str]) -> dict[str, object]:
+    seen.clear()
+    result = CliRunner().invoke(app, args)
+    assert isinstance(result.exception, _Stop), (args, result.output)
+    return _handed_over(args[0], seen)
+
+
+def _job_flags(tmp_path: Path) -> dict[str, tuple[list[str], dict[str, object]]]:
+    """The options every job command has: option -> (arguments, {field: value it must set})."""
+    return {
+        "prompt": (["--prompt", "a photo of a cat"], {"inversion.prompt": "a photo of a cat"}),
+        "model": (["--model", str(tmp_path / "model.safetensors")], {"model": str(tmp_path / "model.safetensors")}),
+        "prediction_type": (["--prediction-type", "v_prediction"], {"model_options.prediction_type": "v_prediction"}),
+        "clip_skip": (["--clip-skip", "2"], {"model_options.clip_skip": 2}),
+        "lora": (["--lora", "person.safetensors"], {"model_options.loras": [(Path("person.safetensors"), 1.0)]}),
+        "start": (["--start", "3"], {"spec.start": 3}),
+        "frames": (["--frames", "5"], {"spec.frames": 5}),
+        "stride": (["--stride", "2"], {"spec.stride": 2}),
+        "size": (["--size", "256"], {"spec.short_side": 256}),
+        "steps": (["--steps", "7"], {"inversion.steps": 7}),
+        "window": (["--window", "5"], {"inversion.temporal.window": 5}),
+        "no_swcfa": (["--no-swcfa"], {"inversion.temporal.swcfa": False}),
+        "no_tta": (["--no-tta"], {"inversion.temporal.tta": False}),
+        "features": (["--features", "disk"], {"inversion.feature_mode": "disk"}),
+        "flow_preset": (["--flow-preset", "fast"], {"inversion.flow_preset": "fast"}),
+        "window_frames": (["--window-frames", "30"], {"inversion.window_frames": 30}),
+        "cache_dir": (["--cache-dir", str(tmp_path / "c")], {"kwargs.cache_dir": tmp_path / "c"}),
+        "force": (["--force"], {"kwargs.force": True}),
+        "device": (["--device", "cpu"], {"device": "cpu"}),
+        "dtype": (["--dtype", "fp32"], {"dtype": "fp32"}),
+        "region": (["--region", "0,0,32,32"], {"region": "0,0,32,32"}),
+        "compile_unet": (["--compile"], {"kwargs.compile_unet": True}),
+    }
+
+
+def _output_flags(tmp_path: Path, command: str) -> dict[str, tuple[list[str], dict[str, object]]]:
+    out = tmp_path / "result.mp4"
+    default_out = tmp_path / f"clip.{'edit' if command == 'edit' else 'reconstruct'}.mp4"
+    return {
+        "out": (["-o", str(out)], {"kwargs.out": out} if command == "edit" else {"target": out}),
+        "overwrite": (["--overwrite"], {"overwrite_checked": True, **({"kwargs.overwrite": True}
+                                                                        if command == "edit" else {})}),
+        "composite": (["--composite", "replace"], {"kwargs.composite.mode": "replace"}),
+        "composite_threshold": (["--composite-threshold", "0.3"], {"kwargs.composite.threshold": 0.3}),
+        "lossless": (["--lossless"], {"kwargs.lossless": True} if command == "edit" else {"lossless": True}),
+        "html": (["--html"], {"reports": [default_out]}),
+    }
+
+
+def _edit_flags(tmp_path: Path) -> dict[str, tuple[list[str], dict[str, object]]]:
+    from diffferv_cli.editing.presets import load_preset
+
+    mine = tmp_path / "presets"
+    mine.mkdir(exist_ok=True)
+    (mine / "mine.toml").write_text('description = "x"\nedit_prompt = "a photo of a {subject} wearing a hat"\n')
+    age = load_preset("age", []).prompts(None)[1]
+    return {
+        "preset": (["-p", "age"], {"edits.age.prompt_edit": age}),
+        "preset_dir": (["--preset-dir", str(mine), "-p", "mine"],
+                       {"edits.mine.prompt_edit": "a photo of a person wearing a hat"}),
+        "prompt_edit": (["--prompt-edit", "a photo of a young person"],
+                        {"edits.edit.prompt_edit": "a photo of a young person"}),
+        "subject": (["--subject", "cat"], {}),  # with a preset: below
+        "tau_app": (["--tau-app", "0.3"], {"edits.edit.tau_app": 0.3}),
+        "tau_motion": (["--tau-motion", "0.4"], {"edits.edit.tau_motion": 0.4}),
+        "tau_cross": (["--tau-cross", "0.6"], {"edits.edit.tau_cross": 0.6}),
+        "guidance": (["--guidance", "3"], {"edits.edit.guidance": 3.0}),
+        "no_inject": (["--no-inject"], {"edits.edit.inject": False}),
+        "exact": (["--exact"], {"edits.edit.exact": True}),
+        "side_by_side": (["--side-by-side"], {"kwargs.side_by_side": True}),
+        **_output_flags(tmp_path, "edit"),
+    }
+
+
+def _reconstruct_flags(tmp_path: Path) -> dict[str, tuple[list[str], dict[str, object]]]:
+    return {
+        "prompt": (["--prompt", "a photo of a cat"],  # a reconstruction's edit prompt is its source prompt
+                   {"inversion.prompt": "a photo of a cat", "path.prompt_edit": "a photo of a cat"}),
+        "plain": (["--plain"], {"path.inject": False}),
+        "exact": (["--exact"], {"path.exact": True}),
+        "compare": (["--compare"], {"kwargs.compare": True}),
+        **_output_flags(tmp_path, "reconstruct"),
+    }
+
+
+@pytest.mark.parametrize("command", ["invert", "edit", "reconstruct"])
+def test_every_flag_reaches_the_field_it_names_and_no_other(handed_over, tmp_path, monkeypatch, command):
+    import typer
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "model.safetensors").write_bytes(b"")  # named only: the loader is a stand-in
+    flags = _job_flags(tmp_path)
+    flags.update({"edit": _edit_flags, "reconstruct": _reconstruct_flags}.get(command, lambda _: {})(tmp_path))
+    params = {param.name for param in typer.main.get_command(app).commands[command].params} - {"clip"}
+    assert set(flags) == params, f"options without a wiring check: {sorted(params - set(flags))}"
+
+    base = [command, str(tmp_path / "clip.mp4")] + (["--prompt-edit", "a photo of an old person"]
+                                                    if command == "edit" else [])
+    baseline = _run_flags(handed_over, base)
+    for name, (args, expected) in flags.items():
+        if name == "subject":
+            continue
+        got = _run_flags(handed_over, [*base, *args])
+        changed = {key: got.get(key) for key in set(got) | set(baseline) if got.get(key) != baseline.get(key)}
+        if name in ("preset", "preset_dir"):  # a new edit: its fields are new keys
+            label = expected and next(iter(expected)).split(".")[1]
+            changed = {key: value for key, value in changed.items()
+                       if not key.startswith(f"edits.{label}.") or key in expected}
+        if name == "model":  # the working size is the model's own
+            changed = {key: value for key, value in changed.items() if not key.startswith("spec.")}
+        assert changed == expected, f"{command} {' '.join(args)}: changed {changed}, expected {expected}"
+    if command == "edit":
+        preset = [*base[:2], "-p", str(_pirate(tmp_path / "own"))]
+        before, after = _run_flags(handed_over, preset), _run_flags(handed_over, [*preset, "--subject", "cat"])
+        changed = {key: after[key] for key in after if after[key] != before.get(key)}
+        assert changed == {"inversion.prompt": "a photo of a cat",
+                           "edits.pirate.prompt_edit": "a photo of a cat as a pirate"}, changed
