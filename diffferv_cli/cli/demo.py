@@ -39,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     console = Console()
     args.out.mkdir(parents=True, exist_ok=True)
     clip = demo_clip(args.out / "clip.mp4")
-    common = [str(clip), "--model", "tiny-random", "--size", "96", "--steps", "8", "--cache-dir",
+    common = [str(clip), "--model", "tiny-random", "--size", "96", "--steps", "5", "--cache-dir",
               str(args.out / "cache"), "--device", "cpu"]
     console.rule("diffferv demo: tiny random-weight model")
     console.print("[yellow]The tiny model has RANDOM weights: the pipeline runs end to end, but the edit is "
