@@ -263,7 +263,7 @@ def check_output_target(path: Path, inputs: list[Path] | tuple[Path, ...] = (), 
             source_info = None
         if (target is not None and source_info is not None and _same_file(target, source_info)) or \
                 Path(path).resolve() == Path(source).resolve():
-            raise UserError(f"The {what} {path} is the input {source} (or a link to it); choose another -o.")
+            raise UserError(f"The {what} {path} is the input video {source} (or a link to it); choose another -o.")
     if os.path.lexists(path):
         if target is not None and stat.S_ISDIR(target.st_mode):
             raise UserError(f"The {what} {path} is a folder; give a file name such as {path / 'out.mp4'}.")
