@@ -290,23 +290,9 @@ def save_components(comps: Components, folder: Path) -> None:
     from diffusers import DDIMScheduler
 
     DDIMScheduler(**comps.scheduler_config).save_pretrained(folder / "scheduler")  # the model's own schedule
-    index = {
-        "_class_name": "StableDiffusionPipeline",
-        "_diffusers_version": "0.31.0",
-        "unet": ["diffusers", "UNet2DConditionModel"],
-        "vae": ["diffusers", "AutoencoderKL"],
-        "text_encoder": ["transformers", "CLIPTextModel"],
-        "tokenizer": ["transformers", "CLIPTokenizer"],
-        "scheduler": ["diffusers", "DDIMScheduler"],
-        "safety_checker": [None, None],
-        "feature_extractor": [None, None],
-        "requires_safety_checker": False,
-    }
-    if comps.text_encoder_2 is not None:
-        index = {key: value for key, value in index.items() if key not in ("safety_checker", "feature_extractor",
-                                                                           "requires_safety_checker")}
-        index.update(_class_name="StableDiffusionXLPipeline", text_encoder_2=["transformers", "CLIPTextModelWithProjection"],
-                     tokenizer_2=["transformers", "CLIPTokenizer"])
+    from diffferv_cli.models.skeletons import pipeline_index
+
+    index = pipeline_index(sdxl=comps.text_encoder_2 is not None)
     from diffferv_cli.files import atomic_write_json
 
     atomic_write_json(folder / "model_index.json", index)

@@ -43,6 +43,17 @@ PIPELINE_INDEX = {
     "requires_safety_checker": False,
 }
 
+def pipeline_index(sdxl: bool = False) -> dict:
+    """model_index.json of an SD 1.x/2.x folder (no safety checker), or of an SDXL one."""
+    if not sdxl:
+        return dict(PIPELINE_INDEX)
+    index = {key: value for key, value in PIPELINE_INDEX.items()
+             if key not in ("safety_checker", "feature_extractor", "requires_safety_checker")}
+    index.update(_class_name="StableDiffusionXLPipeline", text_encoder_2=["transformers", "CLIPTextModelWithProjection"],
+                 tokenizer_2=["transformers", "CLIPTokenizer"])
+    return index
+
+
 FAMILIES = {
     "v1": dict(
         unet=dict(attention_head_dim=8, cross_attention_dim=768, sample_size=64),
@@ -201,14 +212,8 @@ def skeleton(shapes: Mapping[str, tuple], family: str, prediction_type: str) -> 
     if family == "v2" and prediction_type == "v_prediction":  # SD 2.x 768-v
         unet["sample_size"], vae["sample_size"] = 96, 768
     scheduler = dict(FAMILIES[family]["scheduler"], prediction_type=prediction_type)
-    index = dict(PIPELINE_INDEX)
-    if sdxl:
-        index = {key: value for key, value in index.items()
-                 if key not in ("safety_checker", "feature_extractor", "requires_safety_checker")}
-        index.update(_class_name="StableDiffusionXLPipeline", text_encoder_2=["transformers", "CLIPTextModelWithProjection"],
-                     tokenizer_2=["transformers", "CLIPTokenizer"])
     files = {
-        "model_index.json": index,
+        "model_index.json": pipeline_index(sdxl),
         "unet/config.json": {"_class_name": "UNet2DConditionModel", **unet},
         "vae/config.json": {"_class_name": "AutoencoderKL", **vae},
         "text_encoder/config.json": {"architectures": ["CLIPTextModel"], "model_type": "clip_text_model", **text},

@@ -14,14 +14,9 @@ TINY_RANDOM = "tiny-random"
 
 def _byte_vocab() -> dict[str, int]:
     """CLIP's byte-to-unicode alphabet, each character alone and as a word end: every text tokenizes."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
-    printable += list(range(ord("®"), ord("ÿ") + 1))
-    codes, extra = printable[:], 0
-    for byte in range(256):
-        if byte not in printable:
-            codes.append(256 + extra)
-            extra += 1
-    alphabet = [chr(c) for c in codes]
+    from diffferv_cli.models.skeletons import bytes_to_unicode
+
+    alphabet = sorted(bytes_to_unicode().values(), key=ord)
     vocab: dict[str, int] = {}
     for suffix in ("", "</w>"):
         for char in alphabet:
