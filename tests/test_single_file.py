@@ -143,6 +143,7 @@ def test_other_families_and_non_checkpoints_are_refused_in_one_sentence(offline)
         with pytest.raises(UserError) as error:
             load_components(str(path), device="cpu")
         assert words in str(error.value) and "\n" not in str(error.value), str(error.value)
+        assert "a .safetensors checkpoint" not in str(error.value)  # the user passed one
 
 
 class _Payload:

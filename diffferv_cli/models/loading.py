@@ -31,10 +31,14 @@ from diffferv_cli.models.tiny import TINY_MODELS
 
 
 def _not_available(model: str, reason: str) -> UserError:
-    return UserError(
-        f"Model {model!r} is not available ({reason}); pass --model with a local diffusers folder or a "
-        f".safetensors checkpoint, or download it once with network access (default: {DEFAULT_MODEL})."
-    )
+    """One sentence: what was asked, why it cannot be had, and what to pass instead -- a file that is
+    not a usable checkpoint is not told to pass a checkpoint file."""
+    if Path(model).suffix in (".safetensors", ".ckpt"):
+        advice = "pass another checkpoint, a diffusers folder or a hub id with --model"
+    else:
+        advice = (f"pass --model with a local diffusers folder or a .safetensors checkpoint, or download it once "
+                  f"with network access (default: {DEFAULT_MODEL})")
+    return UserError(f"Model {model!r} is not available ({reason}); {advice}.")
 
 
 def _folder_fingerprint(folder: Path) -> str:
