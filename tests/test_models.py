@@ -116,3 +116,27 @@ def test_prediction_type_and_clip_skip_reach_the_loader(tmp_path, monkeypatch, c
 def test_an_unknown_prediction_type_is_refused_by_the_option(tmp_path):
     result = CliRunner().invoke(app, ["invert", str(tmp_path / "missing.mp4"), "--prediction-type", "flow"])
     assert result.exit_code == 2 and "is not one of epsilon, v_prediction, sample" in result.output
+
+
+def test_a_hub_model_of_another_family_is_refused_before_its_weights_download(tmp_path, monkeypatch):
+    import huggingface_hub
+
+    from diffferv_cli.models import loading
+
+    hub = tmp_path / "hf" / "hub"
+    snapshot = hub / "models--someone--sd3-model" / "snapshots" / "abc123"
+    snapshot.mkdir(parents=True)
+    (snapshot / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusion3Pipeline"}))
+    (hub / "models--someone--sd3-model" / "refs").mkdir()
+    (hub / "models--someone--sd3-model" / "refs" / "main").write_text("abc123")
+    monkeypatch.setenv("HF_HUB_CACHE", str(hub))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(hub))
+    monkeypatch.setattr(loading, "hub_offline", lambda: False)
+    monkeypatch.setattr(loading, "_in_hub_cache", lambda *a: False)  # its weights are not there
+    monkeypatch.setattr(loading, "hub_reachable", lambda *a: (True, ""))
+    fetched = []
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", lambda repo, name, **k: fetched.append(name))
+    monkeypatch.setattr(loading, "_load_from_pretrained", lambda *a, **k: pytest.fail("weights were downloaded"))
+    with pytest.raises(UserError, match="StableDiffusion3Pipeline"):
+        load_components("someone/sd3-model", device="cpu")
+    assert fetched == ["model_index.json"]

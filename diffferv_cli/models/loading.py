@@ -227,6 +227,10 @@ def _load_hub(model: str, revision: str | None, dtype: torch.dtype) -> Component
         if not reachable:
             raise _not_available(model, f"not in the Hugging Face cache and the hub cannot be reached: {why}") from None
         try:
+            from huggingface_hub import hf_hub_download
+
+            hf_hub_download(model, "model_index.json", revision=revision)  # a few hundred bytes first:
+            _check_hub_class(model, revision)  # another family is refused before gigabytes of weights
             parts = _load_from_pretrained(model, False, revision, dtype)
         except (OSError, ValueError) as err:
             reason = (str(err).splitlines() or [type(err).__name__])[0]
