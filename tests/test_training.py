@@ -617,3 +617,32 @@ def test_caption_with_a_chat_model_writes_only_the_answer(tmp_path, tiny_chat_ca
         text = (faces / name).read_text().strip()
         assert text and "user" not in text and "<image>" not in text and "assistant" not in text
     assert len(scan_images(faces)) == 2
+
+
+def test_a_v_prediction_base_trains_toward_v_and_exports_its_own_schedule(tmp_path, monkeypatch):
+    """The loss target follows the base model's prediction type (v = sqrt(a) eps - sqrt(1 - a) x0 for a
+    v model, not the noise), and the exported folder keeps the base's scheduler config."""
+    from dataclasses import replace
+
+    from diffusers import DDPMScheduler
+
+    from diffferv_cli.models.families import SD15_SCHEDULER
+    from diffferv_cli.models.loading import load_components
+
+    velocities = []
+    real_velocity = DDPMScheduler.get_velocity
+
+    def recording(self, sample, noise, timesteps):
+        velocities.append(self.config.prediction_type)
+        return real_velocity(self, sample, noise, timesteps)
+
+    monkeypatch.setattr(DDPMScheduler, "get_velocity", recording)
+    faces = _folder(tmp_path / "faces", 4)
+    schedule = {**SD15_SCHEDULER, "prediction_type": "v_prediction", "timestep_spacing": "trailing", "steps_offset": 0}
+    train(replace(build_tiny_random(0), scheduler_config=schedule), _config(tmp_path, faces, steps=2, batch_size=2))
+    assert velocities == ["v_prediction", "v_prediction"]  # one target per step, a velocity
+    exported = load_components(str(tmp_path / "out"), device="cpu", dtype="fp32").scheduler_config
+    assert (exported["prediction_type"], exported["timestep_spacing"]) == ("v_prediction", "trailing")
+    velocities.clear()
+    train(build_tiny_random(0), _config(tmp_path / "eps", faces, steps=1, batch_size=2))
+    assert velocities == []  # a noise-predicting base trains toward the noise
