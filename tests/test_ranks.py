@@ -40,6 +40,13 @@ def test_every_window_runs_on_exactly_one_rank_and_the_partial_blends_add_up(wor
         assert all(partial.abs().sum() > 0 for partial in partials[:len(windows)])  # each rank has work
 
 
+@pytest.mark.parametrize("world, count", [(1, 7), (2, 7), (3, 7), (4, 2), (5, 12)])
+def test_the_decode_shares_cover_every_frame_once_in_order(world, count):
+    shares = [Ranks(rank, world).share_of(count) for rank in range(world)]
+    assert [index for share in shares for index in range(count)[share]] == list(range(count))
+    assert max(share.stop - share.start for share in shares) - min(share.stop - share.start for share in shares) <= 1
+
+
 def test_without_a_launcher_there_is_one_rank(monkeypatch):
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     assert from_environment(torch.device("cpu")) is SINGLE

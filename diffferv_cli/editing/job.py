@@ -228,10 +228,22 @@ def write_result(clip, frames: np.ndarray, path: Path, *, side_by_side: bool = F
     return written
 
 
-def source_reference(components, entry, progress: Progress = None) -> np.ndarray:
-    """R: the VAE decode of the cached source latent z_0, at working size (the input's round trip)."""
+def source_reference(components, entry, progress: Progress = None, ranks=None) -> np.ndarray | None:
+    """R: the VAE decode of the cached source latent z_0, at working size (the input's round trip);
+    split across `ranks` when given (None on the ranks other than 0)."""
     report = progress or (lambda stage, done, total: None)
-    return decode_latents(components.vae, entry.read_latent(0), progress=lambda d, t: report("decode R", d, t))
+    return decoded(components, entry.read_latent(0), lambda d, t: report("decode R", d, t), ranks)
+
+
+def decoded(components, latents, progress, ranks=None) -> np.ndarray | None:
+    """The VAE decode of `latents` (m, 4, h, w) as uint8 frames; under torch.distributed `ranks` each rank
+    decodes its contiguous share of the frames and rank 0 gets them all, in order (None elsewhere)."""
+    if ranks is None or ranks.world == 1:
+        return decode_latents(components.vae, latents, progress=progress)
+    share = ranks.share_of(len(latents))
+    part = decode_latents(components.vae, latents[share], progress=progress) if share.stop > share.start else None
+    parts = ranks.gather(part)
+    return np.concatenate([part for part in parts if part is not None]) if ranks.main else None
 
 
 def run_inversion(components, clip, config: InversionConfig, *, cache_dir=None, force=False,
@@ -262,8 +274,8 @@ def run_edits(components, clip, inversion: InversionConfig, edits: list[tuple[st
     written: list[Path] = []
     finished = 0
     try:
-        reference = (source_reference(components, outcome.entry, progress)
-                     if composite.mode == "residual" and ranks.main else None)
+        reference = (source_reference(components, outcome.entry, progress, ranks)  # every rank decodes a share
+                     if composite.mode == "residual" else None)
         groups = edit_groups([config for _, config in edits], inversion.prompt, inversion.feature_mode,
                              window_frames=largest_window(outcome.entry), max_batch_rows=max_batch_rows)
         for group in groups:
@@ -272,14 +284,14 @@ def run_edits(components, clip, inversion: InversionConfig, edits: list[tuple[st
             results = edit_shared(components, outcome.entry, [edits[index][1] for index in group],
                                   feature_mode=inversion.feature_mode, progress=loop, decode=False,
                                   compile_unet=compile_unet, ranks=ranks)
-            if not ranks.main:
-                continue
             for index, result in zip(group, results, strict=True):
                 label, config = edits[index]
                 named = _named(progress, run_name("edit", label, index + 1, len(edits)))
                 report = named or (lambda stage, done, total: None)
-                frames = decode_latents(components.vae, result.latents,
-                                        progress=lambda done, total, report=report: report("decode", done, total))
+                frames = decoded(components, result.latents,
+                                 lambda done, total, report=report: report("decode", done, total), ranks)
+                if not ranks.main:  # its share of the decode is done; rank 0 composites and writes
+                    continue
                 settings = edit_settings(components, clip, inversion, config, label, composite)
                 written += write_result(clip, frames, targets[index], side_by_side=side_by_side, composite=composite,
                                         reference=reference, lossless=lossless, progress=named, settings=settings)

@@ -55,6 +55,24 @@ class Ranks:
         return box[0]
 
 
+    def share_of(self, count: int) -> slice:
+        """This rank's contiguous share of `count` items (frames to decode): the shares of all ranks, in
+        rank order, cover 0 .. count once."""
+        start, stop = count * self.rank // self.world, count * (self.rank + 1) // self.world
+        return slice(start, stop)
+
+    def gather(self, part):
+        """Every rank's `part` (a picklable object, e.g. its decoded frames) on rank 0, in rank order; None
+        on the other ranks."""
+        if self.world == 1:
+            return [part]
+        import torch.distributed as dist
+
+        parts = [None] * self.world if self.main else None
+        dist.gather_object(part, parts, dst=0)
+        return parts
+
+
 SINGLE = Ranks()
 
 
