@@ -75,7 +75,7 @@ class InversionOutcome:
     steps_run: int  # UNet passes this call ran (0 when the cache already held everything)
 
 
-def cache_request(clip, components, config: InversionConfig) -> dict:
+def cache_request(clip, components, config: InversionConfig, *, compile_unet: bool = False) -> dict:
     """Everything that determines the inversion's result, and nothing else: the decoded selected frames
     (hashed), the model, the settings. Feature mode is not in it: the latents are the same in both modes
     (see the module notes); disk mode only adds feature files."""
@@ -94,6 +94,8 @@ def cache_request(clip, components, config: InversionConfig) -> dict:
     }
     if clip.spec.region is not None:  # only when set, so that whole-frame keys stay as they were
         request["region"] = list(clip.spec.region)
+    if compile_unet:  # a compiled UNet rounds differently (~1e-6): its latents are another entry's, never mixed
+        request["compile"] = True
     return request
 
 
@@ -182,9 +184,7 @@ def invert(components, clip, config: InversionConfig, *, cache_dir=None, force: 
     the lock, computes the flow and the encode and writes the cache; every rank runs its windows of each
     UNet pass."""
     report = progress or (lambda stage, done, total: None)
-    request = cache_request(clip, components, config)
-    if compile_unet:  # a compiled UNet rounds differently (~1e-6): its latents are another entry's, never mixed
-        request["compile"] = True
+    request = cache_request(clip, components, config, compile_unet=compile_unet)
     root = cache_root(cache_dir)
     if ranks.world > 1 and config.feature_mode == "disk":
         raise UserError("--features disk runs in one process; drop it (or the launcher's extra ranks).")
