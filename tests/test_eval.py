@@ -12,6 +12,7 @@ from typer.testing import CliRunner
 
 from diffferv_cli.cli import app
 from diffferv_cli.config import EvalConfig
+from diffferv_cli.evaluation import metrics
 from diffferv_cli.evaluation.report import evaluate
 
 
@@ -320,3 +321,219 @@ def test_eval_reads_the_selection_of_a_real_edit(tmp_path):
     assert result.exit_code == 0, result.output
     report = _report(original, out, "--no-temporal", "--json", tmp_path / "edit.json")
     assert report["frames"] == 3 and report["original_frames"] == [2, 5, 8]
+
+
+# Streaming: both inputs read in step, a chunk at a time, with the values of a whole-clip computation ---------
+
+
+class _MarkedFaces:
+    """A stand-in face analyzer: the whole frame is a "face" unless its top-left 2x2 block is black; the
+    descriptor is the frame's grey 16x8 thumbnail (128 numbers), scaled so similarities stay near 1."""
+
+    name = "marked"
+
+    def detect(self, frame: np.ndarray):
+        from diffferv_cli.evaluation.faces import Box
+
+        return [] if not frame[:2, :2].any() else [Box(0, 0, frame.shape[1], frame.shape[0])]
+
+    def descriptor(self, frame: np.ndarray, box) -> np.ndarray:
+        import cv2
+
+        grey = frame.mean(axis=2).astype(np.float32)
+        return cv2.resize(grey, (16, 8), interpolation=cv2.INTER_AREA).reshape(128).astype(np.float64) / 2550
+
+
+class _BrightnessAttributes:
+    """A stand-in image-classification pipeline (multi-label): "Smiling" scores the frame's mean level,
+    "Young" the top half's red, both around 0.5 on the test texture, so predictions differ from frame to
+    frame and flip where an edit darkens a frame."""
+
+    def __init__(self) -> None:
+        from types import SimpleNamespace
+
+        self.model = SimpleNamespace(config=SimpleNamespace(id2label={0: "Smiling", 1: "Young"},
+                                                            problem_type="multi_label_classification"))
+
+    def __call__(self, images, top_k: int, function_to_apply: str):
+        assert top_k == 2 and function_to_apply == "sigmoid"
+        outputs = []
+        for image in images:
+            pixels = np.asarray(image, dtype=np.float64)
+            top_red = pixels[:pixels.shape[0] // 2, :, 0].mean()
+            outputs.append([{"label": "Young", "score": (top_red - 135) / 10 + 0.5},
+                            {"label": "Smiling", "score": (pixels.mean() - 132) / 10 + 0.5}])
+        return outputs
+
+
+def _squared_error_lpips(a, b):
+    """A stand-in LPIPS network: mean squared difference of the two [-1, 1] images."""
+    return ((a - b) ** 2).mean()
+
+
+class _Held:
+    """Wraps `report.frames_of`: counts the frames each reader hands out and, through `weakref.finalize`,
+    how many of them are still alive, keeping the most at any time."""
+
+    def __init__(self, frames_of) -> None:
+        self.frames_of = frames_of
+        self.handed: dict[str, int] = {}
+        self.alive = 0
+        self.most = 0
+
+    def __call__(self, path, spec):
+        import weakref
+
+        self.handed[Path(path).name] = 0
+        for frame in self.frames_of(path, spec):
+            self.handed[Path(path).name] += 1
+            self.alive += 1
+            self.most = max(self.most, self.alive)
+            weakref.finalize(frame, self._gone)
+            yield frame
+
+    def _gone(self) -> None:
+        self.alive -= 1
+
+
+def _approx(values):
+    return pytest.approx(np.asarray(values, dtype=np.float64), rel=1e-12, abs=1e-15, nan_ok=True)
+
+
+def test_eval_streams_a_chunk_at_a_time_and_gives_the_whole_clip_values(monkeypatch, tmp_path):
+    """45 frames read 8 at a time (a chunk boundary inside every metric's state: the flow's previous frame,
+    CLIP-IQA's batches): every value equals the whole-clip computation written out below, and no more than
+    a chunk a side (+ the previous frame) of what the readers handed out is alive at any time, where
+    reading whole would hold all 90."""
+    import itertools
+
+    import diffferv_cli.evaluation.report as report_module
+    import diffferv_cli.models.auxiliary as auxiliary
+    from diffferv_cli.evaluation.faces import FaceBackend, largest_face_descriptor
+    from diffferv_cli.evaluation.html import StripFrames, strip_positions
+    from diffferv_cli.temporal.flow import DISFlow, compute_flow
+
+    count, chunk = 45, 8
+    source = _texture_clip(frames=count, seed=3)
+    edited = _blur(source, 1.0)
+    edited[20] = np.clip(edited[20].astype(int) + 40, 0, 255)  # a flicker
+    edited[30:36] -= 30  # darker frames across a chunk boundary: both attributes flip there
+    source[:, :2, :2], edited[:, :2, :2] = 128, 128
+    source[7, :2, :2] = 0  # no face in the original's frame 7, the edit's frames 20 and 21
+    edited[20:22, :2, :2] = 0
+    original_folder = _write_frames(tmp_path / "original", source)
+    edited_folder = _write_frames(tmp_path / "edited", edited)
+    analyzer = _MarkedFaces()
+    monkeypatch.setattr(auxiliary, "load_face_backend", lambda upsample=0: FaceBackend(analyzer))
+    monkeypatch.setattr(auxiliary, "load_lpips", lambda: (_squared_error_lpips, None))
+    monkeypatch.setattr(auxiliary, "load_attribute_classifier", lambda model: _BrightnessAttributes())
+    held = _Held(report_module.frames_of)
+    monkeypatch.setattr(report_module, "frames_of", held)
+    monkeypatch.setattr(report_module, "CHUNK", chunk)
+    config = EvalConfig(flow_preset="ultrafast", attribute_model=tmp_path / "attributes", target_attribute="Smiling",
+                        clip_model=_tiny_clip_model(tmp_path / "clip"))
+    strip = StripFrames()
+    progress = []
+    report = evaluate(original_folder, edited_folder, config, progress=lambda *call: progress.append(call),
+                      frames_hook=strip)
+
+    assert held.handed == {"original": count, "edited": count}
+    assert held.most <= 2 * chunk + 2, held.most  # whole-clip reading: 2 * 45
+    assert progress == [("frames", done, count) for done in (8, 16, 24, 32, 40, 45)]
+    assert strip.positions == strip_positions(count)
+    for position, kept_source, kept_edited in zip(strip.positions, strip.original, strip.edited, strict=True):
+        assert np.array_equal(kept_source, source[position]) and np.array_equal(kept_edited, edited[position])
+
+    # the whole-clip reference: (m, H, W, 3) arrays in memory, each metric over all of them at once
+    mse = metrics.mse_per_frame(source, edited)
+    descriptors_source = [largest_face_descriptor(analyzer, frame) for frame in source]
+    descriptors_edited = [largest_face_descriptor(analyzer, frame) for frame in edited]
+    identity = metrics.identity_metrics(descriptors_source, descriptors_edited)
+    series = metrics.identity_series(descriptors_source, descriptors_edited)
+    kept = [i for i in range(count) if descriptors_source[i] is not None and descriptors_edited[i] is not None]
+    pairs = list(itertools.combinations(kept, 2))
+
+    def all_pairs(descriptors):
+        return np.mean([1 - np.linalg.norm(descriptors[i] - descriptors[j]) for i, j in pairs])
+
+    flow = compute_flow(source, DISFlow("ultrafast"))
+    warp = metrics.flow_warping_error(edited, flow.forward, flow.occlusion)
+    own = metrics.flow_warping_error(source, flow.forward, flow.occlusion)
+    classifier = auxiliary.load_attribute_classifier(config.attribute_model)
+    labels, predicted_source = report_module.classify_attributes(classifier, source)
+    _, predicted_edited = report_module.classify_attributes(classifier, edited)
+    rates = metrics.attribute_rates(predicted_source, predicted_edited, labels, "Smiling")
+    clip_iqa = report_module.clip_iqa(*auxiliary.load_clip(config.clip_model), edited)
+    expected = {
+        "mse": (mse.mean(), mse),
+        "psnr": (metrics.psnr_from_mse(mse).mean(), metrics.psnr_from_mse(mse)),
+        "ssim": (metrics.ssim(source, edited), metrics.ssim_per_frame(source, edited)),
+        "lpips": (metrics.lpips_per_frame(source, edited).mean(), metrics.lpips_per_frame(source, edited)),
+        "idp": (identity.idp, series.idp),
+        "tl_id": (identity.tl_id, series.edited_adjacent),
+        "tg_id": (all_pairs(descriptors_edited) / all_pairs(descriptors_source), None),
+        "warp_error": (warp.mse, warp.per_pair_mse),
+        "warp_error_abs": (warp.mae, None),
+        "tacr": (rates.tacr, None),
+        "napr": (rates.napr, None),
+        "clip_iqa": (clip_iqa.mean(), clip_iqa),
+    }
+    assert [result.name for result in report.results] == list(expected)
+    for result in report.results:
+        value, per_frame = expected[result.name]
+        assert result.value == _approx(value), result.name
+        assert (result.per_frame is None) == (per_frame is None), result.name
+        if per_frame is not None:
+            assert list(result.per_frame) == _approx(per_frame), result.name
+    assert identity.frames_without_face_source == 1 and identity.frames_without_face_edited == 2
+    assert 0 < rates.tacr < 1 and 0 < rates.napr < 1
+    assert report.faces == {"original": series.face_source.tolist(), "edited": series.face_edited.tolist()}
+    assert report.reference_per_frame["tl_id"] == _approx(series.source_adjacent)
+    assert report.reference_per_frame["warp_error"] == _approx(own.per_pair_mse)
+    assert f"original itself {own.mse:.3g}" in next(r.note for r in report.results if r.name == "warp_error")
+    assert (report.frames, report.height, report.width) == (count, 48, 64)
+
+
+def test_a_video_streams_as_read_clip_reads_it(tmp_path):
+    """eval decodes a video frame by frame through read_clip's ffmpeg graph: the same pixels, at a reduced
+    size with a mirrored pad too (scaling the RGB frames instead moves edge pixels by up to ~200 levels)."""
+    from diffferv_cli.config import ClipSpec
+    from diffferv_cli.evaluation.report import frames_of
+    from diffferv_cli.video.io import read_clip
+
+    clip_path = make_test_clip(tmp_path / "clip.mp4", width=96, height=64, frames=5, fps=8)
+    for spec in (ClipSpec(short_side=48, multiple=8), ClipSpec(start=1, stride=2, short_side=64, multiple=8),
+                 ClipSpec(short_side=32, multiple=8, frames=2)):
+        streamed = np.stack(list(frames_of(clip_path, spec)))
+        assert np.array_equal(streamed, np.asarray(read_clip(clip_path, spec).frames)), spec
+
+
+def _short_reader(monkeypatch, short: str, frames: int):
+    """`report.frames_of` with the input named `short` ending after `frames` frames, as a decoder that
+    gives fewer frames than its container promised."""
+    import itertools
+
+    import diffferv_cli.evaluation.report as report_module
+
+    reader = report_module.frames_of
+
+    def frames_of(path, spec):
+        frames_read = reader(path, spec)
+        yield from itertools.islice(frames_read, frames) if Path(path).name == short else frames_read
+        frames_read.close()
+
+    monkeypatch.setattr(report_module, "frames_of", frames_of)
+
+
+def test_a_decoder_that_gives_fewer_frames_than_promised_is_a_user_error(texture_folders, monkeypatch, tmp_path):
+    original, blurred = texture_folders
+    _short_reader(monkeypatch, "blurred", 3)
+    _one_sentence_error(*_eval(original, blurred, "--no-temporal"), "Only 3 of the 5 selected frames",
+                        "could be decoded")
+
+
+def test_an_original_that_decodes_short_of_the_edited_frames_is_a_user_error(selection_pair, monkeypatch):
+    original, edited, _ = selection_pair
+    _short_reader(monkeypatch, "clip.mp4", 2)
+    _one_sentence_error(*_eval(original, edited, "--no-temporal"),
+                        "Only 2 of the original's frames 3..7 could be decoded, for 3 edited frames")

@@ -595,6 +595,264 @@ def test_a_symlink_loop_is_named_as_one(tmp_path):
                              "--cache-dir", str(tmp_path / "cache")]), "does not exist")
 
 
+def _permissions_apply(tmp_path: Path) -> list[str]:
+    """A command prefix under which file permissions stop this process: none for a plain user; for root
+    (whom chmod does not stop), util-linux's setpriv without the two capabilities that override them.
+    Skips when a probe shows that permissions still do not apply."""
+    import shutil
+    import sys
+
+    prefix: list[str] = []
+    if os.geteuid() == 0:
+        setpriv = shutil.which("setpriv")
+        if setpriv is None:
+            pytest.skip("running as root without setpriv: permissions cannot be made to apply")
+        prefix = [setpriv, "--bounding-set", "-dac_override,-dac_read_search", "--inh-caps",
+                  "-dac_override,-dac_read_search", "--"]
+    probe = tmp_path / "probe"
+    probe.mkdir()
+    (probe / "file").write_bytes(b"")
+    probe.chmod(0o600)
+    try:
+        check = subprocess.run([*prefix, sys.executable, "-c", "import os, sys; os.stat(sys.argv[1])",
+                                str(probe / "file")], capture_output=True, text=True, timeout=60)
+    finally:
+        probe.chmod(0o700)
+    if "PermissionError" not in check.stderr:
+        pytest.skip(f"permissions do not apply to this process here ({check.stderr.strip()[-200:] or 'stat passed'})")
+    return prefix
+
+
+@pytest.mark.parametrize("command", ["invert", "eval", "train", "caption"])
+def test_an_input_inside_a_folder_without_search_permission(clip_path, faces, tmp_path, command):
+    """For real: the folder is mode 0600 (listable by nobody, searchable by nobody) and the command runs
+    where permissions apply, so every stat of the input fails with EACCES."""
+    import shutil
+    import sys
+
+    prefix = _permissions_apply(tmp_path)
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    shutil.copy(clip_path, locked / "clip.mp4")
+    shutil.copytree(faces, locked / "faces")
+    args = {"invert": ["invert", str(locked / "clip.mp4"), "--model", "tiny-random", "--device", "cpu",
+                       "--cache-dir", str(tmp_path / "cache")],
+            "eval": ["eval", str(locked / "clip.mp4"), str(clip_path), "--no-temporal"],
+            "train": _train_args(locked / "faces", tmp_path),
+            "caption": ["caption", str(locked / "faces"), "--model", "nobody/nothing", "--device", "cpu"]}[command]
+    named = locked / ("clip.mp4" if command in ("invert", "eval") else "faces")
+    locked.chmod(0o600)
+    try:
+        run = subprocess.run([*prefix, sys.executable, "-m", "diffferv_cli", *args], capture_output=True, text=True,
+                             timeout=300, env={**os.environ, "COLUMNS": "300"})
+    finally:
+        locked.chmod(0o700)
+    assert run.returncode == 2, run.stderr
+    assert "Traceback" not in run.stderr
+    errors = [line for line in run.stderr.splitlines() if line.startswith("Error:")]
+    assert len(errors) == 1, run.stderr
+    assert str(named) in errors[0] and "may not be searched" in errors[0], errors[0]
+    assert not (tmp_path / "cache").exists() and not (tmp_path / "model").exists()
+
+
+# ------------------------------------------------------------------------------- model folders (issue 23)
+# A foreign pickle where a model's weights should be (`--model` folder, `caption --model` folder, a single
+# file): one sentence naming the file, and its code never runs -- each payload below creates a marker file
+# when unpickled, and the marker must not exist afterwards.
+
+
+class _Payload:
+    """Unpickling this creates `marker`: proof that a pickle's code ran."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (str(self.marker), "w"))
+
+
+def _foreign_pickle(kind: str, marker: Path) -> bytes:
+    """The bytes of a pickled weight file that is not a plain state dict: code (plain pickle, or torch's
+    zip format), or data of the wrong kind (a tensor, a list, numbers where tensors belong)."""
+    import io
+    import pickle
+
+    import torch
+
+    if kind == "code":
+        return pickle.dumps({"conv_in.weight": _Payload(marker)})
+    value = {"code-in-zip": {"conv_in.weight": _Payload(marker)}, "tensor": torch.zeros(2), "list": [1, 2, 3],
+             "numbers": {"conv_in.weight": 5}}[kind]
+    buffer = io.BytesIO()
+    torch.save(value, buffer)
+    return buffer.getvalue()
+
+
+@pytest.fixture(scope="module")
+def model_folder(tmp_path_factory) -> Path:
+    """The tiny random model saved as a diffusers folder (safetensors weights)."""
+    from diffferv_cli.models.loading import save_components
+    from diffferv_cli.models.tiny import build_tiny_random
+
+    folder = tmp_path_factory.mktemp("model") / "tiny"
+    save_components(build_tiny_random(), folder)
+    return folder
+
+
+def _model_copy(model_folder: Path, tmp_path: Path, subfolder: str, name: str, data: bytes) -> tuple[Path, Path]:
+    """A copy of the model folder whose `subfolder` holds `name` (with these bytes) instead of its
+    safetensors weights, so the loaders would read `name`; returns (folder, file)."""
+    import shutil
+
+    folder = tmp_path / "mine"
+    shutil.copytree(model_folder, folder)
+    for weights in (folder / subfolder).glob("*.safetensors"):
+        weights.unlink()
+    (folder / subfolder / name).write_bytes(data)
+    return folder, folder / subfolder / name
+
+
+def _with_model(args: list[str], model: str) -> list[str]:
+    args = list(args)
+    args[args.index("--model") + 1] = model
+    return args
+
+
+def _invert_args(clip_path: Path, tmp_path: Path, *extra: str) -> list[str]:
+    args = _edit_args(clip_path, tmp_path, *extra)
+    return ["invert", *args[1:args.index("-o")], *args[args.index("-o") + 2:]]
+
+
+@pytest.mark.parametrize("subfolder, name, kind", [
+    ("text_encoder", "pytorch_model.bin", "code"),  # transformers' name; a plain pickle
+    ("unet", "diffusion_pytorch_model.bin", "code-in-zip"),  # diffusers' name; torch.save's format
+    ("vae", "diffusion_pytorch_model.bin", "tensor"),
+    ("text_encoder", "pytorch_model.bin", "list"),
+    ("unet", "diffusion_pytorch_model.bin", "numbers"),
+])
+def test_a_foreign_pickle_in_a_model_folder_is_named_and_never_runs(clip_path, model_folder, tmp_path, subfolder,
+                                                                      name, kind):
+    marker = tmp_path / "pickled-code-ran"
+    folder, weights = _model_copy(model_folder, tmp_path, subfolder, name, _foreign_pickle(kind, marker))
+    text = _one_line_error(_invoke(_with_model(_invert_args(clip_path, tmp_path), str(folder))),
+                           f"its weight file {weights}")
+    assert ("could run code" in text) == kind.startswith("code"), text
+    assert not marker.exists() and not (tmp_path / "cache").exists()
+
+
+def test_train_refuses_a_foreign_pickle_in_its_model_folder(faces, model_folder, tmp_path):
+    marker = tmp_path / "pickled-code-ran"
+    folder, weights = _model_copy(model_folder, tmp_path, "unet", "diffusion_pytorch_model.bin",
+                                  _foreign_pickle("code-in-zip", marker))
+    _one_line_error(_invoke(_with_model(_train_args(faces, tmp_path), str(folder))), f"its weight file {weights}",
+                    "could run code")
+    assert not marker.exists() and not (tmp_path / "model").exists()
+
+
+@pytest.mark.parametrize("suffix, words", [(".ckpt", "without running its pickled code"),
+                                           (".pt", "a single-file model is a .safetensors (or .ckpt)"),
+                                           (".bin", "a single-file model is a .safetensors (or .ckpt)")])
+def test_a_single_file_that_is_a_pickle_never_runs(clip_path, tmp_path, suffix, words):
+    import pickle
+
+    marker = tmp_path / "pickled-code-ran"
+    model = tmp_path / f"model{suffix}"
+    model.write_bytes(pickle.dumps({"state_dict": {"model.diffusion_model.x": _Payload(marker)}}))
+    _one_line_error(_invoke(_with_model(_invert_args(clip_path, tmp_path), str(model))), str(model), words)
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("kind", ["code", "code-in-zip", "numbers"])
+def test_a_foreign_pickle_in_a_caption_model_folder_is_named_and_never_runs(faces, tmp_path, kind):
+    marker = tmp_path / "pickled-code-ran"
+    folder = tmp_path / "captioner"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"model_type": "llava"}))
+    (folder / "pytorch_model.bin").write_bytes(_foreign_pickle(kind, marker))
+    _one_line_error(_invoke(["caption", str(faces), "--model", str(folder), "--device", "cpu"]),
+                    f"Captioning model {str(folder)!r} cannot be loaded: its weight file {folder / 'pytorch_model.bin'}")
+    assert not marker.exists() and not list(faces.glob("*.txt"))
+
+
+def test_the_loaders_own_refusal_of_a_pickle_is_one_sentence_too(model_folder, tmp_path, monkeypatch):
+    """Where no check of ours ran first (a hub model being downloaded), transformers and diffusers read
+    pickles with weights_only and raise UnpicklingError: said in one sentence, not a traceback."""
+    import pickle
+
+    import transformers
+
+    from diffferv_cli.errors import UserError
+    from diffferv_cli.models import auxiliary, loading
+
+    def refuse(*args, **kwargs):
+        raise pickle.UnpicklingError("Weights only load failed.")
+
+    monkeypatch.setattr(transformers, "pipeline", refuse)
+    with pytest.raises(UserError, match=r"^Captioning model 'someone/captioner' cannot be loaded: .* could run code"):
+        auxiliary.load_captioner("someone/captioner", device="cpu")
+    monkeypatch.setattr(loading, "_load_from_pretrained", refuse)
+    with pytest.raises(UserError, match="is a pickle that could run code"):
+        loading.load_components(str(model_folder), device="cpu")
+
+
+def test_plain_pickled_weights_load_and_files_the_loaders_never_read_are_left_alone(model_folder, tmp_path):
+    """The control: a folder of .bin state dicts (the older save format) loads with the same weights, and
+    a Trainer's training_args.bin -- a pickle of code that no loader reads -- neither runs nor refuses it."""
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file
+
+    from diffferv_cli.models.loading import load_components
+    from diffferv_cli.models.pickled import pickled_weight_files
+
+    folder = tmp_path / "bins"
+    shutil.copytree(model_folder, folder)
+    for weights in folder.glob("*/*.safetensors"):
+        name = "pytorch_model.bin" if weights.parent.name.startswith("text_encoder") else "diffusion_pytorch_model.bin"
+        torch.save(load_file(weights), weights.parent / name)
+        weights.unlink()
+    marker = tmp_path / "pickled-code-ran"
+    (folder / "unet" / "training_args.bin").write_bytes(_foreign_pickle("code", marker))
+    assert [path.name for path in pickled_weight_files(folder / "unet")] == ["diffusion_pytorch_model.bin"]
+    loaded = load_components(str(folder), device="cpu", dtype="fp32")
+    original = load_components(str(model_folder), device="cpu", dtype="fp32")
+    for got, expected in ((loaded.unet, original.unet), (loaded.text_encoder, original.text_encoder)):
+        assert all(torch.equal(got.state_dict()[key], value) for key, value in expected.state_dict().items())
+    assert not marker.exists()
+    # beside safetensors weights a .bin is never read; the shards an index names are
+    (folder / "vae" / "model.safetensors").write_bytes(b"")
+    (folder / "text_encoder" / "model.safetensors").write_bytes(b"")
+    assert pickled_weight_files(folder / "text_encoder") == []
+    (folder / "vae" / "diffusion_pytorch_model.bin.index.json").write_text(
+        json.dumps({"weight_map": {"a": "part-1.bin", "b": "part-2.bin", "c": "missing.bin"}}))
+    for part in ("part-1.bin", "part-2.bin"):
+        (folder / "vae" / part).write_bytes(b"")
+    assert [path.name for path in pickled_weight_files(folder / "vae")] == [
+        "diffusion_pytorch_model.bin", "part-1.bin", "part-2.bin"]
+
+
+@pytest.mark.parametrize("name", ["pytorch_model.bin", "model.safetensors"])
+def test_weights_of_another_model_are_refused_rather_than_filled_at_random(clip_path, model_folder, tmp_path, name):
+    """A state dict whose names are not the model's: transformers would initialise the text encoder at random
+    without a word (diffusers leave the tensors empty and fail later with a traceback)."""
+    import io
+
+    import torch
+    from safetensors.torch import save
+
+    state = {"something.else.weight": torch.zeros(2, 2)}
+    if name.endswith(".bin"):
+        buffer = io.BytesIO()
+        torch.save(state, buffer)
+        data = buffer.getvalue()
+    else:
+        data = save(state)
+    folder, _ = _model_copy(model_folder, tmp_path, "text_encoder", name, data)
+    _one_line_error(_invoke(_with_model(_invert_args(clip_path, tmp_path), str(folder))),
+                    "the weights in text_encoder/ lack", "of the model's tensors")
+
+
 # ------------------------------------------------------------------------------------ outputs (issue 23)
 # Every target checked before any work (no cache entry is made), never two targets one file, never a
 # second command on a file the first is writing, no leftover of a killed writer kept.
@@ -810,6 +1068,123 @@ def test_compile_is_part_of_the_cache_key(clip_path, inverted, tmp_path, monkeyp
     assert len(entries) == 2 and entry in entries
     again = _invoke([*args, "--compile"])
     assert "reused" in again.output, again.output
+
+
+# -------------------------------------------------- --region auto on wide boxes in landscape frames (issue 23)
+# The face box found by `--region auto` (the union of the tracked faces, grown by the head margins, then
+# to the working aspect) in 16:9 and wider frames, with wide faces at the left and right edges and faces
+# moving across the frame: inside the frame, holding every face, wide when the faces are, scaling to the
+# working size with real pixels, not mirrored pad (where the frame has them).
+
+
+def _faces(frame: tuple[int, int], where: str) -> list:
+    """Synthetic detections (one per frame, wide: 2:1) for a `where` of the frame."""
+    from diffferv_cli.evaluation.faces import Box
+
+    width, height = frame
+    face_height = max(8, height // 8)
+    face_width = 2 * face_height
+    middle = height // 2 - face_height // 2
+    lefts = {"left-edge": [-face_width // 4, 0, face_width // 2],  # partly outside, then at the edge
+             "right-edge": [width - face_width - face_width // 2, width - face_width, width - 3 * face_width // 4],
+             "across": [0, (width - face_width) // 2, width - face_width],
+             "across-top": [0, (width - face_width) // 2, width - face_width]}[where]
+    top = -face_height // 4 if where == "across-top" else middle
+    return [Box(left, top, left + face_width, top + face_height) for left in lefts]
+
+
+@pytest.mark.parametrize("frame", [(1920, 1080), (1280, 720), (192, 108), (2560, 1080)])
+@pytest.mark.parametrize("where", ["left-edge", "right-edge", "across", "across-top"])
+@pytest.mark.parametrize("short_side, multiple", [(512, 64), (64, 16)])
+def test_region_auto_on_wide_faces_in_landscape_frames(frame, where, short_side, multiple):
+    from diffferv_cli.editing.region import fit_working_aspect, head_box
+    from diffferv_cli.video.geometry import MAX_ASPECT, working_geometry
+
+    spec = ClipSpec(short_side=short_side, multiple=multiple)
+    faces = _faces(frame, where)
+    head = head_box(faces, frame)
+    x, y, width, height = region = fit_working_aspect(head, frame, spec)
+    assert 0 <= x and 0 <= y and x + width <= frame[0] and y + height <= frame[1], region
+    for left, top, right, bottom in [*faces, (head[0], head[1], head[0] + head[2], head[1] + head[3])]:
+        left, top, right, bottom = max(left, 0), max(top, 0), min(right, frame[0]), min(bottom, frame[1])
+        assert x <= left and y <= top and right <= x + width and bottom <= y + height, (region, faces)
+    assert (width >= height) == (head[2] >= head[3]), (head, region)  # wide stays wide: no square assumed
+    geometry = working_geometry((width, height), spec)
+    work_width, work_height = geometry.working_size
+    assert work_width % multiple == 0 and work_height % multiple == 0 and min(work_width, work_height) == short_side
+    pad = work_width - geometry.scaled_size[0] + work_height - geometry.scaled_size[1]
+    long_side_at_the_frame = (width if width >= height else height) == (frame[0] if width >= height else frame[1])
+    assert pad <= 1 or (long_side_at_the_frame and pad < multiple), (region, geometry)
+    if max(head[2], head[3]) <= MAX_ASPECT * min(head[2], head[3]):  # the box needed no taller: same work
+        assert geometry.working_size == working_geometry(head[2:], spec).working_size
+
+
+@pytest.mark.parametrize("faces, region", [
+    # three wide faces (160x100) moving right in the right half: the box shifts left to stay inside
+    ([(1100, 500, 1260, 600), (1400, 500, 1560, 600), (1700, 500, 1860, 600)], (970, 340, 950, 380)),
+    # the same at the left edge: grown to the right only
+    ([(60, 500, 220, 600), (360, 500, 520, 600), (660, 500, 820, 600)], (0, 340, 950, 380)),
+    # small faces (120x80) at the top edge, from edge to edge: the head box (1920x170, 11:1) used to be
+    # refused as "Frames of 1920x170 are too elongated"; it grows to 8:1 instead
+    ([(0, 0, 120, 80), (900, 0, 1020, 80), (1800, 0, 1920, 80)], (0, 0, 1920, 240)),
+])
+def test_region_auto_boxes_in_a_full_hd_frame_by_hand(faces, region):
+    """Worked by hand for 1920x1080 at the default 512 / 64: head box = union + margins (0.75 side left,
+    right and below, 1 side above), clipped; then the long side grows to what scales to the working width.
+    First case: side 160, union 1100..1860 x 500..600 -> 980..1920 x 340..720 (940x380); 380 -> 512 scales
+    940 to 1266.5, working 1280, and 950 is the widest that scales to 1280: centred at 975, shifted to 970."""
+    from diffferv_cli.editing.region import fit_working_aspect, head_box
+    from diffferv_cli.evaluation.faces import Box
+    from diffferv_cli.video.geometry import working_geometry
+
+    spec = ClipSpec()
+    assert fit_working_aspect(head_box([Box(*face) for face in faces], (1920, 1080)), (1920, 1080), spec) == region
+    geometry = working_geometry(region[2:], spec)
+    assert geometry.scaled_size == geometry.working_size  # real pixels only
+
+
+def test_cli_region_auto_on_a_wide_face_at_the_edge_of_a_landscape_clip(tmp_path, monkeypatch):
+    """End to end with the detector replaced: the region the job gets is the one above, and the edit
+    leaves every pixel outside it as the source has it (lossless), in a 16:9 clip."""
+    import re
+    from types import SimpleNamespace
+
+    from media import decode_all, make_test_clip
+
+    from diffferv_cli.editing import region as regions
+    from diffferv_cli.editing.region import fit_working_aspect, head_box
+    from diffferv_cli.evaluation.faces import Box
+    from diffferv_cli.models import auxiliary
+
+    clip = make_test_clip(tmp_path / "wide.mp4", width=192, height=108, frames=2, fps=8)
+    faces = [Box(120, 40, 150, 58), Box(140, 40, 170, 58)]  # 30x18, moving right towards the edge
+    detections = [[face] for face in faces]
+
+    class Faces:
+        name = "fake"
+
+        def detect(self, frame):
+            assert frame.shape[:2] == (108, 192)
+            return detections.pop(0)
+
+    monkeypatch.setattr(auxiliary, "load_face_backend", lambda *args: SimpleNamespace(analyzer=Faces(), reason=None))
+    monkeypatch.setattr(regions, "_landmark_source", lambda: None)
+    out = tmp_path / "out.mp4"
+    args = _edit_args(clip, tmp_path, "-p", "age", "--region", "auto", "--lossless")
+    args[args.index("-o") + 1] = str(out)
+    result = _invoke(args)
+    assert result.exit_code == 0, result.output
+    found = re.search(r"Face region (\d+),(\d+),(\d+),(\d+)", " ".join(result.output.split()))
+    assert found, result.output
+    x, y, width, height = (int(value) for value in found.groups())
+    assert "face found in every frame" in " ".join(result.output.split()), result.output
+    assert (x, y, width, height) == fit_working_aspect(head_box(faces, (192, 108)), (192, 108),
+                                                       ClipSpec(short_side=64, multiple=16)) == (86, 10, 106, 71)
+    source, written = decode_all(clip)[:2], decode_all(out)
+    outside = np.ones((108, 192), bool)
+    outside[y:y + height, x:x + width] = False
+    assert np.array_equal(written[:, outside], source[:, outside])
+    assert not np.array_equal(written[:, ~outside], source[:, ~outside])
 
 
 # ------------------------------------------------------------------ every flag reaches the job (issue 23)

@@ -12,7 +12,7 @@ import torch
 from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
 
 from diffferv_cli.config import DEFAULT_SOURCE_PROMPT, ClipSpec, EditConfig, InversionConfig, TemporalConfig
-from diffferv_cli.editing.cache import links_from_tensors
+from diffferv_cli.editing.cache import CacheEntry, links_from_tensors
 from diffferv_cli.editing.inversion import invert
 from diffferv_cli.editing.prompts import encode_prompts
 from diffferv_cli.editing.sampling import edit
@@ -164,6 +164,7 @@ def test_edit_with_the_source_prompt_runs_the_negative_branch_alone(tiny, clip, 
 
 def test_exact_edit_follows_the_inversion_path_correction(tiny, clip, tmp_path, monkeypatch):
     entry, _ = _inverted(tiny, clip, tmp_path)
+    entry = CacheEntry(entry.folder, entry.manifest)  # as a later run opens it: no file hash-checked yet
     fake = FakeNoise(tiny, [SOURCE, EDIT])
     reads = _recorded_reads(monkeypatch)
     with hooked(tiny.unet, fake):
@@ -330,16 +331,18 @@ def test_inversion_records_its_request_manifest_and_progress(tiny, clip, tmp_pat
 
 
 def _recorded_reads(monkeypatch) -> list[int]:
-    """The latent indices read from any cache entry from now on, in order."""
-    from diffferv_cli.editing.cache import CacheEntry
+    """The cached latents (by index) whose file is read and hash-checked from now on, in order: each once
+    per run, however many windows then read a range of it."""
+    import diffferv_cli.editing.cache as cache
 
-    reads, read = [], CacheEntry.read_latent
+    reads, digest = [], cache.file_sha256
 
-    def recording(entry, index):
-        reads.append(index)
-        return read(entry, index)
+    def recording(path):
+        if path.parent.name == "latents" and path.name.startswith("step-"):
+            reads.append(int(path.stem.removeprefix("step-")))
+        return digest(path)
 
-    monkeypatch.setattr(CacheEntry, "read_latent", recording)
+    monkeypatch.setattr(cache, "file_sha256", recording)
     return reads
 
 
@@ -351,7 +354,7 @@ def test_disk_mode_adds_features_to_a_finished_entry_without_changing_its_latent
     disk = InversionConfig(steps=STEPS, flow_preset="ultrafast", feature_mode="disk")
     reads = _recorded_reads(monkeypatch)
     outcome = invert(tiny, clip, disk, cache_dir=tmp_path, progress=progress)
-    assert reads == list(range(STEPS + 1))  # the cached path, each latent read once
+    assert reads == list(range(STEPS))  # the cached path, each latent read once (z_T is not needed)
     entry = outcome.entry
     assert outcome.steps_run == STEPS and entry.folder == invert(tiny, clip, config, cache_dir=tmp_path).entry.folder
     assert (entry.manifest["feature_steps"], entry.manifest["features_stored"], entry.has_features) == (STEPS, True, True)

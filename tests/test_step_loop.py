@@ -10,7 +10,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import threading
 import time
 
 import pytest
@@ -18,7 +17,7 @@ import torch
 from reference_attention import random_partition, trajectory_set
 
 from diffferv_cli.editing.features import FeatureInjector, FeatureRecorder, InjectionSchedule
-from diffferv_cli.editing.prefetch import LatentStream, WriteBehind
+from diffferv_cli.editing.prefetch import WriteBehind
 from diffferv_cli.editing.prompts import token_alignment
 from diffferv_cli.temporal import AttentionContext, temporal_attention
 from diffferv_cli.temporal.counting import CallCounter
@@ -203,28 +202,6 @@ def test_inductor_compiled_unet_equals_eager(tiny):
 # --------------------------------------------------------------------------------------------------
 # cache I/O behind the loop
 # --------------------------------------------------------------------------------------------------
-
-class _Entry:
-    """Stands in for a CacheEntry: counts reads, records the reading thread."""
-
-    def __init__(self):
-        self.reads, self.threads = [], set()
-
-    def read_latent(self, index):
-        self.reads.append(index)
-        self.threads.add(threading.current_thread().name)
-        return torch.full((2, 4, 1, 1), float(index))
-
-
-def test_latent_stream_reads_each_file_once_in_a_background_thread():
-    entry = _Entry()
-    order = [5, 5, 4, 4, 3, 3, 2]  # e.g. the anchor's z_{s+1} and the source's z_s of consecutive steps
-    with LatentStream(entry, order, "cpu") as latents:
-        got = [latents(index)[0, 0, 0, 0].item() for index in order]
-    assert got == [float(index) for index in order]
-    assert entry.reads == [5, 4, 3, 2]  # hash-checked once each
-    assert threading.current_thread().name not in entry.threads
-
 
 def test_write_behind_runs_in_order_and_reports_errors():
     done = []

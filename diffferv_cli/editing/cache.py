@@ -19,9 +19,14 @@ which mode happened to fill the cache. The device is not: CPU and GPU latents di
 too, so same bytes means same command on the same kind of machine.
 
 The key hashes the decoded, selected frames at working size (`frames_sha256`), not the input file: the
-inversion depends on those pixels only, they are in memory anyway, and the cost is one pass over them
-whatever the size of the file (a multi-GB 4K clip of which 16 frames are used is not read a second
-time). A different decoder build that decodes other pixels gets another entry.
+inversion depends on those pixels only, and they are hashed in the pass that counts them
+(`video.read_clip`), whatever the size of the file (a multi-GB 4K clip of which 16 frames are used is not
+read whole). A different decoder build that decodes other pixels gets another entry.
+
+Nothing here holds a whole clip's tensors: a step's latent is written a range of frames at a time as the
+step loop finishes them (`latent_writer`) and read a window at a time (`latent_rows`), the trajectory
+links likewise (`trajectory_writer`, `trajectory_rows`), in the layout `safetensors` writes
+(editing/stored.py), each file's hash checked a block at a time once per process.
 
 Every write goes to a temporary file in the same folder and is renamed into place (`files.atomic_path`),
 and the manifest is rewritten after each finished step, so an interrupted inversion resumes from its
@@ -52,6 +57,7 @@ import json
 import logging
 import os
 import shutil
+import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -64,8 +70,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from safetensors import SafetensorError
 from safetensors.torch import save
 
+from diffferv_cli.editing.stored import TensorFile, TensorFileError, TensorFileWriter, file_sha256
 from diffferv_cli.errors import UserError, os_error_message, os_errors
-from diffferv_cli.files import atomic_write_bytes, flush_files, to_json
+from diffferv_cli.files import _umask, atomic_write_bytes, flush_files, to_json
 
 log = logging.getLogger("diffferv")
 
@@ -83,11 +90,29 @@ def cache_root(cache_dir: Path | str | None = None) -> Path:
     return Path(base) / "diffferv"
 
 
-def frames_sha256(frames: np.ndarray) -> str:
-    """sha256 of decoded frames: their shape, dtype and pixels (what the inversion is computed from)."""
-    frames = np.ascontiguousarray(frames)
-    digest = hashlib.sha256(f"{frames.dtype.str}{frames.shape}".encode())
-    digest.update(memoryview(frames).cast("B"))
+class FramesDigest:
+    """`frames_sha256` fed a frame (or a few) at a time, the frames' shape known up front."""
+
+    def __init__(self, shape: tuple[int, ...], dtype: np.dtype = np.dtype(np.uint8)):
+        self._digest = hashlib.sha256(f"{np.dtype(dtype).str}{tuple(shape)}".encode())
+
+    def update(self, frames: np.ndarray) -> None:
+        self._digest.update(memoryview(np.ascontiguousarray(frames)).cast("B"))
+
+    def hexdigest(self) -> str:
+        return self._digest.hexdigest()
+
+
+def frames_sha256(frames) -> str:
+    """sha256 of decoded frames: their shape, dtype and pixels (what the inversion is computed from).
+    Streamed working frames (`video.io.WorkingFrames`) carry it from the pass that counted them."""
+    if getattr(frames, "sha256", None):
+        return frames.sha256
+    from diffferv_cli.video.io import frame_chunks
+
+    digest = FramesDigest(tuple(frames.shape), frames.dtype)
+    for _, chunk in frame_chunks(frames):
+        digest.update(chunk)
     return digest.hexdigest()
 
 
@@ -180,6 +205,7 @@ class CacheEntry:
     folder: Path
     manifest: dict[str, Any] = field(default_factory=dict)
     _shapes: dict = field(default_factory=dict, repr=False)  # what the files read so far agreed on
+    _verified: set = field(default_factory=set, repr=False)  # (file, hash, size, mtime, inode) hashed in this process
 
     # -- manifest ----------------------------------------------------------------------------------
     @property
@@ -221,10 +247,67 @@ class CacheEntry:
     def holds(self, relative: str) -> bool:
         """Whether `relative` is on disk with the content the manifest names (its hash), without raising."""
         try:
-            self._verified_bytes(relative)
+            self._verified_path(relative)
         except (UserError, OSError):
             return False
         return True
+
+    def _verified_path(self, relative: str, expected: str | None = None) -> Path:
+        """The path of `relative`, its content checked against the manifest's hash (or `expected`) a block
+        at a time (once per process while the file is unchanged); UserError when missing or changed."""
+        path = self.folder / relative
+        expected = expected or self.manifest.get("files", {}).get(relative)
+        if expected is None or not path.is_file():
+            raise UserError(f"The cache at {self.folder} is missing {relative}; rerun with --force to recompute it.")
+        with os_errors("read the cache file", path, "rerun with --force, or pass --cache-dir"):
+            stat = path.stat()
+            stamp = (relative, expected, stat.st_size, stat.st_mtime_ns, stat.st_ino)
+            if stamp not in self._verified:
+                if file_sha256(path) != expected:
+                    raise UserError(f"The cache file {path} is corrupted (hash mismatch); rerun with --force to "
+                                    "recompute it.")
+                self._verified.add(stamp)
+        return path
+
+    def _tensor_file(self, relative: str, expected: str | None = None) -> TensorFile:
+        """`relative` opened for range reads (`stored.TensorFile`), its hash checked."""
+        path = self._verified_path(relative, expected)
+        with os_errors("read the cache file", path, "rerun with --force, or pass --cache-dir"):
+            try:
+                return TensorFile(path)
+            except TensorFileError as err:
+                raise UserError(f"The cache file {path} cannot be read ({err}); rerun with --force.") from None
+
+    def _tensor_writer(self, relative: str, specs: dict) -> TensorWriter:
+        """A file of the tensors `specs` (name -> (dtype, shape)) at `relative`, filled a range of rows at a
+        time; named in the manifest (with its hash) once `finish`ed."""
+        path = self.folder / relative
+        with os_errors("write the cache file", path, WRITE_HINT):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            handle, name = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".partial" + path.suffix, dir=path.parent)
+            os.close(handle)
+            try:
+                writer = TensorFileWriter(Path(name), specs)
+            except BaseException:
+                Path(name).unlink(missing_ok=True)
+                raise
+        return TensorWriter(self, relative, writer)
+
+    def latent_rows(self, index: int, sha256: str | None = None) -> LatentRows:
+        """Latent `index` (z_0 .. z_T) for reading a range of frames at a time (`LatentRows`), the file's
+        hash (the manifest's, or `sha256` for a file this run wrote and the manifest names later), names,
+        dtype and shape checked first."""
+        relative = self.latent_name(index)
+        stored = self._tensor_file(relative, sha256)
+        if set(stored.tensors) != {"latent"}:
+            raise self._unfit(relative, f"tensors {sorted(stored.tensors)}, expected ['latent']")
+        shape_only = {"latent": torch.empty(stored.shape("latent"), dtype=stored.dtype("latent"), device="meta")}
+        self._checked_latent(relative, shape_only, self.manifest.get("frames"))
+        return LatentRows(stored, relative)
+
+    def latent_writer(self, index: int, shape: tuple[int, ...]) -> TensorWriter:
+        """Latent `index` (float32 `shape`, (m, channels, h, w)) written a range of frames at a time."""
+        return self._tensor_writer(self.latent_name(index), {"latent": (torch.float32, tuple(shape))})
 
     def make_durable(self, relatives: list[str]) -> None:
         """Flush the files `relatives` (written with `durable=False`) and their folders to the disk, then
@@ -366,11 +449,22 @@ class CacheEntry:
     def write_trajectories(self, tensors: dict[str, torch.Tensor]) -> None:
         self._write_tensors("trajectories.safetensors", tensors)
 
-    def read_trajectories(self) -> dict[str, torch.Tensor]:
-        """The links of every token grid: `<h>x<w>.links`, int32 (frames - 1, h*w), each -1 or a token of
-        its grid, on grids of the latent size halved (temporal.trajectories.token_grids)."""
+    def trajectory_writer(self, grids, frames: int) -> TensorWriter:
+        """trajectories.safetensors for a clip of `frames` frames on the token grids `grids`, written a
+        range of frame pairs at a time (`write(name, start, links)`, names `link_name`)."""
+        return self._tensor_writer("trajectories.safetensors", {
+            link_name(grid): (torch.int32, (max(frames - 1, 0), grid[0] * grid[1])) for grid in grids})
+
+    def trajectory_rows(self) -> TrajectoryRows:
+        """The links of every token grid (`read_trajectories`), read a range of frame pairs at a time."""
         relative = "trajectories.safetensors"
-        tensors = self._read_tensors(relative)
+        stored = self._tensor_file(relative)
+        shapes = {name: torch.empty(stored.shape(name), dtype=stored.dtype(name), device="meta")
+                  for name in stored.tensors}
+        self._check_links(relative, shapes, values=False)
+        return TrajectoryRows(self, stored)
+
+    def _check_links(self, relative: str, tensors: dict[str, torch.Tensor], *, values: bool = True) -> None:
         frames, grids = int(self.manifest["frames"]), self._grids()
         for name, links in tensors.items():
             try:
@@ -383,10 +477,17 @@ class CacheEntry:
             if links.dtype != torch.int32 or tuple(links.shape) != (max(frames - 1, 0), tokens):
                 raise self._unfit(relative, f"{name} is {str(links.dtype).removeprefix('torch.')} "
                                   f"{tuple(links.shape)}, expected int32 {(max(frames - 1, 0), tokens)}")
-            if links.numel() and (int(links.min()) < -1 or int(links.max()) >= tokens):
+            if values and links.numel() and (int(links.min()) < -1 or int(links.max()) >= tokens):
                 raise self._unfit(relative, f"{name} links to tokens outside its {grid[0]}x{grid[1]} grid")
         if not tensors and self.manifest["request"].get("temporal", {}).get("tta", True):
             raise self._unfit(relative, "no token grid")
+
+    def read_trajectories(self) -> dict[str, torch.Tensor]:
+        """The links of every token grid: `<h>x<w>.links`, int32 (frames - 1, h*w), each -1 or a token of
+        its grid, on grids of the latent size halved (temporal.trajectories.token_grids)."""
+        relative = "trajectories.safetensors"
+        tensors = self._read_tensors(relative)
+        self._check_links(relative, tensors)
         return tensors
 
     def disk_bytes(self) -> int:
@@ -480,8 +581,12 @@ def _jsonable(value: Any) -> Any:
     return json.loads(json.dumps(value))
 
 
+def link_name(grid: tuple[int, int]) -> str:
+    return f"{grid[0]}x{grid[1]}.links"
+
+
 def links_to_tensors(clip_links) -> dict[str, torch.Tensor]:
-    return {f"{height}x{width}.links": links.to(torch.int32) for (height, width), links in clip_links.links.items()}
+    return {link_name(grid): links.to(torch.int32) for grid, links in clip_links.links.items()}
 
 
 def links_from_tensors(tensors: dict[str, torch.Tensor], frames: int):
@@ -492,3 +597,115 @@ def links_from_tensors(tensors: dict[str, torch.Tensor], frames: int):
         height, width = (int(part) for part in name.removesuffix(".links").split("x"))
         links[(height, width)] = grid_links.to(torch.int32).reshape(frames - 1, height * width)
     return ClipLinks(frames, links)
+
+
+class LatentRows:
+    """A cached latent (m, channels, h, w) read a range of frames at a time: `rows(start, stop)`, or a
+    slice, each a float32 tensor checked to be finite. `read()` is the whole latent."""
+
+    def __init__(self, stored: TensorFile, relative: str):
+        self.stored, self.relative = stored, relative
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.stored.shape("latent")
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def rows(self, start: int, stop: int) -> torch.Tensor:
+        with os_errors("read the cache file", self.stored.path, "rerun with --force, or pass --cache-dir"):
+            try:
+                latent = self.stored.rows("latent", start, stop)
+            except TensorFileError as err:
+                raise UserError(f"The cache file {self.stored.path} cannot be read ({err}); rerun with --force.") from None
+        if not bool(torch.isfinite(latent).all()):
+            raise UserError(f"The cache file {self.stored.path} holds NaN or infinite values (latent); rerun with "
+                            "--force to recompute it.")
+        return latent
+
+    def __getitem__(self, key: slice) -> torch.Tensor:
+        start, stop, step = key.indices(len(self))
+        if step != 1:
+            raise ValueError("latent rows are read as contiguous ranges")
+        return self.rows(start, stop)
+
+    def read(self) -> torch.Tensor:
+        return self.rows(0, len(self))
+
+
+class TensorWriter:
+    """A cache file being written a range of rows at a time (`write`, any order); `finish` renames it into
+    place and names it in the manifest with its hash (the caller saves the manifest); `abort` drops it."""
+
+    def __init__(self, entry: CacheEntry, relative: str, writer: TensorFileWriter):
+        self.entry, self.relative, self.writer = entry, relative, writer
+
+    def write(self, name: str, start: int, rows: torch.Tensor) -> None:
+        if rows.is_floating_point() and not bool(torch.isfinite(rows).all()):
+            raise UserError(f"The inversion produced NaN or infinite values in {self.relative} (the model's dtype "
+                            f"{self.entry.manifest['request'].get('unet_dtype')} may overflow); try --dtype fp32.")
+        with os_errors("write the cache file", self.entry.folder / self.relative, WRITE_HINT):
+            self.writer.write_rows(name, start, rows)
+
+    def finish(self, *, durable: bool = False, record: bool = True) -> str:
+        """Rename the file into place and return its sha256; with `record`, name it in the manifest (a
+        step loop leaves that to its writer thread, which alone changes the manifest meanwhile)."""
+        path = self.entry.folder / self.relative
+        with os_errors("write the cache file", path, WRITE_HINT):
+            try:
+                digest = self.writer.finish(durable=durable)
+                os.chmod(self.writer.path, 0o666 & ~_umask())
+                os.replace(self.writer.path, path)
+            except BaseException:
+                self.writer.abort()
+                raise
+        self.entry._verified.add((self.relative, digest, *_stamp(path)))
+        if record:
+            self.entry.manifest.setdefault("files", {})[self.relative] = digest
+            if self.relative == self.entry.latent_name(0):
+                self.entry.manifest["latent_channels"] = int(self.writer.specs["latent"][1][1])
+        return digest
+
+    def abort(self) -> None:
+        self.writer.abort()
+
+    def __enter__(self) -> TensorWriter:
+        return self
+
+    def __exit__(self, kind, error, trace) -> None:
+        if kind is not None:
+            self.abort()
+
+
+def _stamp(path: Path) -> tuple[int, int, int]:
+    stat = path.stat()
+    return stat.st_size, stat.st_mtime_ns, stat.st_ino
+
+
+class TrajectoryRows:
+    """The cached trajectory links read a window at a time: `window(start, stop)` is the `TrajectorySet`
+    of frames start .. stop - 1, equal to `links_from_tensors(read_trajectories()).window(start, stop)`."""
+
+    def __init__(self, entry: CacheEntry, stored: TensorFile):
+        self.entry, self.stored = entry, stored
+
+    def links(self, start: int, stop: int):
+        """`ClipLinks` of frames start .. stop - 1 (their stop - start - 1 pairs), values checked."""
+
+        rows = {}
+        with os_errors("read the cache file", self.stored.path, "rerun with --force, or pass --cache-dir"):
+            for name in self.stored.tensors:
+                try:
+                    rows[name] = self.stored.rows(name, start, stop - 1)
+                except TensorFileError as err:
+                    raise UserError(f"The cache file {self.stored.path} cannot be read ({err}); rerun with "
+                                    "--force.") from None
+        for name, links in rows.items():
+            tokens = self.stored.shape(name)[1]
+            if links.numel() and (int(links.min()) < -1 or int(links.max()) >= tokens):
+                raise self.entry._unfit("trajectories.safetensors", f"{name} links to tokens outside its grid")
+        return links_from_tensors(rows, stop - start)
+
+    def window(self, start: int, stop: int):
+        return self.links(start, stop).window(0, stop - start)

@@ -250,7 +250,9 @@ def clean(root: Path) -> Removal:
     * files that an entry's manifest does not name (written, then interrupted before the manifest
       named them, or dropped from it; they are never read),
     * entry folders without a manifest (an inversion interrupted before its first save),
-    * `.<key>.removing` folders of an interrupted removal.
+    * `.<key>.removing` folders of an interrupted removal,
+    * scratch folders (`.scratch/run-<host>-<pid>-*`: an edit's latents between steps) of runs of this
+      machine that no longer run.
 
     Entries whose lock another process holds are skipped (their writer is at work); entries whose
     manifest does not read, or is of another format, keep their files (`rm` removes them whole)."""
@@ -262,6 +264,12 @@ def clean(root: Path) -> Removal:
             done.freed += sum(path.stat().st_size for path in _files(doomed))
             shutil.rmtree(doomed)
             done.leftovers.append(doomed)
+    from diffferv_cli.editing.stored import abandoned_scratch
+
+    for doomed in abandoned_scratch(root):
+        done.freed += sum(path.stat().st_size for path in _files(doomed))
+        shutil.rmtree(doomed, ignore_errors=True)
+        done.leftovers.append(doomed)
     for folder in entry_folders(root):
         try:
             lock = _hold(root, folder.name)

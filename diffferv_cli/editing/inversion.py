@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 
 import torch
@@ -36,20 +36,20 @@ from diffferv_cli.editing.cache import (
     cache_root,
     entry_lock,
     frames_sha256,
-    links_from_tensors,
-    links_to_tensors,
+    link_name,
     open_entry,
 )
 from diffferv_cli.editing.features import FeatureRecorder
-from diffferv_cli.editing.prefetch import HostTensor, LatentStream, WriteBehind, to_host
+from diffferv_cli.editing.prefetch import WriteBehind, to_host
 from diffferv_cli.editing.prompts import encode_conditioning, repeat_rows
-from diffferv_cli.editing.vae import encode_frames
+from diffferv_cli.editing.vae import encode_frames, latent_channels
 from diffferv_cli.errors import Interrupted, UserError
 from diffferv_cli.temporal.context import AttentionContext
 from diffferv_cli.temporal.install import temporal_attention
 from diffferv_cli.temporal.ranks import SINGLE, Ranks
 from diffferv_cli.temporal.windows import (
     NoiseBlend,
+    RollingBlend,
     Window,
     blend_weights,
     schedule_from_json,
@@ -124,18 +124,37 @@ def attention_grids(unet, size: tuple[int, int]) -> list[tuple[int, int]]:
     return [grid for grid, attention in zip(grids, attends, strict=True) if attention]
 
 
+# The attention contexts (trajectories cut to a window, on the device) a plan keeps between passes: every
+# window of a clip up to about 1,100 frames (default windows), so its passes build each one once; the
+# windows of a longer clip are rebuilt from the cached links on each pass, memory staying that of this many.
+KEPT_CONTEXTS = 64
+
+
 @dataclass
 class WindowPlan:
     """The temporal windows of every UNet pass over a cached clip, built once per run: per window its
-    frames, blending weights, and an attention context holding the clip's trajectories cut to it."""
+    frames, blending weights, and an attention context holding the clip's trajectories cut to it
+    (`context(k)`, read from the cache's links a window at a time; `KEPT_CONTEXTS` of them kept)."""
 
     frames: int
     windows: list[Window]
     weights: list[torch.Tensor]
-    contexts: list[AttentionContext]
+    make_context: Callable[[int], AttentionContext]
+    kept: dict = field(default_factory=dict)
+
+    def context(self, index: int) -> AttentionContext:
+        context = self.kept.get(index)
+        if context is None:
+            context = self.make_context(index)
+            if len(self.kept) < KEPT_CONTEXTS:
+                self.kept[index] = context
+        return context
 
     def blend(self, shape_of_frame: tuple[int, ...]) -> NoiseBlend:
         return NoiseBlend(self.windows, self.weights, (self.frames, *shape_of_frame))
+
+    def rolling(self, *, whole: bool = False) -> RollingBlend:
+        return RollingBlend(self.windows, self.weights, self.frames, whole=whole)
 
     def passes(self, steps: int) -> str:
         count = len(self.windows)
@@ -150,15 +169,17 @@ def window_plan(entry: CacheEntry, components, branches: tuple[str, ...]) -> Win
     request, frames = entry.manifest["request"], int(entry.manifest["frames"])
     temporal = request["temporal"]
     windows = schedule_from_json(request["windows"])
-    clip_links = links_from_tensors(entry.read_trajectories(), frames) if temporal["tta"] else None
-    contexts = []
-    for window in windows:
-        trajectories = clip_links.window(window.start, window.stop).to(components.device) if clip_links else None
-        contexts.append(AttentionContext(frames=window.frames, branches=branches,
-                                         latent_size=tuple(entry.manifest["latent_size"]), trajectories=trajectories,
-                                         window=temporal["window"], swcfa=temporal["swcfa"], tta=temporal["tta"]))
+    links = entry.trajectory_rows() if temporal["tta"] else None
+
+    def make_context(index: int) -> AttentionContext:
+        window = windows[index]
+        trajectories = links.window(window.start, window.stop).to(components.device) if links else None
+        return AttentionContext(frames=window.frames, branches=branches,
+                                latent_size=tuple(entry.manifest["latent_size"]), trajectories=trajectories,
+                                window=temporal["window"], swcfa=temporal["swcfa"], tta=temporal["tta"])
+
     weights = [weight.to(components.device) for weight in blend_weights(windows, frames)]
-    return WindowPlan(frames, windows, weights, contexts)
+    return WindowPlan(frames, windows, weights, make_context)
 
 
 def unet_for_loop(unet, compile_unet: bool = False):
@@ -251,9 +272,10 @@ def _run(components, clip, config: InversionConfig, entry: CacheEntry, report, c
 
 def _prepare(components, clip, config: InversionConfig, entry: CacheEntry, report) -> None:
     """Flow and trajectories, then the VAE encode (in chunks a resume keeps), then the roll-back of the
-    steps a power cut may have lost: what the steps need, each done once."""
+    steps a power cut may have lost: what the steps need, each done once, each one pass over the frames
+    that holds a few of them (a pair for the flow, a chunk for the encode) and writes as it goes."""
     from diffferv_cli.temporal.flow import DISFlow, flow_pairs
-    from diffferv_cli.temporal.trajectories import link_clip
+    from diffferv_cli.temporal.trajectories import link_pairs
 
     manifest = entry.manifest
     manifest.setdefault("source", {"path": str(clip.info.path)})
@@ -261,16 +283,26 @@ def _prepare(components, clip, config: InversionConfig, entry: CacheEntry, repor
     size = latent_size(clip, components)
     if "trajectories.safetensors" not in manifest["files"]:
         grids = attention_grids(components.unet, size)
-        pairs = flow_pairs(clip.frames, DISFlow(config.flow_preset))
-        entry.write_trajectories(links_to_tensors(link_clip(pairs, frames, grids,
-                                                            progress=lambda d, t: report("flow", d, t))))
+        with entry.trajectory_writer(grids, frames) as writer:
+            pairs = 0
+            for pair, rows in enumerate(link_pairs(flow_pairs(clip.frames, DISFlow(config.flow_preset)), grids)):
+                for grid, row in rows.items():
+                    writer.write(link_name(grid), pair, row[None])
+                pairs = pair + 1
+                report("flow", pairs, frames - 1)
+            if pairs != frames - 1:
+                raise UserError(f"Only {pairs + 1} of the {frames} frames of {clip.info.path} could be decoded "
+                                "again; the file may have changed.")
+            writer.finish(durable=True)
         manifest.update(latent_size=list(size), frames=frames, geometry=_geometry_dict(clip))
         entry.save_manifest()
 
     if not manifest.get("encoded"):
-        starts = range(0, frames, ENCODE_CHUNK_FRAMES)
-        entry.write_latent(0, torch.cat([_encoded_chunk(components.vae, clip.frames, start, entry, report)
-                                         for start in starts]))
+        starts = list(range(0, frames, ENCODE_CHUNK_FRAMES))
+        with entry.latent_writer(0, (frames, latent_channels(components.vae), *size)) as writer:
+            for start, latents in _encoded_chunks(components.vae, clip.frames, entry, report):
+                writer.write("latent", start, latents)
+            writer.finish(durable=True)
         manifest.update(encoded=True, finished_steps=0, feature_steps=0, features_stored=False)
         manifest.pop("encoded_frames", None)
         entry.drop([entry.encoded_name(start) for start in starts])  # saves the manifest
@@ -280,7 +312,12 @@ def _prepare(components, clip, config: InversionConfig, entry: CacheEntry, repor
 
 def _steps(components, config: InversionConfig, entry: CacheEntry, report, compile_unet: bool, ranks: Ranks,
            size: tuple[int, int], start: int) -> int:
-    """Steps `start` .. T-1 of the inversion; rank 0 writes each step's latent (and features)."""
+    """Steps `start` .. T-1 of the inversion; rank 0 writes each step's latent (and features).
+
+    A step sweeps the windows in order: each window's z_i is read from the cache, its noise predicted
+    and added to a `RollingBlend`, and the frames no later window sees are stepped at once and written
+    to z_{i+1}'s file; memory holds the open windows, never the clip (a torch.distributed job blends the
+    whole clip before stepping: its ranks' windows are summed in one all-reduce)."""
     manifest = entry.manifest
     want_features = config.feature_mode == "disk"
     steps = config.steps
@@ -295,66 +332,85 @@ def _steps(components, config: InversionConfig, entry: CacheEntry, report, compi
     plan = window_plan(entry, components, ("source",))
     texts = {window.frames: prompt.repeat(window.frames, 1, 1) for window in plan.windows}  # (L, 77, hidden)
     extras = {window.frames: repeat_rows(added, window.frames) for window in plan.windows}
+    # features added to a finished inversion follow the cached path (the latents recompute mode feeds)
     finished = entry.finished_steps  # the writer thread owns the manifest during the loop
-    # features added to a finished inversion follow the cached path, whose latents are the ones recompute
-    # mode feeds, so that both modes see the same features
-    cached_path = [start, *range(start + 1, min(finished, steps) + 1)]
     unet = unet_for_loop(components.unet, compile_unet)
     stage = f"invert: {plan.passes(steps - start)}" + (f" (from step {start})" if start else "")
     total = (steps - start) * plan.frames_per_pass
     report(stage, 0, total)
+    device = components.device
     ran = done = 0
-    with temporal_attention(components.unet), torch.inference_mode(), \
-            LatentStream(entry, cached_path, components.device) as cached, WriteBehind() as writer:
+    with temporal_attention(components.unet), torch.inference_mode(), WriteBehind() as writer:
         commits = StepCommits(entry)
-        latent = cached(start)  # float32 (m, 4, h, w), on the device from here on
+        kept = None  # a torch.distributed job's z_step, whole on every rank (the file is rank 0's to write)
+        digest = None  # the hash of z_step when this run wrote it (the writer thread names it in the manifest)
         for step in range(start, steps):
-            blended = plan.blend(tuple(latent.shape[1:]))
-            window_features = []
-            for index, (window, context) in enumerate(zip(plan.windows, plan.contexts, strict=True)):
-                if not ranks.owns(index):
-                    continue
-                recorder.reset()
-                ctx = context.at_step(step, timesteps[step], control=recorder)
-                noise = unet(latent[window.slice].to(components.dtype), timestep_inputs[step],
-                             encoder_hidden_states=texts[window.frames], added_cond_kwargs=extras[window.frames],
-                             cross_attention_kwargs={"ctx": ctx}).sample
-                blended.add(index, noise)
-                if want_features:
-                    window_features.append(to_host(recorder.features))
-                done += window.frames
-                report(stage, done, total)
-            if step + 1 <= finished:
-                latent, written = cached(step + 1), None
-            else:
-                ranks.reduce(blended.result)  # every rank's windows: the whole clip's noise on every rank
-                latent = scheduler.step(blended.result, timesteps[step], latent).prev_sample  # z_{step+1}
-                written = HostTensor(latent)
+            # z_step, read a window at a time
+            source = kept if kept is not None else entry.latent_rows(step, digest)
+            stepping = step + 1 > finished
+            target = entry.latent_writer(step + 1, tuple(source.shape)) if stepping and ranks.main else None
+            blended = plan.rolling(whole=ranks.world > 1)
+            try:
+                for index, window in enumerate(plan.windows):
+                    if ranks.owns(index):
+                        recorder.reset()
+                        ctx = plan.context(index).at_step(step, timesteps[step], control=recorder)
+                        latent = source[window.slice].to(device)
+                        noise = unet(latent.to(components.dtype), timestep_inputs[step],
+                                     encoder_hidden_states=texts[window.frames], added_cond_kwargs=extras[window.frames],
+                                     cross_attention_kwargs={"ctx": ctx}).sample
+                        blended.add(index, noise)
+                        if want_features and ranks.main:
+                            writer.submit(partial(commits.write_features, step, index, to_host(recorder.features)))
+                        done += window.frames
+                        report(stage, done, total)
+                    if not stepping:
+                        continue
+                    for lo, hi, eps in blended.ready(index, source.shape[1:]):
+                        eps = ranks.reduce(eps)  # a whole clip of every rank's windows (a no-op in one process)
+                        latent = scheduler.step(eps, timesteps[step], source[lo:hi].to(device)).prev_sample.cpu()
+                        if target is not None:  # z_{step+1} of frames lo .. hi
+                            target.write("latent", lo, latent)
+                        if ranks.world > 1:
+                            kept = latent
+                digest = target.finish(record=False) if target is not None else None
+            except BaseException:
+                if target is not None:
+                    target.abort()
+                raise
             if ranks.main:
-                writer.submit(partial(commits.finish_step, step, written, window_features if want_features else None))
+                writer.submit(partial(commits.finish_step, step, digest, want_features))
             ran += 1
     if ranks.main:
         commits.commit()  # the last group commit: every file of the run, then the manifest, durably
     return ran
 
 
-def _encoded_chunk(vae, frames, start: int, entry: CacheEntry, report) -> torch.Tensor:
-    """z_0 of frames start .. start + ENCODE_CHUNK_FRAMES: read back when an earlier run left it in
-    `entry`, else encoded and written there. Chunks come in order, so `encoded_frames` in the manifest,
-    the frames encoded so far, is where this one stops."""
+def _encoded_chunks(vae, frames, entry: CacheEntry, report):
+    """z_0 a chunk of ENCODE_CHUNK_FRAMES frames at a time, (first frame, latents): the chunks an earlier
+    run left in `entry` read back, then the rest encoded in one pass over the frames from the first one
+    missing, each written to `entry` (`encoded_frames` in the manifest: the frames encoded so far)."""
+    from diffferv_cli.video.io import frame_chunks
+
     count = len(frames)
-    stop = min(start + ENCODE_CHUNK_FRAMES, count)
-    if entry.holds(entry.encoded_name(start)):
+    resume = 0
+    for start in range(0, count, ENCODE_CHUNK_FRAMES):
+        stop = min(start + ENCODE_CHUNK_FRAMES, count)
+        if not entry.holds(entry.encoded_name(start)):
+            break
         kept = entry.read_encoded(start)
-        if len(kept) == stop - start:  # else written with another chunk size: encoded again
-            report("encode", stop, count)
-            return kept
-    latents = encode_frames(vae, frames[start:stop], batch=ENCODE_BATCH,
-                            progress=lambda done, _: report("encode", start + done, count))
-    entry.write_encoded(start, latents, durable=False)  # durable with z_0 (a lost chunk is encoded again)
-    entry.manifest["encoded_frames"] = stop
-    entry.save_manifest(durable=False)
-    return latents
+        if len(kept) != stop - start:  # written with another chunk size: encoded again from here
+            break
+        report("encode", stop, count)
+        yield start, kept
+        resume = stop
+    for start, chunk in frame_chunks(frames, ENCODE_CHUNK_FRAMES, resume):
+        latents = encode_frames(vae, chunk, batch=ENCODE_BATCH,
+                                progress=lambda done, _, start=start: report("encode", start + done, count))
+        entry.write_encoded(start, latents, durable=False)  # durable with z_0 (a lost chunk is encoded again)
+        entry.manifest["encoded_frames"] = start + len(chunk)
+        entry.save_manifest(durable=False)
+        yield start, latents
 
 
 class StepCommits:
@@ -368,18 +424,21 @@ class StepCommits:
         self.pending: list[str] = []
         self.last = time.monotonic()
 
-    def finish_step(self, step: int, latent: HostTensor | None, window_features: list | None) -> None:
-        """Step `step`'s output latent z_{step+1} and features (one file per window), then the manifest
-        that names them (atomic rename; durable with the next group commit)."""
+    def write_features(self, step: int, window: int, features: dict) -> None:
+        """Step `step`'s features of window `window`, written as soon as the window ran."""
+        self.entry.write_features(step, {name: tensor.get() for name, tensor in features.items()}, window=window,
+                                  durable=False)
+        self.pending.append(self.entry.feature_name(step, window))
+
+    def finish_step(self, step: int, latent_sha256: str | None, features_written: bool) -> None:
+        """Step `step` done: its output latent z_{step+1} (renamed into place by the loop, with this hash)
+        and features are on disk; the manifest that names them is saved (atomic rename; durable with the
+        next group commit). The writer thread alone changes the manifest while the loop runs."""
         entry, manifest = self.entry, self.entry.manifest
-        if latent is not None:
-            entry.write_latent(step + 1, latent.get(), durable=False)
+        if latent_sha256 is not None:
+            manifest["files"][entry.latent_name(step + 1)] = latent_sha256
             self.pending.append(entry.latent_name(step + 1))
-        if window_features is not None:
-            for index, features in enumerate(window_features):
-                entry.write_features(step, {name: tensor.get() for name, tensor in features.items()}, window=index,
-                                     durable=False)
-                self.pending.append(entry.feature_name(step, index))
+        if features_written:
             manifest["feature_steps"] = step + 1
         manifest["finished_steps"] = max(entry.finished_steps, step + 1)
         manifest["features_stored"] = int(manifest.get("feature_steps", 0)) >= entry.steps

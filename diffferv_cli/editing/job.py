@@ -20,7 +20,7 @@ from diffferv_cli.editing.sampling import (
     shared_layout,
 )
 from diffferv_cli.editing.settings import edit_settings
-from diffferv_cli.editing.vae import decode_latents
+from diffferv_cli.editing.vae import DecodedFrames, decode_latents
 from diffferv_cli.errors import Interrupted, UserError
 
 Progress = Callable[[str, int, int], None] | None
@@ -28,12 +28,16 @@ Progress = Callable[[str, int, int], None] | None
 
 @dataclass
 class Reconstruction:
+    """Frames here are sequences of (H, W, 3) uint8 at working size, decoded a few at a time when read
+    (`vae.DecodedFrames`; `np.asarray` gives them all)."""
+
     metrics: dict[str, dict[str, float]]  # label -> {"mse", "psnr", "ssim", "latent_mse"}, at working size
     result: EditResult
-    reference: np.ndarray | None = None  # R, the decode of z_0 (working size)
+    reference: DecodedFrames | np.ndarray | None = None  # R, the decode of z_0 (working size)
     source_metrics: dict[str, dict[str, float]] = field(default_factory=dict)  # at source resolution
-    paths: dict[str, np.ndarray] = field(default_factory=dict)  # label -> frames (m, H, W, 3) at working size
+    paths: dict[str, DecodedFrames | np.ndarray] = field(default_factory=dict)  # label -> frames at working size
     source_series: dict[str, dict[str, list[float]]] = field(default_factory=dict)  # source_metrics per frame
+    working_series: dict[str, dict[str, list[float]]] = field(default_factory=dict)  # metrics per frame
 
 
 @dataclass(frozen=True)
@@ -228,18 +232,20 @@ def write_result(clip, frames: np.ndarray, path: Path, *, side_by_side: bool = F
     return written
 
 
-def source_reference(components, entry, progress: Progress = None, ranks=None) -> np.ndarray | None:
+def source_reference(components, entry, progress: Progress = None, ranks=None) -> DecodedFrames | np.ndarray | None:
     """R: the VAE decode of the cached source latent z_0, at working size (the input's round trip);
     split across `ranks` when given (None on the ranks other than 0)."""
     report = progress or (lambda stage, done, total: None)
-    return decoded(components, entry.read_latent(0), lambda d, t: report("decode R", d, t), ranks)
+    return decoded(components, entry.latent_rows(0), lambda d, t: report("decode R", d, t), ranks)
 
 
-def decoded(components, latents, progress, ranks=None) -> np.ndarray | None:
-    """The VAE decode of `latents` (m, 4, h, w) as uint8 frames; under torch.distributed `ranks` each rank
-    decodes its contiguous share of the frames and rank 0 gets them all, in order (None elsewhere)."""
+def decoded(components, latents, progress, ranks=None) -> DecodedFrames | np.ndarray | None:
+    """The VAE decode of `latents` (m, 4, h, w: a tensor, or `cache.LatentRows` read a range at a time) as
+    uint8 frames: in one process a `DecodedFrames` that decodes a few at a time as a writer reads them;
+    under torch.distributed `ranks` each rank decodes its contiguous share of the frames and rank 0 gets
+    them all, in order, in memory (None elsewhere)."""
     if ranks is None or ranks.world == 1:
-        return decode_latents(components.vae, latents, progress=progress)
+        return DecodedFrames(components.vae, latents, progress=progress)
     share = ranks.share_of(len(latents))
     part = decode_latents(components.vae, latents[share], progress=progress) if share.stop > share.start else None
     parts = ranks.gather(part)
@@ -288,7 +294,7 @@ def run_edits(components, clip, inversion: InversionConfig, edits: list[tuple[st
                 label, config = edits[index]
                 named = _named(progress, run_name("edit", label, index + 1, len(edits)))
                 report = named or (lambda stage, done, total: None)
-                frames = decoded(components, result.latents,
+                frames = decoded(components, result.stored,
                                  lambda done, total, report=report: report("decode", done, total), ranks)
                 if not ranks.main:  # its share of the decode is done; rank 0 composites and writes
                     continue
@@ -365,28 +371,77 @@ def run_reconstruction(components, clip, inversion: InversionConfig, config: Edi
     at working size: the VAE round trip alone (the floor), then each path of `reconstruction_paths`; and
     at source resolution: the round trip scaled up as it is (`replace`), and each path both scaled up as
     it is and composited into the source frames (`residual`). Progress names each path
-    ("reconstruct exact (2 of 3): ...")."""
+    ("reconstruct exact (2 of 3): ..."). Every metric comes from one pass over the frames, each decoded
+    once, a few at a time."""
     outcome = run_inversion(components, clip, inversion, cache_dir=cache_dir, force=force, progress=progress,
                             compile_unet=compile_unet)
     entry = outcome.entry
-    z0 = entry.read_latent(0)
     floor = source_reference(components, entry, progress)
-    metrics = {"vae round trip": frame_metrics(clip.frames, floor)}
     paths = reconstruction_paths(config, compare)
     results: dict[str, EditResult] = {}
     for index, path_config in enumerate(paths, 1):
         label = path_label(path_config)
         named = _named(progress, run_name("reconstruct", label, index, len(paths)))
         results[label] = edit(components, entry, path_config, feature_mode=inversion.feature_mode, progress=named,
-                              compile_unet=compile_unet)
-        metrics[label] = {**frame_metrics(clip.frames, results[label].frames),
-                          "latent_mse": float(((results[label].latents - z0) ** 2).mean())}
+                              decode=False, compile_unet=compile_unet)
+    frames = {label: DecodedFrames(components.vae, result.stored) for label, result in results.items()}
     replace = composite.model_copy(update={"mode": "replace"})
     residual = composite.model_copy(update={"mode": "residual"})
     candidates = {"vae round trip, replace": (floor, replace)}
-    for label, path_result in results.items():
-        candidates.update({f"{label}, replace": (path_result.frames, replace),
-                           f"{label}, residual": (path_result.frames, residual)})
-    source_series = source_resolution_series(clip, candidates, floor, progress)
-    return outcome, Reconstruction(metrics, results[path_label(config)], floor, series_means(source_series),
-                                   {label: path.frames for label, path in results.items()}, source_series)
+    for label in results:
+        candidates.update({f"{label}, replace": (frames[label], replace), f"{label}, residual": (frames[label], residual)})
+    working_series, source_series = reconstruction_series(clip, {"vae round trip": floor, **frames}, candidates,
+                                                          floor, progress)
+    metrics = series_means(working_series)
+    z0 = entry.latent_rows(0)
+    for label, result in results.items():
+        metrics[label]["latent_mse"] = latent_mse(result.stored, z0)
+    result = results[path_label(config)]
+    result.frames = frames[path_label(config)]
+    return outcome, Reconstruction(metrics, result, floor, series_means(source_series), frames, source_series,
+                                   working_series)
+
+
+def latent_mse(latents, reference, chunk: int = 64) -> float:
+    """Mean squared difference of two clips' latents, read `chunk` frames at a time."""
+    total, count = 0.0, 0
+    for start in range(0, len(reference), chunk):
+        difference = latents[start:start + chunk].double() - reference[start:start + chunk].double()
+        total, count = total + float((difference ** 2).sum()), count + difference.numel()
+    return total / max(count, 1)
+
+
+def reconstruction_series(clip, working: dict, candidates: dict[str, tuple], reference,
+                          progress: Progress = None) -> tuple[dict, dict]:
+    """Per frame, in one pass over the input at working size and at source resolution: MSE / PSNR / SSIM
+    of each of `working` (label -> frames at working size) against the input frames, and of each
+    candidate (label -> (frames, how composited)) against the source frames. Each decoded sequence is
+    read in order, so each frame is decoded once."""
+    from diffferv_cli.editing.composite import composite_frame
+    from diffferv_cli.evaluation.metrics import mse_per_frame, psnr_from_mse, ssim_per_frame
+    from diffferv_cli.video.stream import stream_frames
+
+    report = progress or (lambda stage, done, total: None)
+
+    def record(values: dict, truth: np.ndarray, frame: np.ndarray) -> None:
+        error = float(mse_per_frame(truth, frame)[0])
+        values["mse"].append(error)
+        values["psnr"].append(float(psnr_from_mse(error)))
+        values["ssim"].append(float(ssim_per_frame(truth, frame)[0]))
+
+    working_values = {label: {"mse": [], "psnr": [], "ssim": []} for label in working}
+    source_values = {label: {"mse": [], "psnr": [], "ssim": []} for label in candidates}
+    count = len(clip.frame_indices)
+    sources = stream_frames(clip.info.path, clip.frame_indices, clip.spec.stride, info=clip.info)
+    for index, (source, truth) in enumerate(zip(sources, clip.frames, strict=True)):
+        current = {label: frames[index] for label, frames in working.items()}
+        for label, frame in current.items():
+            record(working_values[label], truth, frame)
+        for label, (frames, config) in candidates.items():
+            edited = next((current[name] for name, seq in working.items() if seq is frames), None)
+            edited = frames[index] if edited is None else edited
+            output = composite_frame(source, edited, None if reference is None else reference[index],
+                                     clip.geometry, config, clip.spec.region)
+            record(source_values[label], source, output)
+        report("metrics", index + 1, count)
+    return working_values, source_values

@@ -1,10 +1,10 @@
 """Cache I/O behind the step loop: reads ahead of it and writes behind it in background threads, so the
 device never waits for the disk (DESIGN.md, "a step loop with no host syncs ... cache I/O behind it").
 
-* `LatentStream` hands the loop the cached latents it asks for, in the order it asks: each file is read
-  and hash-checked once, in a reader thread, ahead of use, moved to the device once (from pinned memory,
-  without blocking the host) and kept there while the loop still needs it.
-* `FeatureStream` does the same for disk-mode feature files (read once each, never kept).
+* `FeatureStream` hands the loop the disk-mode feature files it asks for, in the order it asks: each
+  file is read and hash-checked once, in a reader thread, ahead of use, and moved to the device (from
+  pinned memory, without blocking the host). (The latents are read a window at a time by the loops
+  themselves, `cache.LatentRows`: a few MB per window, never the clip.)
 * `WriteBehind` runs the writes of finished steps in order in one writer thread. Leaving the device is
   `to_host` (a non-blocking copy to pinned memory on CUDA; the writer waits for it, the loop does not).
   On exit (also on an exception or Ctrl-C) every queued write is finished, so what the loop reported as
@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import queue
 import threading
-from collections import OrderedDict
 from collections.abc import Callable, Hashable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Generic, TypeVar
@@ -64,39 +63,6 @@ class _ReadAhead(Generic[T]):
 def _pinned(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
     """Page-locked copy for an asynchronous host-to-device copy (CUDA only; elsewhere the tensor itself)."""
     return tensor.pin_memory() if device.type == "cuda" else tensor
-
-
-class LatentStream:
-    """The cached latents `entry.read_latent(index)` a loop needs, prefetched in `order` (the indices in
-    the order the loop will ask for them, repeats allowed) and kept on `device` while still needed."""
-
-    def __init__(self, entry, order: Sequence[int], device: torch.device | str, ahead: int = 2):
-        self.device = torch.device(device)
-        self._remaining = list(order)
-        self._reader = _ReadAhead(lambda index: _pinned(entry.read_latent(index), self.device), order, ahead)
-        self._on_device: OrderedDict[int, torch.Tensor] = OrderedDict()
-
-    def __call__(self, index: int) -> torch.Tensor:
-        """Latent `index` on the device, float32 (m, 4, h, w)."""
-        if index in self._remaining:
-            self._remaining.remove(index)
-        latent = self._on_device.get(index)
-        if latent is None:
-            latent = self._reader.take(index).to(self.device, non_blocking=True)
-            self._on_device[index] = latent
-        for kept in [kept for kept in self._on_device if kept not in self._remaining and kept != index]:
-            del self._on_device[kept]  # not needed again
-        return latent
-
-    def close(self) -> None:
-        self._reader.close()
-        self._on_device.clear()
-
-    def __enter__(self) -> LatentStream:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
 
 
 class FeatureStream:

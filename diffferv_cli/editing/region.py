@@ -113,10 +113,18 @@ def head_box(faces: Sequence[Box | None], frame_size: tuple[int, int],
 
 def fit_working_aspect(box: Region, frame_size: tuple[int, int], spec: ClipSpec) -> Region:
     """Grow the box's long side (centred, shifted to stay inside the frame) so that it scales to the
-    working size with (almost) no mirrored pad. A box that cannot grow enough keeps what fits."""
-    from diffferv_cli.video.geometry import working_geometry
+    working size with (almost) no mirrored pad. A box that cannot grow enough keeps what fits. A box more
+    elongated than the working size allows (`MAX_ASPECT`: a small face moving across a wide frame) first
+    grows its short side to fit."""
+    from diffferv_cli.video.geometry import MAX_ASPECT, working_geometry
 
     x, y, width, height = box
+    if width > MAX_ASPECT * height:
+        height = min(math.ceil(width / MAX_ASPECT), frame_size[1])
+        y = _centred(y, box[3], height, frame_size[1])
+    elif height > MAX_ASPECT * width:
+        width = min(math.ceil(height / MAX_ASPECT), frame_size[0])
+        x = _centred(x, box[2], width, frame_size[0])
     geometry = working_geometry((width, height), spec)
     (work_width, work_height), (scaled_width, scaled_height) = geometry.working_size, geometry.scaled_size
     short = min(width, height)
@@ -129,13 +137,17 @@ def fit_working_aspect(box: Region, frame_size: tuple[int, int], spec: ClipSpec)
 
     if width >= height and scaled_width < work_width:
         grown = min(longest(work_width), frame_size[0])
-        x = min(max(0, x - (grown - width) // 2), frame_size[0] - grown)
-        width = grown
+        x, width = _centred(x, width, grown, frame_size[0]), grown
     elif height > width and scaled_height < work_height:
         grown = min(longest(work_height), frame_size[1])
-        y = min(max(0, y - (grown - height) // 2), frame_size[1] - grown)
-        height = grown
+        y, height = _centred(y, height, grown, frame_size[1]), grown
     return (x, y, width, height)
+
+
+def _centred(start: int, length: int, grown: int, limit: int) -> int:
+    """Where a span [start, start + length) grown to `grown` (<= `limit`) starts: centred on the old one,
+    shifted to stay inside [0, limit)."""
+    return min(max(0, start - (grown - length) // 2), limit - grown)
 
 
 def _landmark_source():

@@ -48,11 +48,12 @@ import torch
 from diffusers import DDIMScheduler
 
 from diffferv_cli.config import DEFAULT_WINDOW_FRAMES, EditConfig
-from diffferv_cli.editing.cache import CacheEntry
+from diffferv_cli.editing.cache import CacheEntry, LatentRows
 from diffferv_cli.editing.features import FeatureInjector, InjectionSchedule
 from diffferv_cli.editing.inversion import unet_for_loop, window_plan
-from diffferv_cli.editing.prefetch import FeatureStream, LatentStream
+from diffferv_cli.editing.prefetch import FeatureStream
 from diffferv_cli.editing.prompts import encode_conditioning, repeat_rows, token_alignment_all
+from diffferv_cli.editing.stored import SCRATCH_FOLDER, Scratch
 from diffferv_cli.editing.vae import decode_latents
 from diffferv_cli.errors import UserError
 from diffferv_cli.temporal.install import temporal_attention
@@ -64,9 +65,15 @@ Progress = Callable[[str, int, int], None] | None
 
 @dataclass
 class EditResult:
-    latents: torch.Tensor  # (m, 4, h, w) float32, the final x_0
+    stored: LatentRows | torch.Tensor  # (m, 4, h, w) float32, the final x_0: read a range of frames at a time
     frames: np.ndarray | None  # (m, H, W, 3) uint8 at working size; None when not decoded (decode=False)
     branches: tuple[str, ...]
+    scratch: Scratch | None = None  # the folder holding `stored` (removed once no result needs it)
+
+    @property
+    def latents(self) -> torch.Tensor:
+        """x_0 of the whole clip in memory (for short clips and tests; writers read `stored` a range at a time)."""
+        return self.stored.read() if isinstance(self.stored, LatentRows) else self.stored
 
 
 def branch_layout(config: EditConfig, source_prompt: str, feature_mode: str) -> tuple[str, ...]:
@@ -217,62 +224,74 @@ def edit_shared(components, entry: CacheEntry, configs: Sequence[EditConfig], *,
     stage = f"edit: {plan.passes(steps)}"
     total, done = steps * plan.frames_per_pass, 0
     report(stage, 0, total)
-    # cached latents in the order the loop asks for them: z_T, then per step k (inversion step s = T-1-k)
-    # the anchors' z_{s+1} and z_s, the source branch's input and the exact corrections' base (each
-    # request listed, so that a latent stays on the device until its last use and is read once)
     anchored = any("anchor" in roles for roles in layout.roles)
     on_path_reads = "source" in branches or any(config.exact for config in configs)
-    order = [steps] + [index for k in range(steps) for index in
-                       ([steps - k] if anchored else []) + ([steps - 1 - k] if on_path_reads else [])]
     disk_features = injector is not None and feature_mode == "disk"
     feature_order = [(steps - 1 - k, index) for k in range(steps) for index in range(len(plan.windows))]
     unet = unet_for_loop(components.unet, compile_unet)
+    scratch = Scratch(entry.folder.parent / SCRATCH_FOLDER) if ranks.world == 1 else None
     with temporal_attention(components.unet), torch.inference_mode(), \
-            LatentStream(entry, order, device) as cached, \
             FeatureStream(entry, feature_order if disk_features else [], device) as stored:
-        start = cached(steps)  # z_T, float32 (m, 4, h, w), on the device from here on
-        paths = [start] * len(configs)  # each edit's own latent x
+        start = entry.latent_rows(steps)  # z_T
+        shape = tuple(start.shape)
+        paths = [start] * len(configs)  # each edit's own latent x: a file read a window at a time
         for k, timestep in enumerate(timesteps):
             inversion_step = steps - 1 - k  # the inversion step that ran at this timestep
-            anchor_in = cached(inversion_step + 1) if anchored else None  # z_{s+1}: every anchor's input
-            on_path = cached(inversion_step) if on_path_reads else None  # z_s: the source's input, the correction's base
+            anchor_in = entry.latent_rows(inversion_step + 1) if anchored else None  # z_{s+1}: every anchor's input
+            on_path = entry.latent_rows(inversion_step) if on_path_reads else None  # z_s: the source's input, the correction's base
             latents_in = {"source": on_path}
             for x, roles in zip(paths, layout.roles, strict=True):
                 latents_in.update({name: anchor_in if role == "anchor" else x for role, name in roles.items()})
-            blends = {name: plan.blend(tuple(start.shape[1:])) for name in predicted}
-            for index, (window, context) in enumerate(zip(plan.windows, plan.contexts, strict=True)):
-                if not ranks.owns(index):
-                    continue
-                control = None
-                if injector is not None:
-                    control = injector.at_step(k, stored(inversion_step, index) if disk_features else None)
-                batch = torch.cat([latents_in[name][window.slice] for name in branches])  # (branches*L, 4, h, w)
-                ctx = context.at_step(k, timestep, control=control)
-                noise = unet(batch.to(components.dtype), timestep_inputs[k], encoder_hidden_states=texts[window.frames],
-                             added_cond_kwargs=extras[window.frames],
-                             cross_attention_kwargs={"ctx": ctx}).sample
-                for name, window_noise in zip(branches, noise.chunk(len(branches)), strict=True):
-                    if name in blends:
-                        blends[name].add(index, window_noise)
-                done += window.frames
-                report(stage, done, total)
-            eps = {name: ranks.reduce(blended.result) for name, blended in blends.items()}  # every rank's windows
-            for number, (config, roles) in enumerate(zip(configs, layout.roles, strict=True)):
-                x, guided = paths[number], eps[roles["negative"]]
-                if "positive" in roles:
-                    guided = guided + config.guidance * (eps[roles["positive"]] - guided)  # CFG
-                x_next = scheduler.step(guided, timestep, x).prev_sample
-                if config.exact:
-                    anchor = roles.get("anchor", roles["negative"])  # module notes: a reconstruction
-                    anchor_step = scheduler.step(eps[anchor], timestep, latents_in[anchor]).prev_sample
-                    # z + (edit step - anchor step): when the edit path is on the inversion path the bracket
-                    # is exactly zero, so reconstruction lands on the cached latents bit for bit
-                    x_next = on_path + (x_next - anchor_step)
-                paths[number] = x_next
+            blends = {name: plan.rolling(whole=ranks.world > 1) for name in predicted}
+            targets = [scratch.latent(f"x{number}-{k}", shape) for number in range(len(configs))] if scratch else None
+            stepped: list = [None] * len(configs)
+            for index, window in enumerate(plan.windows):
+                if ranks.owns(index):
+                    control = None
+                    if injector is not None:
+                        control = injector.at_step(k, stored(inversion_step, index) if disk_features else None)
+                    read: dict[int, torch.Tensor] = {}  # each latent read once per window
+                    for name in branches:
+                        read.setdefault(id(latents_in[name]), latents_in[name][window.slice].to(device))
+                    batch = torch.cat([read[id(latents_in[name])] for name in branches])  # (branches*L, 4, h, w)
+                    ctx = plan.context(index).at_step(k, timestep, control=control)
+                    noise = unet(batch.to(components.dtype), timestep_inputs[k], encoder_hidden_states=texts[window.frames],
+                                 added_cond_kwargs=extras[window.frames],
+                                 cross_attention_kwargs={"ctx": ctx}).sample
+                    for name, window_noise in zip(branches, noise.chunk(len(branches)), strict=True):
+                        if name in blends:
+                            blends[name].add(index, window_noise)
+                    done += window.frames
+                    report(stage, done, total)
+                ready = {name: blended.ready(index, shape[1:]) for name, blended in blends.items()}
+                for part, (lo, hi, _) in enumerate(ready[predicted[0]]):
+                    eps = {name: ranks.reduce(ready[name][part][2]) for name in predicted}  # every rank's windows
+                    base = on_path[lo:hi].to(device) if on_path is not None else None
+                    for number, (config, roles) in enumerate(zip(configs, layout.roles, strict=True)):
+                        x, guided = paths[number][lo:hi].to(device), eps[roles["negative"]]
+                        if "positive" in roles:
+                            guided = guided + config.guidance * (eps[roles["positive"]] - guided)  # CFG
+                        x_next = scheduler.step(guided, timestep, x).prev_sample
+                        if config.exact:
+                            anchor = roles.get("anchor", roles["negative"])  # module notes: a reconstruction
+                            anchor_step = scheduler.step(eps[anchor], timestep,
+                                                         latents_in[anchor][lo:hi].to(device)).prev_sample
+                            # z + (edit step - anchor step): when the edit path is on the inversion path the
+                            # bracket is exactly zero, so reconstruction lands on the cached latents bit for bit
+                            x_next = base + (x_next - anchor_step)
+                        if targets is not None:
+                            scratch.write(targets[number], lo, x_next.cpu())
+                        else:  # a torch.distributed job: the whole clip at once, kept on every rank
+                            stepped[number] = x_next.cpu()
+            if targets is not None:
+                stepped = [scratch.finish(target) for target in targets]
+                for old in paths:
+                    if old is not start:
+                        scratch.remove(old)
+            paths = stepped
     results = []
     for x, own_layout in zip(paths, layout.layouts, strict=True):
-        x = x.cpu()  # each edit leaves the device once, at the end
         frames_out = (decode_latents(components.vae, x, progress=lambda d, t: report("decode", d, t))
                       if decode and ranks.main else None)
-        results.append(EditResult(latents=x, frames=frames_out, branches=own_layout))
+        results.append(EditResult(stored=x, frames=frames_out, branches=own_layout, scratch=scratch))
     return results

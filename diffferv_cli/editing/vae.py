@@ -10,6 +10,10 @@ import torch
 Progress = Callable[[int, int], None] | None
 
 
+def latent_channels(vae) -> int:
+    return int(vae.config.latent_channels)
+
+
 def encode_frames(vae, frames: np.ndarray, batch: int = 4, progress: Progress = None) -> torch.Tensor:
     """uint8 RGB (m, H, W, 3) -> latents (m, 4, H/8, W/8) float32: the latent MEAN times the VAE scale."""
     device, dtype = next(vae.parameters()).device, next(vae.parameters()).dtype
@@ -43,3 +47,39 @@ def decoded_frames(vae, latents: torch.Tensor, batch: int = 4, progress: Progres
         if progress:
             progress(min(start + batch, len(latents)), len(latents))
         yield from frames
+
+
+class DecodedFrames:
+    """The VAE decode of `latents` (a tensor, or rows read from a file a range at a time, such as
+    `cache.LatentRows`) as a sequence of uint8 frames (m, 8h, 8w, 3): iteration and in-order indexing
+    decode `batch` frames at a time when asked for, so that a writer walking through a long clip holds
+    one slice of decoded frames, never the clip. `np.asarray` decodes them all."""
+
+    dtype = np.dtype(np.uint8)
+
+    def __init__(self, vae, latents, batch: int = 4, progress: Progress = None):
+        self.vae, self.latents, self.batch, self.progress = vae, latents, batch, progress
+        self._start, self._frames = -1, None
+        _, _, height, width = latents.shape
+        scale = 2 ** (len(vae.config.block_out_channels) - 1)
+        self.shape = (len(latents), height * scale, width * scale, 3)
+
+    def __len__(self) -> int:
+        return len(self.latents)
+
+    def __iter__(self) -> Iterator[np.ndarray]:
+        return decoded_frames(self.vae, self.latents, self.batch, self.progress)
+
+    def __getitem__(self, index: int) -> np.ndarray:
+        index = range(len(self))[index]
+        if self._frames is None or not self._start <= index < self._start + self.batch:
+            self._start = index - index % self.batch
+            self._frames = np.stack(list(decoded_frames(self.vae, self.latents[self._start:self._start + self.batch],
+                                                        self.batch)))
+            if self.progress:
+                self.progress(min(self._start + self.batch, len(self)), len(self))
+        return self._frames[index - self._start]
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        frames = np.stack(list(self))
+        return frames if dtype is None else frames.astype(dtype)

@@ -198,7 +198,8 @@ def strip_positions(count: int, wanted: int = STRIP_FRAMES) -> list[int]:
 
 @dataclass
 class StripFrames:
-    """The few frames the strip shows, kept as a clip's frames go by (`report.evaluate(frames_hook=...)`)."""
+    """The few frames the strip shows, kept as a clip's frames go by: a `report.FramesHook`
+    (`report.evaluate(frames_hook=...)` asks for `select(count)` up front, then hands over those frames)."""
 
     wanted: int = STRIP_FRAMES
     positions: list[int] = field(default_factory=list)
@@ -206,11 +207,20 @@ class StripFrames:
     edited: list[np.ndarray] = field(default_factory=list)
     size: tuple[int, int] = (0, 0)  # (width, height) of the compared frames
 
-    def __call__(self, original: np.ndarray, edited: np.ndarray) -> None:
-        self.positions = strip_positions(len(original), self.wanted)
-        self.original = [original[position].copy() for position in self.positions]
-        self.edited = [edited[position].copy() for position in self.positions]
-        self.size = (original.shape[2], original.shape[1])
+    def select(self, count: int) -> list[int]:
+        """The strip's positions in a clip of `count` compared frames (what is kept so far is dropped)."""
+        self.positions = strip_positions(count, self.wanted)
+        self.original, self.edited = [], []
+        return self.positions
+
+    def keep(self, position: int, original: np.ndarray, edited: np.ndarray) -> None:
+        """Copies of frame `position` (H, W, 3) of both sides; positions come in increasing order."""
+        waiting = self.positions[len(self.original):len(self.original) + 1]
+        if waiting != [position]:
+            raise ValueError(f"frame {position} handed to the strip, which waits for {waiting or 'nothing'}")
+        self.original.append(original.copy())
+        self.edited.append(edited.copy())
+        self.size = (original.shape[1], original.shape[0])
 
 
 @dataclass(frozen=True)
@@ -435,9 +445,13 @@ def reconstruction_panels(clip_frames: np.ndarray, reconstruction, numbers: Sequ
     from diffferv_cli.evaluation import metrics
 
     x = [float(number) for number in numbers]
-    candidates = {"vae round trip": reconstruction.reference, **reconstruction.paths}
-    working = {label: (metrics.psnr_per_frame(clip_frames, frames), metrics.ssim_per_frame(clip_frames, frames))
-               for label, frames in candidates.items() if frames is not None}
+    if reconstruction.working_series:  # computed in the reconstruction's own pass over the frames
+        working = {label: (values["psnr"], values["ssim"]) for label, values in reconstruction.working_series.items()}
+    else:
+        candidates = {"vae round trip": reconstruction.reference, **reconstruction.paths}
+        working = {label: (metrics.psnr_per_frame(clip_frames, np.asarray(frames)),
+                           metrics.ssim_per_frame(clip_frames, np.asarray(frames)))
+                   for label, frames in candidates.items() if frames is not None}
     panels = [
         Panel("psnr_working", "PSNR at working size (vs the input frames)", "dB",
               [Series(label, x, _values(psnr, len(x)), f"working.{label}.psnr") for label, (psnr, _) in working.items()]),
@@ -463,13 +477,14 @@ def reconstruction_page(clip, reconstruction, composite, settings: dict | None) 
     numbers = clip.frame_indices
     captions = [f"frame {numbers[position]}" for position in positions]
     paths = reconstruction.paths or {}
-    columns = [Column("input (working size)", [clip.frames[p] for p in positions])]
+    wanted = set(positions)
+    inputs = {index: frame for index, frame in enumerate(clip.frames) if index in wanted}  # one pass
+    columns = [Column("input (working size)", [inputs[p] for p in positions])]
     if reconstruction.reference is not None:
         columns.append(Column("VAE round trip", [reconstruction.reference[p] for p in positions]))
     for label, frames in paths.items():
         columns.append(Column(label, [frames[p] for p in positions]))
-        columns.append(Column(f"|{label} − input|", [heat_map(clip.frames[p], frames[p]) for p in positions]))
-    wanted = set(positions)
+        columns.append(Column(f"|{label} − input|", [heat_map(inputs[p], frames[p]) for p in positions]))
     sources = [frame for index, frame in enumerate(stream_frames(clip.info.path, clip.frame_indices,
                                                                  clip.spec.stride, info=clip.info))
                if index in wanted]

@@ -176,11 +176,14 @@ def adjacent_similarity(descriptors: np.ndarray, kind: Similarity = "dlib",
 
 
 def all_pairs_similarity(descriptors: np.ndarray, kind: Similarity = "dlib") -> float:
-    """Mean sim(d_i, d_j) over all pairs i < j."""
-    first, second = np.triu_indices(len(descriptors), k=1)
-    if first.size == 0:
+    """Mean sim(d_i, d_j) over all pairs i < j, one row i at a time: memory linear in the number of
+    descriptors, not in the number of pairs (10,000 frames make 50 million pairs)."""
+    descriptors = np.asarray(descriptors, dtype=np.float64)  # (n, 128)
+    count = len(descriptors)
+    if count < 2:
         return float("nan")
-    return float(similarity(descriptors[first], descriptors[second], kind).mean())
+    total = sum(float(similarity(descriptors[row], descriptors[row + 1:], kind).sum()) for row in range(count - 1))
+    return total / (count * (count - 1) // 2)
 
 
 def temporal_local_identity(source: np.ndarray, edited: np.ndarray, kind: Similarity = "dlib",
@@ -267,26 +270,55 @@ class WarpError:
     valid_fraction: float  # share of pixels that were neither occluded nor out of frame
 
 
+@dataclass(frozen=True)
+class PairWarpError:
+    """The warping error of one pair of frames (i, i+1)."""
+
+    mse: float  # mean squared error over the valid pixels, [0, 1] units; NaN when none is valid
+    mae: float  # the same with absolute error
+    valid: int  # pixels that were neither occluded nor out of frame
+
+
+def pair_warping_error(frame: np.ndarray, next_frame: np.ndarray, forward_flow: np.ndarray,
+                       occlusion: np.ndarray) -> PairWarpError:
+    """Warping error of `next_frame` warped back onto `frame` (both (H, W, 3)) under the SOURCE's flow
+    `forward_flow` (H, W, 2) frame -> next frame and its `occlusion` (H, W) bool, which is excluded."""
+    if forward_flow.shape[:2] != frame.shape[:2] or occlusion.shape != frame.shape[:2] \
+            or next_frame.shape != frame.shape:
+        raise ValueError(f"flow {forward_flow.shape} / occlusion {occlusion.shape} do not fit frames "
+                         f"{frame.shape} and {next_frame.shape}")
+    warped = warp_to_previous(next_frame, forward_flow)  # (H, W, C)
+    valid = ~occlusion  # (H, W)
+    difference = (to_unit(frame) - warped)[valid]  # (valid pixels, C)
+    if not difference.size:
+        return PairWarpError(float("nan"), float("nan"), int(valid.sum()))
+    return PairWarpError(float(np.square(difference).mean()), float(np.abs(difference).mean()), int(valid.sum()))
+
+
+def warping_error_of_pairs(pairs: Sequence[PairWarpError], pixels: int) -> WarpError:
+    """A clip's `WarpError` from the errors of its consecutive pairs (at least one), `pixels` = H * W."""
+    if not pairs:
+        raise ValueError("the warping error needs at least two frames")
+    per_pair = np.asarray([pair.mse for pair in pairs], dtype=np.float64)  # (m-1,)
+    valid = sum(pair.valid for pair in pairs)
+    return WarpError(_mean_of_counted(per_pair), _mean_of_counted([pair.mae for pair in pairs]), per_pair,
+                     valid / (len(pairs) * pixels))
+
+
 def flow_warping_error(frames: np.ndarray, forward: np.ndarray, occlusion: np.ndarray) -> WarpError:
     """Warping error of `frames` (m, H, W, 3) under the given (source) flow.
 
     `forward` (m-1, H, W, 2) flow i -> i+1 and `occlusion` (m-1, H, W) bool of the SOURCE video, at the
-    frames' size. Pixels occluded in the source (or leaving the frame) are excluded."""
+    frames' size. Pixels occluded in the source (or leaving the frame) are excluded. A clip too long to
+    hold goes pair by pair through `pair_warping_error` and `warping_error_of_pairs` (what this does)."""
     count = len(frames)
     if forward.shape[:3] != (count - 1, *frames.shape[1:3]) or occlusion.shape != forward.shape[:3]:
         raise ValueError(f"flow {forward.shape} / occlusion {occlusion.shape} do not fit frames {frames.shape}")
     if count < 2:
         raise ValueError("the warping error needs at least two frames")
-    squared, absolute, valid_total = [], [], 0
-    for pair in range(count - 1):
-        warped = warp_to_previous(frames[pair + 1], forward[pair])  # (H, W, C)
-        valid = ~occlusion[pair]  # (H, W)
-        difference = (to_unit(frames[pair]) - warped)[valid]  # (valid pixels, C)
-        valid_total += int(valid.sum())
-        squared.append(float(np.square(difference).mean()) if difference.size else float("nan"))
-        absolute.append(float(np.abs(difference).mean()) if difference.size else float("nan"))
-    per_pair = np.asarray(squared)
-    return WarpError(_mean_of_counted(per_pair), _mean_of_counted(absolute), per_pair, valid_total / occlusion.size)
+    pairs = [pair_warping_error(frames[pair], frames[pair + 1], forward[pair], occlusion[pair])
+             for pair in range(count - 1)]
+    return warping_error_of_pairs(pairs, frames.shape[1] * frames.shape[2])
 
 
 def _mean_of_counted(values: Sequence[float] | np.ndarray) -> float:

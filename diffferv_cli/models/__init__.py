@@ -7,4 +7,5 @@ geometry    working-size rules from configs alone (imports no torch: `probe` use
 skeletons   config skeletons of single files
 lora        LoRA files fused into a model, a trainable LoRA for `train`
 auxiliary   captioner, faces, LPIPS, CLIP, attribute classifier
+pickled     pickled weight files of a folder, read with weights_only before the loaders read them
 """

@@ -8,25 +8,44 @@ from __future__ import annotations
 import functools
 import importlib.util
 from pathlib import Path
+from pickle import UnpicklingError
 
 import torch
 
 from diffferv_cli.errors import UserError
 from diffferv_cli.models.devices import pick_device
+from diffferv_cli.models.pickled import refuse_foreign_weights
 
 
 def load_captioner(model: str, device: str = "auto"):
     """The transformers `image-text-to-text` pipeline for `model` (hub id or local folder); UserError
-    when unavailable."""
+    when unavailable, or when a pickled weight file of it is not a plain state dict (never run)."""
     from transformers import pipeline
 
     torch_device = pick_device(device)
+    folder = Path(model).expanduser() if Path(model).expanduser().is_dir() else _hub_snapshot(model)
+    if folder is not None:
+        refuse_foreign_weights(f"Captioning model {model!r}", [folder])
     try:
         return pipeline("image-text-to-text", model=model, device=torch_device)
+    except UnpicklingError:  # transformers reads pickles with weights_only: refused, never run
+        raise UserError(f"Captioning model {model!r} cannot be loaded: a weight file of it is a pickle that could "
+                        "run code; convert it to .safetensors.") from None
     except (OSError, ValueError, KeyError) as err:
         reason = str(err).splitlines()[0] if str(err) else type(err).__name__
         raise UserError(f"Captioning model {model!r} cannot be loaded ({reason}); pass --model with a local "
                         "folder or a hub id that is cached.") from None
+
+
+def _hub_snapshot(model: str) -> Path | None:
+    """The folder of the cached snapshot of hub id `model`, when the local cache has one."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        cached = try_to_load_from_cache(model, "config.json")
+    except Exception:  # noqa: BLE001 - not a hub id, or an unusable cache: nothing cached to look at
+        return None
+    return Path(cached).parent if isinstance(cached, str) else None
 
 
 DLIB_MODEL_FILES = {
@@ -118,6 +137,7 @@ def load_attribute_classifier(model: Path):
 
     if not Path(model).exists():
         raise UserError(f"The attribute model {model} does not exist (a local folder is expected).")
+    refuse_foreign_weights(f"The attribute model {model}", [Path(model)])
     try:
         return pipeline("image-classification", model=str(model), device=-1)
     except Exception as err:  # noqa: BLE001 - a model that does not load is the user's input
@@ -131,6 +151,7 @@ def load_clip(model: Path):
 
     if not Path(model).exists():
         raise UserError(f"The CLIP model {model} does not exist (a local folder is expected).")
+    refuse_foreign_weights(f"The CLIP model {model}", [Path(model)])
     try:
         clip = CLIPModel.from_pretrained(str(model), local_files_only=True).eval()
         return clip, CLIPProcessor.from_pretrained(str(model), local_files_only=True)

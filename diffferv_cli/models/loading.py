@@ -8,7 +8,9 @@
 
 Each model comes with its own scheduler config (models/families.py); `prediction_type` overrides its
 prediction type and `clip_skip` picks an earlier layer of the text encoder, as diffusers' pipelines do.
-Raises `UserError` with one sentence when the model cannot be had.
+Raises `UserError` with one sentence when the model cannot be had; a pickled weight file that is not a
+plain state dict is named and never run (models/pickled.py), and weights that leave some of a model's
+tensors unloaded are refused rather than filled at random.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
+from pickle import UnpicklingError
 from typing import Any
 
 import torch
@@ -27,6 +30,7 @@ from diffferv_cli.errors import UserError
 from diffferv_cli.models.components import Components
 from diffferv_cli.models.devices import pick_device, pick_dtype
 from diffferv_cli.models.families import SD15_SCHEDULER, check_pipeline_class, ddim_config
+from diffferv_cli.models.pickled import refuse_foreign_weights
 from diffferv_cli.models.tiny import TINY_MODELS
 
 
@@ -56,6 +60,22 @@ def _folder_fingerprint(folder: Path) -> str:
     return digest.hexdigest()[:16]
 
 
+WEIGHT_SUBFOLDERS = ("unet", "vae", "text_encoder", "text_encoder_2")  # the subfolders whose weights load
+
+
+def _weights(model_class, source: str, subfolder: str, dtype: torch.dtype, common: dict):
+    """`model_class.from_pretrained(source, subfolder)`, refused in one sentence when its weight file leaves
+    some of the model's tensors unloaded (a state dict of another model or an empty one: transformers would
+    initialise them at random without a word, diffusers leave them on the meta device)."""
+    model, info = model_class.from_pretrained(source, subfolder=subfolder, torch_dtype=dtype,
+                                              output_loading_info=True, **common)
+    missing = sorted(info.get("missing_keys") or ())
+    if missing:
+        raise _not_available(source, f"the weights in {subfolder}/ lack {len(missing)} of the model's tensors, "
+                                     f"{missing[0]} first")
+    return model
+
+
 def _load_from_pretrained(source: str, local_only: bool, revision: str | None, dtype: torch.dtype) -> tuple:
     """(unet, vae, text_encoder, tokenizer, scheduler config) of a diffusers folder or hub id."""
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
@@ -65,16 +85,15 @@ def _load_from_pretrained(source: str, local_only: bool, revision: str | None, d
     if revision:
         common["revision"] = revision
     tokenizer = CLIPTokenizer.from_pretrained(source, subfolder="tokenizer", **common)
-    text_encoder = CLIPTextModel.from_pretrained(source, subfolder="text_encoder", torch_dtype=dtype, **common)
-    vae = AutoencoderKL.from_pretrained(source, subfolder="vae", torch_dtype=dtype, **common)
-    unet = UNet2DConditionModel.from_pretrained(source, subfolder="unet", torch_dtype=dtype, **common)
+    text_encoder = _weights(CLIPTextModel, source, "text_encoder", dtype, common)
+    vae = _weights(AutoencoderKL, source, "vae", dtype, common)
+    unet = _weights(UNet2DConditionModel, source, "unet", dtype, common)
     second = {}
     if unet.config.get("addition_embed_type") == "text_time":  # SDXL: the second encoder gives the pooled text
         from transformers import CLIPTextModelWithProjection
 
         second = dict(tokenizer_2=CLIPTokenizer.from_pretrained(source, subfolder="tokenizer_2", **common),
-                      text_encoder_2=CLIPTextModelWithProjection.from_pretrained(
-                          source, subfolder="text_encoder_2", torch_dtype=dtype, **common))
+                      text_encoder_2=_weights(CLIPTextModelWithProjection, source, "text_encoder_2", dtype, common))
     try:
         scheduler = dict(DDIMScheduler.load_config(source, subfolder="scheduler", **common))
     except (OSError, ValueError):  # a folder without scheduler/: SD 1.x's schedule
@@ -167,8 +186,12 @@ def _folder_index(path: Path) -> dict:
 
 
 def _load_folder(path: Path, dtype: torch.dtype) -> Components:
+    refuse_foreign_weights(f"Model {str(path)!r}", [path / name for name in WEIGHT_SUBFOLDERS])
     try:
         *parts, scheduler, second = _load_from_pretrained(str(path), True, None, dtype)
+    except UnpicklingError:  # a pickle the check above let through: the loaders' weights_only refused it
+        raise _not_available(str(path), "a weight file in it is a pickle that could run code; convert it to "
+                                        ".safetensors") from None
     except (OSError, ValueError) as err:
         raise _not_available(str(path), f"the folder could not be read: {str(err).splitlines()[0]}") from err
     return Components(*parts, scheduler_config=scheduler, model_id=str(path.resolve()),
@@ -216,6 +239,9 @@ def _load_hub(model: str, revision: str | None, dtype: torch.dtype) -> Component
     parts = None
     if _in_hub_cache(model, revision):  # asked without importing diffusers: the failure path stays quick
         _check_hub_class(model, revision)
+        snapshot = _hub_snapshot(model, revision)
+        if snapshot is not None:
+            refuse_foreign_weights(f"Model {model!r}", [snapshot / name for name in WEIGHT_SUBFOLDERS])
         try:
             parts = _load_from_pretrained(model, True, revision, dtype)
         except (OSError, ValueError):  # partly cached: the hub may complete it
@@ -232,6 +258,8 @@ def _load_hub(model: str, revision: str | None, dtype: torch.dtype) -> Component
             hf_hub_download(model, "model_index.json", revision=revision)  # a few hundred bytes first:
             _check_hub_class(model, revision)  # another family is refused before gigabytes of weights
             parts = _load_from_pretrained(model, False, revision, dtype)
+        except UnpicklingError:  # the loaders read pickles with weights_only: refused, never run
+            raise _not_available(model, "a weight file of it on the hub is a pickle that could run code") from None
         except (OSError, ValueError) as err:
             reason = (str(err).splitlines() or [type(err).__name__])[0]
             raise _not_available(model, f"the download from the hub failed: {reason}") from None
@@ -263,17 +291,21 @@ def _check_hub_class(model: str, revision: str | None) -> None:
     check_pipeline_class(name, f"The model {model}")
 
 
-def _hub_commit(model: str, revision: str | None) -> str | None:
-    """The commit hash the cached snapshot resolves to, when the cache knows it."""
+def _hub_snapshot(model: str, revision: str | None) -> Path | None:
+    """The folder of the cached snapshot of `model`, when the cache has one."""
     try:
         from huggingface_hub import try_to_load_from_cache
 
         cached = try_to_load_from_cache(model, "model_index.json", revision=revision)
-        if isinstance(cached, str):
-            return Path(cached).parent.name
-    except Exception:  # noqa: BLE001 - only a label for the cache key
+    except Exception:  # noqa: BLE001 - an unusable cache is a cache without the model
         return None
-    return None
+    return Path(cached).parent if isinstance(cached, str) else None
+
+
+def _hub_commit(model: str, revision: str | None) -> str | None:
+    """The commit hash the cached snapshot resolves to, when the cache knows it."""
+    snapshot = _hub_snapshot(model, revision)
+    return snapshot.name if snapshot is not None else None
 
 
 def default_model_cached(model: str = DEFAULT_MODEL) -> bool:

@@ -197,15 +197,19 @@ def compute_flow(
     return ClipFlow(forward, backward, occlusion_mask(forward, backward))
 
 
-def flow_pairs(frames: np.ndarray, estimator: FlowEstimator | None = None) -> Iterator[ClipFlow]:
-    """The flow of each consecutive pair of `frames` ((m, H, W, 3) uint8), one two-frame `ClipFlow` at a
-    time, computed when asked for: a long clip never has more than one pair's flow in memory. Pair i holds
-    exactly the arrays `compute_flow(frames)` holds at index i."""
+def flow_pairs(frames, estimator: FlowEstimator | None = None) -> Iterator[ClipFlow]:
+    """The flow of each consecutive pair of `frames` ((m, H, W, 3) uint8, in memory or streamed), one
+    two-frame `ClipFlow` at a time, computed when asked for from one pass over the frames: a long clip
+    never has more than two frames and one pair's flow in memory. Pair i holds exactly the arrays
+    `compute_flow(frames)` holds at index i."""
     estimator = estimator if estimator is not None else DISFlow()
-    for pair in range(max(len(frames) - 1, 0)):
-        forward = estimator(frames[pair], frames[pair + 1])[None]  # (1, H, W, 2)
-        backward = estimator(frames[pair + 1], frames[pair])[None]
-        yield ClipFlow(forward, backward, occlusion_mask(forward, backward))
+    previous = None
+    for frame in frames:
+        if previous is not None:
+            forward = estimator(previous, frame)[None]  # (1, H, W, 2)
+            backward = estimator(frame, previous)[None]
+            yield ClipFlow(forward, backward, occlusion_mask(forward, backward))
+        previous = frame
 
 
 def occlusion_mask(

@@ -40,7 +40,7 @@ the 64² grid goes away (bench/bench_trajectories.py).
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -137,15 +137,22 @@ class ClipLinks:
         })
 
 
+def link_pairs(pairs: Iterable[ClipFlow], grids: Sequence[tuple[int, int]]) -> Iterator[dict[tuple[int, int], torch.Tensor]]:
+    """Per consecutive pair (`flow_pairs`), its links on every grid: grid -> (h*w,) int32, the row
+    `ClipLinks.links[grid][pair]`. The pair's flow is resampled to every grid, linked, and dropped."""
+    for flow in pairs:
+        yield {grid: torch.from_numpy(_links(on_grid)[0].astype(np.int32)) for grid, on_grid in flow.resized_many(grids).items()}
+
+
 def link_clip(pairs: Iterable[ClipFlow], frames: int, grids: Sequence[tuple[int, int]],
               progress: Callable[[int, int], None] | None = None) -> ClipLinks:
-    """Link a clip pair by pair: `pairs` yields each consecutive pair's two-frame flow (`flow_pairs`), which
-    is resampled to every grid, linked, and dropped. Same links as `build_trajectories` on the whole flow."""
+    """Link a clip pair by pair (`link_pairs`) into one `ClipLinks`. Same links as `build_trajectories`
+    on the whole flow."""
     links = {grid: torch.empty((max(frames - 1, 0), grid[0] * grid[1]), dtype=torch.int32) for grid in grids}
     count = 0
-    for pair, flow in enumerate(pairs):
-        for grid, on_grid in flow.resized_many(grids).items():
-            links[grid][pair] = torch.from_numpy(_links(on_grid)[0].astype(np.int32))
+    for pair, rows in enumerate(link_pairs(pairs, grids)):
+        for grid, row in rows.items():
+            links[grid][pair] = row
         count = pair + 1
         if progress is not None:
             progress(count, frames - 1)

@@ -118,3 +118,51 @@ def blend(windows: list[Window], predictions: list[torch.Tensor], frames: int) -
     for index, noise in enumerate(predictions):
         blended.add(index, noise)
     return blended.result
+
+
+class RollingBlend:
+    """`NoiseBlend` a window at a time, for step loops that never hold the clip: `add(k, eps_k)` the
+    windows in order, and after each, `ready(k)` hands out the frames no later window sees, blended
+    (frames `lo` .. `hi`, float32). Each frame gets exactly NoiseBlend's sum (the same products added in
+    the same window order, from zero), so memory holds the windows still open, not the clip.
+
+    `whole`: hand out nothing before the last window, then the whole clip at once (a torch.distributed
+    job sums every rank's windows before stepping, temporal/ranks.py)."""
+
+    def __init__(self, windows: list[Window], weights: list[torch.Tensor], frames: int, *, whole: bool = False):
+        self.windows, self.weights, self.frames, self.whole = windows, weights, frames, whole
+        self._open: list[tuple[int, torch.Tensor]] = []
+        self._next = 0  # the first frame not handed out yet
+        self._shape: tuple[int, ...] | None = None
+        self._device = weights[0].device if weights else None
+
+    def add(self, index: int, noise: torch.Tensor) -> None:
+        window = self.windows[index]
+        if noise.shape[0] != window.frames:
+            raise ValueError(f"window {index} has {window.frames} frames, its noise {noise.shape[0]}")
+        self._shape = tuple(noise.shape[1:])
+        self._open.append((index, noise))
+
+    def ready(self, index: int, shape: tuple[int, ...] | None = None) -> list[tuple[int, int, torch.Tensor]]:
+        """After window `index`: [(lo, hi, blended noise (hi - lo, ...))] for the frames now complete, or []."""
+        last = index == len(self.windows) - 1
+        if self.whole and not last:
+            return []
+        upto = self.frames if last else self.windows[index + 1].start
+        if upto <= self._next:
+            return []
+        lo, hi = self._next, upto
+        shape = self._shape or shape
+        if shape is None:
+            raise ValueError("no window was added and no frame shape was given")
+        out = torch.zeros((hi - lo, *shape), dtype=torch.float32, device=self._device)
+        for number, noise in self._open:
+            window, weight = self.windows[number], self.weights[number]
+            first, stop = max(lo, window.start), min(hi, window.stop)
+            if first < stop:
+                part = noise[first - window.start:stop - window.start]
+                out[first - lo:stop - lo] += (weight[first - window.start:stop - window.start].view(-1, *([1] * len(shape)))
+                                              * part.float().to(out.device))
+        self._open = [(number, noise) for number, noise in self._open if self.windows[number].stop > hi]
+        self._next = hi
+        return [(lo, hi, out)]

@@ -185,11 +185,83 @@ class Clip:
     spec: ClipSpec
     geometry: Geometry
     frame_indices: tuple[int, ...]  # source frame numbers used
-    frames: np.ndarray  # (m, H, W, 3) uint8 RGB at working size
+    frames: WorkingFrames | np.ndarray  # (m, H, W, 3) uint8 RGB at working size; from `read_clip`, streamed
 
     @property
     def fps(self) -> float:
         return self.info.fps / self.spec.stride
+
+
+class WorkingFrames:
+    """The selected frames of a clip at working size, (m, H, W, 3) uint8 RGB, decoded from the source by
+    ffmpeg on each pass over them and never held whole: a long clip costs a few frames of memory, not
+    m of them (a 20,000-frame clip at 512x912 would be 28 GB). Passes run in order (`chunks`, iteration,
+    a slice: one ffmpeg each); `np.asarray(frames)` decodes them all, for short clips and tests.
+
+    `sha256` is `cache.frames_sha256` of the frames, computed by `read_clip`'s first pass."""
+
+    dtype = np.dtype(np.uint8)
+    ndim = 4
+
+    def __init__(self, path: Path, info: VideoInfo, spec: ClipSpec, geometry: Geometry, indices: tuple[int, ...],
+                 sha256: str | None = None):
+        self.path, self.info, self.spec, self.geometry, self.indices = path, info, spec, geometry, tuple(indices)
+        self.sha256 = sha256
+
+    @property
+    def shape(self) -> tuple[int, int, int, int]:
+        width, height = self.geometry.working_size
+        return len(self.indices), height, width, 3
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def chunks(self, size: int = 32, start: int = 0, stop: int | None = None) -> Iterator[tuple[int, np.ndarray]]:
+        """(first frame number, frames (k, H, W, 3)) of frames `start` .. `stop`, `size` at a time, in one pass."""
+        stop = len(self) if stop is None else min(stop, len(self))
+        batch, first = [], start
+        for number, frame in enumerate(_decode_working(self.path, self.info, self.geometry, self.spec,
+                                                       self.indices[start:stop]), start):
+            batch.append(frame)
+            if len(batch) == size:
+                yield first, np.stack(batch)
+                batch, first = [], number + 1
+        if batch:
+            yield first, np.stack(batch)
+
+    def __iter__(self) -> Iterator[np.ndarray]:
+        return _decode_working(self.path, self.info, self.geometry, self.spec, self.indices)
+
+    def __getitem__(self, key):
+        if isinstance(key, (int, np.integer)):
+            index = range(len(self))[key]
+            return next(_decode_working(self.path, self.info, self.geometry, self.spec, self.indices[index:index + 1]))
+        if isinstance(key, slice) and key.step in (None, 1):
+            start, stop, _ = key.indices(len(self))
+            if stop <= start:
+                return np.empty((0, *self.shape[1:]), dtype=np.uint8)
+            return np.stack(list(_decode_working(self.path, self.info, self.geometry, self.spec,
+                                                 self.indices[start:stop])))
+        return np.asarray(self)[key]
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        frames = np.stack(list(self)) if len(self) else np.empty(self.shape, dtype=np.uint8)
+        return frames if dtype is None else frames.astype(dtype)
+
+    def copy(self) -> np.ndarray:
+        return np.asarray(self)
+
+    def astype(self, dtype) -> np.ndarray:
+        return np.asarray(self).astype(dtype)
+
+
+def frame_chunks(frames, size: int = 32, start: int = 0) -> Iterator[tuple[int, np.ndarray]]:
+    """`WorkingFrames.chunks` for working frames streamed or in memory: (first frame number, (k, H, W, 3))."""
+    if isinstance(frames, WorkingFrames):
+        yield from frames.chunks(size, start)
+        return
+    for first in range(start, len(frames), size):
+        yield first, np.asarray(frames[first:first + size])
 
 
 def displayed_rgb(video, info: VideoInfo):
@@ -200,18 +272,15 @@ def displayed_rgb(video, info: VideoInfo):
     return video.filter("scale", info.width, info.height, flags="bicubic").filter("format", "rgb24")
 
 
-def read_clip(path, spec: ClipSpec, progress: Progress = None) -> Clip:
-    """Decode the frames `spec` selects, at working size, into memory (and nothing else).
-
-    ffmpeg selects (`trim` + `select` on frame numbers, stopping after the last one) and scales, so a
-    long or 8K video costs only the selected frames at working size in memory. With `spec.region` the
-    working frames show only that box of the displayed frame, and `geometry` maps the box (not the
-    whole frame) to the working size."""
-    path = Path(path)
-    info = probe(path)
-    indices = frame_selection(info.frame_count, spec, name=path.name)
-    region = check_region(spec.region, (info.width, info.height))
-    geometry = working_geometry((region[2], region[3]) if region else (info.width, info.height), spec)
+def _decode_working(path: Path, info: VideoInfo, geometry: Geometry, spec: ClipSpec,
+                    indices: Sequence[int]) -> Iterator[np.ndarray]:
+    """The frames `indices` (evenly spaced) of `path` at working size, one fresh array at a time, as one
+    ffmpeg run selects (`trim` + `select` on frame numbers, stopping after the last one) and scales them.
+    With `spec.region` the working frames show only that box of the displayed frame. Stops early when the
+    decoder gives fewer frames (the caller counts)."""
+    if not indices:
+        return
+    region = spec.region
     scaled_width, scaled_height = geometry.scaled_size
     video = _selected(ffmpeg.input(file_url(path))["V:0"], indices)
     if region:  # cut the region out of the displayed RGB frame (exact, unlike a crop of subsampled chroma)
@@ -221,23 +290,46 @@ def read_clip(path, spec: ClipSpec, progress: Progress = None) -> Clip:
     video = video.filter("format", "rgb24")
     graph = video.output("pipe:", format="rawvideo", pix_fmt="rgb24", fps_mode="passthrough",
                          **{"frames:v": len(indices)})
-    working_width, working_height = geometry.working_size
-    frames = np.empty((len(indices), working_height, working_width, 3), dtype=np.uint8)
-    frame_bytes = scaled_width * scaled_height * 3
-    buffer = bytearray(frame_bytes)
-    received = 0
     with _FFmpeg(_command(graph), f"decode {path.name}", stdout=True) as process:
-        for received in range(len(indices) + 1):
-            if received == len(indices) or not _read_exactly(process.stdout, buffer):
+        for _ in range(len(indices)):
+            buffer = bytearray(scaled_width * scaled_height * 3)  # a fresh one: the frame handed out keeps it
+            if not _read_exactly(process.stdout, buffer):
                 break
             scaled = np.frombuffer(buffer, dtype=np.uint8).reshape(scaled_height, scaled_width, 3)
-            frames[received] = scaled_to_working(scaled, geometry.crop)
-            if progress:
-                progress(received + 1, len(indices))
+            yield np.ascontiguousarray(scaled_to_working(scaled, geometry.crop))
+
+
+def read_clip(path, spec: ClipSpec, progress: Progress = None) -> Clip:
+    """The frames `spec` selects, at working size, as `WorkingFrames`: one pass decodes them to count
+    them and hash them (`cache.frames_sha256`), and each later pass decodes them again, so that a long
+    or 8K video costs a few frames at working size in memory, never the clip.
+
+    With `spec.region` the working frames show only that box of the displayed frame, and `geometry` maps
+    the box (not the whole frame) to the working size."""
+    from diffferv_cli.editing.cache import FramesDigest
+
+    path = Path(path)
+    info = probe(path)
+    indices = frame_selection(info.frame_count, spec, name=path.name)
+    region = check_region(spec.region, (info.width, info.height))
+    geometry = working_geometry((region[2], region[3]) if region else (info.width, info.height), spec)
+    width, height = geometry.working_size
+    digest = FramesDigest((len(indices), height, width, 3))
+    received = 0
+    for received, frame in enumerate(_decode_working(path, info, geometry, spec, indices), 1):
+        digest.update(frame)
+        if progress:
+            progress(received, len(indices))
     if received == 0:
         raise UserError(f"ffmpeg decoded no frames from {path}; the file may be damaged.")
+    frames = WorkingFrames(path, info, spec, geometry, indices)
     if received < len(indices):  # the container promised more frames than the decoder gave
-        frames, indices = frames[:received], indices[:received]
+        indices = indices[:received]
+        frames = WorkingFrames(path, info, spec, geometry, indices)
+        digest = FramesDigest(frames.shape)
+        for frame in frames:  # hashed again with the true count in the header
+            digest.update(frame)
+    frames.sha256 = digest.hexdigest()
     return Clip(info=info, spec=spec, geometry=geometry, frame_indices=indices, frames=frames)
 
 
