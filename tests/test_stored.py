@@ -215,3 +215,49 @@ def test_cache_clean_removes_the_scratch_of_runs_that_are_gone_and_only_those(tm
     assert live.folder.is_dir() and other.is_dir() and not dead.exists()
     live.close()
     assert not live.folder.exists()
+
+
+def test_window_contexts_are_made_for_each_pass_in_the_reader_thread_and_not_kept(tiny, tmp_path, monkeypatch):
+    """Every pass makes each window's attention context anew, ahead of the loop (off its thread), and
+    keeps none: kept contexts would hold memory in proportion to the clip."""
+    import threading
+    import weakref
+
+    from media import make_test_clip
+
+    from diffferv_cli.config import ClipSpec, EditConfig, InversionConfig
+    from diffferv_cli.editing import inversion, sampling
+    from diffferv_cli.video.io import read_clip
+
+    clip = read_clip(make_test_clip(tmp_path / "c.mp4", width=96, height=64, frames=20),
+                     ClipSpec(short_side=32, multiple=16))
+    config = InversionConfig(steps=2, flow_preset="ultrafast", window_frames=8, window_overlap=3)
+    made, threads, alive = [], set(), []
+    plan = inversion.window_plan
+
+    def counting_plan(*args, **kwargs):
+        result = plan(*args, **kwargs)
+        make = result.make_context
+
+        def making(index):
+            context = make(index)
+            made.append(index)
+            threads.add(threading.current_thread().name)
+            alive.append(weakref.ref(context))
+            return context
+
+        result.make_context = making
+        return result
+
+    monkeypatch.setattr(inversion, "window_plan", counting_plan)
+    monkeypatch.setattr(sampling, "window_plan", counting_plan)
+    entry = inversion.invert(tiny, clip, config, cache_dir=tmp_path / "cache").entry
+    windows = len(inversion.clip_windows(20, config))
+    assert made == list(range(windows)) * 2  # every window, on each of the 2 steps
+    sampling.edit(tiny, entry, EditConfig(prompt_edit="a photo of an old person"), decode=False)
+    assert made == list(range(windows)) * 4
+    assert threading.main_thread().name not in threads
+    import gc
+
+    gc.collect()
+    assert not any(ref() is not None for ref in alive)  # none kept once the passes are done

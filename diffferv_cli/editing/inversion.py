@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import partial
 
 import torch
@@ -40,7 +40,7 @@ from diffferv_cli.editing.cache import (
     open_entry,
 )
 from diffferv_cli.editing.features import FeatureRecorder
-from diffferv_cli.editing.prefetch import WriteBehind, to_host
+from diffferv_cli.editing.prefetch import HostTensor, WindowRows, WriteBehind, to_host
 from diffferv_cli.editing.prompts import encode_conditioning, repeat_rows
 from diffferv_cli.editing.vae import encode_frames, latent_channels
 from diffferv_cli.errors import Interrupted, UserError
@@ -124,31 +124,19 @@ def attention_grids(unet, size: tuple[int, int]) -> list[tuple[int, int]]:
     return [grid for grid, attention in zip(grids, attends, strict=True) if attention]
 
 
-# The attention contexts (trajectories cut to a window, on the device) a plan keeps between passes: every
-# window of a clip up to about 1,100 frames (default windows), so its passes build each one once; the
-# windows of a longer clip are rebuilt from the cached links on each pass, memory staying that of this many.
-KEPT_CONTEXTS = 64
-
-
 @dataclass
 class WindowPlan:
     """The temporal windows of every UNet pass over a cached clip, built once per run: per window its
-    frames, blending weights, and an attention context holding the clip's trajectories cut to it
-    (`context(k)`, read from the cache's links a window at a time; `KEPT_CONTEXTS` of them kept)."""
+    frames and blending weights, and `make_context(k)`, window k's attention context (the clip's
+    trajectories cut to it, read from the cache's links). Contexts are made for each pass, ahead of it
+    in the reader thread (`prefetch.WindowRows`), and dropped after it: keeping them would hold memory
+    in proportion to the clip (a few MB a window, in allocations the heap does not give back), and making
+    one costs little next to the window's UNet call."""
 
     frames: int
     windows: list[Window]
     weights: list[torch.Tensor]
     make_context: Callable[[int], AttentionContext]
-    kept: dict = field(default_factory=dict)
-
-    def context(self, index: int) -> AttentionContext:
-        context = self.kept.get(index)
-        if context is None:
-            context = self.make_context(index)
-            if len(self.kept) < KEPT_CONTEXTS:
-                self.kept[index] = context
-        return context
 
     def blend(self, shape_of_frame: tuple[int, ...]) -> NoiseBlend:
         return NoiseBlend(self.windows, self.weights, (self.frames, *shape_of_frame))
@@ -350,32 +338,41 @@ def _steps(components, config: InversionConfig, entry: CacheEntry, report, compi
             stepping = step + 1 > finished
             target = entry.latent_writer(step + 1, tuple(source.shape)) if stepping and ranks.main else None
             blended = plan.rolling(whole=ranks.world > 1)
+            owned = [index for index in range(len(plan.windows)) if ranks.owns(index)]
             try:
-                for index, window in enumerate(plan.windows):
-                    if ranks.owns(index):
-                        recorder.reset()
-                        ctx = plan.context(index).at_step(step, timesteps[step], control=recorder)
-                        latent = source[window.slice].to(device)
-                        noise = unet(latent.to(components.dtype), timestep_inputs[step],
-                                     encoder_hidden_states=texts[window.frames], added_cond_kwargs=extras[window.frames],
-                                     cross_attention_kwargs={"ctx": ctx}).sample
-                        blended.add(index, noise)
-                        if want_features and ranks.main:
-                            writer.submit(partial(commits.write_features, step, index, to_host(recorder.features)))
-                        done += window.frames
-                        report(stage, done, total)
-                    if not stepping:
-                        continue
-                    for lo, hi, eps in blended.ready(index, source.shape[1:]):
-                        eps = ranks.reduce(eps)  # a whole clip of every rank's windows (a no-op in one process)
-                        latent = scheduler.step(eps, timesteps[step], source[lo:hi].to(device)).prev_sample.cpu()
-                        if target is not None:  # z_{step+1} of frames lo .. hi
-                            target.write("latent", lo, latent)
-                        if ranks.world > 1:
-                            kept = latent
+                with WindowRows({"z": source}, plan.windows, owned, device, plan.make_context) as rows:
+                    for index, window in enumerate(plan.windows):
+                        if ranks.owns(index):
+                            recorder.reset()
+                            got, context = rows.take(index)
+                            ctx = context.at_step(step, timesteps[step], control=recorder)
+                            latent = got["z"]
+                            noise = unet(latent.to(components.dtype), timestep_inputs[step],
+                                         encoder_hidden_states=texts[window.frames],
+                                         added_cond_kwargs=extras[window.frames], cross_attention_kwargs={"ctx": ctx}).sample
+                            blended.add(index, noise)
+                            if want_features and ranks.main:
+                                writer.submit(partial(commits.write_features, step, index, to_host(recorder.features)))
+                            done += window.frames
+                            report(stage, done, total)
+                        if not stepping:
+                            continue
+                        for lo, hi, eps in blended.ready(index, source.shape[1:]):
+                            eps = ranks.reduce(eps)  # a whole clip of every rank's windows (a no-op in one process)
+                            # the frames finished after window k lie inside it (`RollingBlend`); a
+                            # torch.distributed job steps the whole clip at once
+                            base = (latent[lo - window.start:hi - window.start] if ranks.world == 1
+                                    else source[lo:hi].to(device))
+                            latent_next = scheduler.step(eps, timesteps[step], base).prev_sample  # z_{step+1}
+                            if target is not None:
+                                writer.submit(partial(_write_rows, target, lo, HostTensor(latent_next)))
+                            if ranks.world > 1:
+                                kept = latent_next.cpu()
+                writer.wait()  # every range of z_{step+1} is in its file
                 digest = target.finish(record=False) if target is not None else None
             except BaseException:
                 if target is not None:
+                    writer.wait_quietly()
                     target.abort()
                 raise
             if ranks.main:
@@ -384,6 +381,10 @@ def _steps(components, config: InversionConfig, entry: CacheEntry, report, compi
     if ranks.main:
         commits.commit()  # the last group commit: every file of the run, then the manifest, durably
     return ran
+
+
+def _write_rows(target, start: int, rows: HostTensor) -> None:
+    target.write("latent", start, rows.get())
 
 
 def _encoded_chunks(vae, frames, entry: CacheEntry, report):

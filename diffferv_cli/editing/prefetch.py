@@ -1,11 +1,11 @@
 """Cache I/O behind the step loop: reads ahead of it and writes behind it in background threads, so the
 device never waits for the disk (DESIGN.md, "a step loop with no host syncs ... cache I/O behind it").
 
-* `FeatureStream` hands the loop the disk-mode feature files it asks for, in the order it asks: each
-  file is read and hash-checked once, in a reader thread, ahead of use, and moved to the device (from
-  pinned memory, without blocking the host). (The latents are read a window at a time by the loops
-  themselves, `cache.LatentRows`: a few MB per window, never the clip.)
-* `WriteBehind` runs the writes of finished steps in order in one writer thread. Leaving the device is
+* `WindowRows` hands the loop each window's latents (the rows of that window of each latent file it
+  reads, `cache.LatentRows`: a few MB, never the clip), read ahead of use in a reader thread and moved
+  to the device from pinned memory without blocking the host.
+* `FeatureStream` does the same for disk-mode feature files (per step and window, read once each).
+* `WriteBehind` runs the writes of finished frames and steps in order in one writer thread. Leaving the device is
   `to_host` (a non-blocking copy to pinned memory on CUDA; the writer waits for it, the loop does not).
   On exit (also on an exception or Ctrl-C) every queued write is finished, so what the loop reported as
   done is on disk; a writer error is raised in the loop's thread.
@@ -63,6 +63,39 @@ class _ReadAhead(Generic[T]):
 def _pinned(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
     """Page-locked copy for an asynchronous host-to-device copy (CUDA only; elsewhere the tensor itself)."""
     return tensor.pin_memory() if device.type == "cuda" else tensor
+
+
+class WindowRows:
+    """What a step loop needs for each window, made ahead of it in a reader thread, for the windows
+    `order` in that order: the latents it reads (`sources`: name -> a clip's latent, read a range of
+    frames at a time, such as `cache.LatentRows`) and the window's attention context (`make_context(k)`,
+    `inversion.WindowPlan`). `take(k)` -> ({name: rows of window k on `device`}, context). A window's rows
+    are read once: the frames a step finishes after window k lie inside window k, so the loop slices
+    them from what it took."""
+
+    def __init__(self, sources: dict, windows: Sequence, order: Sequence[int], device: torch.device | str,
+                 make_context: Callable[[int], object] = lambda index: None, ahead: int = 2):
+        self.device = torch.device(device)
+
+        def load(index):
+            window = windows[index]
+            rows = {name: _pinned(source[window.start:window.stop], self.device) for name, source in sources.items()}
+            return rows, make_context(index)
+
+        self._reader = _ReadAhead(load, order, ahead)
+
+    def take(self, index: int) -> tuple[dict[str, torch.Tensor], object]:
+        rows, context = self._reader.take(index)
+        return {name: tensor.to(self.device, non_blocking=True) for name, tensor in rows.items()}, context
+
+    def close(self) -> None:
+        self._reader.close()
+
+    def __enter__(self) -> WindowRows:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 class FeatureStream:
@@ -151,6 +184,16 @@ class WriteBehind:
     def submit(self, job: Callable[[], None]) -> None:
         self._raise()
         self._jobs.put(job)
+
+    def wait(self) -> None:
+        """Block until every job submitted so far has run; raise the first job error."""
+        self._jobs.join()
+        self._raise()
+
+    def wait_quietly(self) -> None:
+        """`wait`, keeping a job error to itself (the caller is already failing)."""
+        self._jobs.join()
+        self._error = None
 
     def close(self) -> None:
         if self._thread.is_alive():

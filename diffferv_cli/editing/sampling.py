@@ -42,6 +42,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 import torch
@@ -51,7 +52,7 @@ from diffferv_cli.config import DEFAULT_WINDOW_FRAMES, EditConfig
 from diffferv_cli.editing.cache import CacheEntry, LatentRows
 from diffferv_cli.editing.features import FeatureInjector, InjectionSchedule
 from diffferv_cli.editing.inversion import unet_for_loop, window_plan
-from diffferv_cli.editing.prefetch import FeatureStream
+from diffferv_cli.editing.prefetch import FeatureStream, HostTensor, WindowRows, WriteBehind
 from diffferv_cli.editing.prompts import encode_conditioning, repeat_rows, token_alignment_all
 from diffferv_cli.editing.stored import SCRATCH_FOLDER, Scratch
 from diffferv_cli.editing.vae import decode_latents
@@ -230,7 +231,7 @@ def edit_shared(components, entry: CacheEntry, configs: Sequence[EditConfig], *,
     feature_order = [(steps - 1 - k, index) for k in range(steps) for index in range(len(plan.windows))]
     unet = unet_for_loop(components.unet, compile_unet)
     scratch = Scratch(entry.folder.parent / SCRATCH_FOLDER) if ranks.world == 1 else None
-    with temporal_attention(components.unet), torch.inference_mode(), \
+    with temporal_attention(components.unet), torch.inference_mode(), WriteBehind() as writer, \
             FeatureStream(entry, feature_order if disk_features else [], device) as stored:
         start = entry.latent_rows(steps)  # z_T
         shape = tuple(start.shape)
@@ -245,44 +246,54 @@ def edit_shared(components, entry: CacheEntry, configs: Sequence[EditConfig], *,
             blends = {name: plan.rolling(whole=ranks.world > 1) for name in predicted}
             targets = [scratch.latent(f"x{number}-{k}", shape) for number in range(len(configs))] if scratch else None
             stepped: list = [None] * len(configs)
-            for index, window in enumerate(plan.windows):
-                if ranks.owns(index):
-                    control = None
-                    if injector is not None:
-                        control = injector.at_step(k, stored(inversion_step, index) if disk_features else None)
-                    read: dict[int, torch.Tensor] = {}  # each latent read once per window
-                    for name in branches:
-                        read.setdefault(id(latents_in[name]), latents_in[name][window.slice].to(device))
-                    batch = torch.cat([read[id(latents_in[name])] for name in branches])  # (branches*L, 4, h, w)
-                    ctx = plan.context(index).at_step(k, timestep, control=control)
-                    noise = unet(batch.to(components.dtype), timestep_inputs[k], encoder_hidden_states=texts[window.frames],
-                                 added_cond_kwargs=extras[window.frames],
-                                 cross_attention_kwargs={"ctx": ctx}).sample
-                    for name, window_noise in zip(branches, noise.chunk(len(branches)), strict=True):
-                        if name in blends:
-                            blends[name].add(index, window_noise)
-                    done += window.frames
-                    report(stage, done, total)
-                ready = {name: blended.ready(index, shape[1:]) for name, blended in blends.items()}
-                for part, (lo, hi, _) in enumerate(ready[predicted[0]]):
-                    eps = {name: ranks.reduce(ready[name][part][2]) for name in predicted}  # every rank's windows
-                    base = on_path[lo:hi].to(device) if on_path is not None else None
-                    for number, (config, roles) in enumerate(zip(configs, layout.roles, strict=True)):
-                        x, guided = paths[number][lo:hi].to(device), eps[roles["negative"]]
-                        if "positive" in roles:
-                            guided = guided + config.guidance * (eps[roles["positive"]] - guided)  # CFG
-                        x_next = scheduler.step(guided, timestep, x).prev_sample
-                        if config.exact:
-                            anchor = roles.get("anchor", roles["negative"])  # module notes: a reconstruction
-                            anchor_step = scheduler.step(eps[anchor], timestep,
-                                                         latents_in[anchor][lo:hi].to(device)).prev_sample
-                            # z + (edit step - anchor step): when the edit path is on the inversion path the
-                            # bracket is exactly zero, so reconstruction lands on the cached latents bit for bit
-                            x_next = base + (x_next - anchor_step)
-                        if targets is not None:
-                            scratch.write(targets[number], lo, x_next.cpu())
-                        else:  # a torch.distributed job: the whole clip at once, kept on every rank
-                            stepped[number] = x_next.cpu()
+            readers = {id(reader): reader for reader in (on_path, anchor_in, *paths) if reader is not None}
+            owned = [index for index in range(len(plan.windows)) if ranks.owns(index)]
+            with WindowRows(readers, plan.windows, owned, device, plan.make_context) as rows:
+                for index, window in enumerate(plan.windows):
+                    got: dict[int, torch.Tensor] = {}
+                    if ranks.owns(index):
+                        control = None
+                        if injector is not None:
+                            control = injector.at_step(k, stored(inversion_step, index) if disk_features else None)
+                        got, context = rows.take(index)  # each latent's rows of this window, read once
+                        batch = torch.cat([got[id(latents_in[name])] for name in branches])  # (branches*L, 4, h, w)
+                        ctx = context.at_step(k, timestep, control=control)
+                        noise = unet(batch.to(components.dtype), timestep_inputs[k],
+                                     encoder_hidden_states=texts[window.frames], added_cond_kwargs=extras[window.frames],
+                                     cross_attention_kwargs={"ctx": ctx}).sample
+                        for name, window_noise in zip(branches, noise.chunk(len(branches)), strict=True):
+                            if name in blends:
+                                blends[name].add(index, window_noise)
+                        done += window.frames
+                        report(stage, done, total)
+                    ready = {name: blended.ready(index, shape[1:]) for name, blended in blends.items()}
+                    for part, (lo, hi, _) in enumerate(ready[predicted[0]]):
+                        eps = {name: ranks.reduce(ready[name][part][2]) for name in predicted}  # every rank's windows
+
+                        def rows_of(reader, lo=lo, hi=hi, window=window, got=got):
+                            """Frames lo .. hi of a latent: inside the window just run (`RollingBlend`), or,
+                            in a torch.distributed job, the whole clip."""
+                            if ranks.world == 1:
+                                return got[id(reader)][lo - window.start:hi - window.start]
+                            return reader[lo:hi].to(device)
+
+                        base = rows_of(on_path) if on_path is not None else None
+                        for number, (config, roles) in enumerate(zip(configs, layout.roles, strict=True)):
+                            x, guided = rows_of(paths[number]), eps[roles["negative"]]
+                            if "positive" in roles:
+                                guided = guided + config.guidance * (eps[roles["positive"]] - guided)  # CFG
+                            x_next = scheduler.step(guided, timestep, x).prev_sample
+                            if config.exact:
+                                anchor = roles.get("anchor", roles["negative"])  # module notes: a reconstruction
+                                anchor_step = scheduler.step(eps[anchor], timestep, rows_of(latents_in[anchor])).prev_sample
+                                # z + (edit step - anchor step): when the edit path is on the inversion path the
+                                # bracket is exactly zero, so reconstruction lands on the cached latents bit for bit
+                                x_next = base + (x_next - anchor_step)
+                            if targets is not None:
+                                writer.submit(partial(scratch.write, targets[number], lo, HostTensor(x_next)))
+                            else:  # a torch.distributed job: the whole clip at once, kept on every rank
+                                stepped[number] = x_next.cpu()
+            writer.wait()  # every range of each x_{k+1} is in its file
             if targets is not None:
                 stepped = [scratch.finish(target) for target in targets]
                 for old in paths:

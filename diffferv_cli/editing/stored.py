@@ -231,11 +231,12 @@ class Scratch:
         with os_errors("write the scratch file", self.folder / name, "pass --cache-dir"):
             return TensorFileWriter(self.folder / f"{name}.safetensors", {"latent": (torch.float32, tuple(shape))})
 
-    def write(self, writer: TensorFileWriter, start: int, rows: torch.Tensor) -> None:
+    def write(self, writer: TensorFileWriter, start: int, rows) -> None:
+        """Rows of a latent from `start`: a tensor, or a `prefetch.HostTensor` on its way to the host."""
         from diffferv_cli.errors import os_errors
 
         with os_errors("write the scratch file", writer.path, "pass --cache-dir"):
-            writer.write_rows("latent", start, rows)
+            writer.write_rows("latent", start, rows if isinstance(rows, torch.Tensor) else rows.get())
 
     def finish(self, writer: TensorFileWriter):
         """The written latent, for reading a range of frames at a time (`cache.LatentRows`)."""
