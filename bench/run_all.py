@@ -53,6 +53,7 @@ QUICK_ARGS: dict[str, list[str]] = {
     "bench_composite.py": ["--frames", "2", "--steps", "2", "--repeat", "2", "--no-unet"],
     "bench_step_loop.py": ["--frames", "4", "--steps", "5", "--repeats", "1", "--no-compile"],
     "bench_end_to_end.py": ["--frames", "2", "--size", "64", "--steps", "1"],
+    "bench_clip_memory.py": ["--size", "64", "--source-size", "228x128", "--frames", "50", "500"],
 }
 GENERIC_QUICK_ARGS = ["--repeat", "1", "--repeats", "1"]  # for benchmarks not in QUICK_ARGS
 MAX_VALUE_CELLS = 4

@@ -308,13 +308,6 @@ def run_edits(components, clip, inversion: InversionConfig, edits: list[tuple[st
     return outcome, written
 
 
-def frame_metrics(reference: np.ndarray, frames: np.ndarray) -> dict[str, float]:
-    from diffferv_cli.evaluation.metrics import mse, psnr, ssim
-
-    return {"mse": float(mse(reference, frames)), "psnr": float(psnr(reference, frames)),
-            "ssim": float(ssim(reference, frames))}
-
-
 def source_resolution_metrics(clip, candidates: dict[str, tuple[np.ndarray, CompositeConfig]],
                               reference: np.ndarray | None, progress: Progress = None) -> dict[str, dict[str, float]]:
     """MSE / PSNR / SSIM against the source frames at their own resolution of each candidate (edited
