@@ -323,23 +323,7 @@ def series_means(series: dict[str, dict[str, list[float]]]) -> dict[str, dict[st
 def source_resolution_series(clip, candidates: dict[str, tuple[np.ndarray, CompositeConfig]],
                              reference: np.ndarray | None, progress: Progress = None) -> dict[str, dict[str, list[float]]]:
     """`source_resolution_metrics` frame by frame: label -> {"mse", "psnr", "ssim"} -> (m,) values."""
-    from diffferv_cli.editing.composite import composite_frame
-    from diffferv_cli.evaluation.metrics import mse_per_frame, psnr_from_mse, ssim_per_frame
-    from diffferv_cli.video.stream import stream_frames
-
-    report = progress or (lambda stage, done, total: None)
-    values: dict[str, dict[str, list[float]]] = {label: {"mse": [], "psnr": [], "ssim": []} for label in candidates}
-    count = len(clip.frame_indices)
-    for index, source in enumerate(stream_frames(clip.info.path, clip.frame_indices, clip.spec.stride, info=clip.info)):
-        for label, (frames, config) in candidates.items():
-            output = composite_frame(source, frames[index], None if reference is None else reference[index],
-                                     clip.geometry, config, clip.spec.region)
-            error = float(mse_per_frame(source, output)[0])
-            values[label]["mse"].append(error)
-            values[label]["psnr"].append(float(psnr_from_mse(error)))
-            values[label]["ssim"].append(float(ssim_per_frame(source, output)[0]))
-        report("metrics", index + 1, count)
-    return values
+    return reconstruction_series(clip, {}, candidates, reference, progress)[1]
 
 
 def path_label(config: EditConfig) -> str:
@@ -426,10 +410,13 @@ def reconstruction_series(clip, working: dict, candidates: dict[str, tuple], ref
     source_values = {label: {"mse": [], "psnr": [], "ssim": []} for label in candidates}
     count = len(clip.frame_indices)
     sources = stream_frames(clip.info.path, clip.frame_indices, clip.spec.stride, info=clip.info)
-    for index, (source, truth) in enumerate(zip(sources, clip.frames, strict=True)):
+    truths = iter(clip.frames) if working else None  # the input at working size: decoded only when compared
+    for index, source in enumerate(sources):
         current = {label: frames[index] for label, frames in working.items()}
-        for label, frame in current.items():
-            record(working_values[label], truth, frame)
+        if truths is not None:
+            truth = next(truths)
+            for label, frame in current.items():
+                record(working_values[label], truth, frame)
         for label, (frames, config) in candidates.items():
             edited = next((current[name] for name, seq in working.items() if seq is frames), None)
             edited = frames[index] if edited is None else edited
